@@ -1,0 +1,176 @@
+"""Concept encoders: open_clip text and image towers → L2-normalized embeddings in one space.
+
+Weights come from a local file (ComfyUI users keep CLIP weights in its model folders), from an
+open_clip ``pretrained`` tag when the user has a network, or from an already built model (the
+embedded world's CLIP, random-weight models in tests). Every encoder has an *identity*
+(architecture + a fingerprint of its weights) that hypernet files record, so a hypernet can refuse
+embeddings from another encoder.
+
+Example::
+
+    >>> enc = ConceptEncoder.from_open_clip("ViT-L-14", weights="models/clip/ViT-L-14.safetensors")
+    >>> e = enc.encode_text(["watercolor"])          # (1, 768), unit norm
+    >>> enc.concept("watercolor")                    # a Concept
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .concepts import Concept
+from .errors import HyperTransportError
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def weights_fingerprint(module: nn.Module, sample: int = 4096) -> str:
+    """A short hash of a model's weights: names, shapes and the first ``sample`` values of every tensor
+    (rounded to fp16, so fp16 and fp32 copies of one checkpoint agree)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        if not torch.is_tensor(t) or not t.is_floating_point():
+            continue
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        h.update(t.detach().reshape(-1)[:sample].to("cpu", torch.float16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _image_size(model: nn.Module) -> int:
+    size = getattr(getattr(model, "visual", None), "image_size", 224)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def to_model_input(
+    images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float], layout: str = "BHWC"
+) -> torch.Tensor:
+    """ComfyUI IMAGE (``(B, H, W, C)`` floats in [0, 1]; C = 1, 3 or 4) → normalized ``(B, 3, size, size)``.
+
+    Grayscale is repeated to RGB; an alpha channel is composited over the normalization mean (a
+    neutral background); the shorter side is resized to ``size`` (antialiased bicubic) and the
+    centre cropped, as CLIP preprocessing does.
+    """
+    if images.ndim == 3:
+        images = images[None]
+    if images.ndim != 4:
+        raise HyperTransportError(
+            f"image tensor must be (B, H, W, C), found shape {tuple(images.shape)}. Fix: pass a ComfyUI IMAGE."
+        )
+    x = images if layout == "BCHW" else images.permute(0, 3, 1, 2)
+    x = x.float()
+    if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+        raise HyperTransportError(f"image batch is empty ({tuple(images.shape)}). Fix: connect a loaded image.")
+    if not torch.isfinite(x).all():
+        raise HyperTransportError("image holds NaN/Inf values. Fix: check the node that produced the image.")
+    C = x.shape[1]
+    mean_t = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    if C == 1:
+        x = x.repeat(1, 3, 1, 1)
+    elif C == 2:  # grayscale + alpha
+        x = x[:, :1].repeat(1, 3, 1, 1) * x[:, 1:2] + mean_t * (1 - x[:, 1:2])
+    elif C == 4:
+        x = x[:, :3] * x[:, 3:4] + mean_t * (1 - x[:, 3:4])
+    elif C != 3:
+        raise HyperTransportError(f"image has {C} channels; expected 1, 2, 3 or 4. Fix: convert it to RGB.")
+    x = x.clamp(0, 1)
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    x = x[:, :, top : top + size, left : left + size]
+    return (x - mean_t) / std_t
+
+
+class ConceptEncoder:
+    """Text and image towers of one open_clip model.
+
+    Args:
+        model: an open_clip ``CLIP``/``CustomTextCLIP`` (anything with ``encode_text``/``encode_image``).
+        tokenizer: its tokenizer (``open_clip.get_tokenizer(arch)``).
+        arch: architecture name recorded in files.
+        mean, std: image normalization (OpenAI CLIP's by default).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, arch: str, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.arch = arch
+        pre = getattr(getattr(model, "visual", None), "preprocess_cfg", {}) or {}
+        self.mean = tuple(mean or pre.get("mean") or getattr(getattr(model, "visual", None), "image_mean", None) or OPENAI_MEAN)
+        self.std = tuple(std or pre.get("std") or getattr(getattr(model, "visual", None), "image_std", None) or OPENAI_STD)
+        self.image_size = _image_size(model)
+        self._identity: dict | None = None
+
+    @classmethod
+    def from_open_clip(
+        cls, arch: str, weights: str | None = None, pretrained: str | None = None, device: str | torch.device = "cpu"
+    ) -> ConceptEncoder:
+        """Build ``arch`` with open_clip and load ``weights`` (a local ``.safetensors``/``.pt`` file) or a
+        ``pretrained`` tag (needs a network). With neither, the weights are random (tests only)."""
+        import open_clip
+
+        if arch not in open_clip.list_models():
+            raise HyperTransportError(
+                f"open_clip has no architecture {arch!r}. Fix: use a name from open_clip.list_models() "
+                "or register a custom config with open_clip.add_model_config()."
+            )
+        if weights is not None and not os.path.isfile(weights):
+            raise HyperTransportError(
+                f"CLIP weights file {weights!r} does not exist. Fix: put the {arch} weights in ComfyUI's models/clip "
+                "(or models/hypertransport) folder and select it."
+            )
+        model = open_clip.create_model(arch, pretrained=weights or pretrained, device=device)
+        return cls(model, open_clip.get_tokenizer(arch), arch)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, tokenizer, arch: str, **kw) -> ConceptEncoder:
+        return cls(model, tokenizer, arch, **kw)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def identity(self) -> dict:
+        """``{"arch", "fingerprint", "embed_dim"}``: what hypernet files record and check."""
+        if self._identity is None:
+            with torch.no_grad():
+                d = self.encode_text(["a"]).shape[-1]
+            self._identity = {"arch": self.arch, "fingerprint": weights_fingerprint(self.model), "embed_dim": int(d)}
+        return self._identity
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """``(n, d)`` unit-norm text embeddings."""
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = [t.strip() for t in texts]
+        if not texts or any(not t for t in texts):
+            raise HyperTransportError("concept text is empty. Fix: type a concept, e.g. 'watercolor'.")
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor, layout: str = "BHWC") -> torch.Tensor:
+        """``(n, d)`` unit-norm image embeddings of a ComfyUI IMAGE batch (see :func:`to_model_input`)."""
+        x = to_model_input(images.to(self.device), self.image_size, self.mean, self.std, layout)
+        dtype = next(self.model.parameters()).dtype
+        return F.normalize(self.model.encode_image(x.to(dtype)).float(), dim=-1)
+
+    def concept(self, text: str) -> Concept:
+        """Encode one phrase as a :class:`Concept`."""
+        return Concept(self.encode_text([text])[0].cpu(), "text", self.identity, text.strip())
+
+    def image_concept(self, images: torch.Tensor, label: str = "reference image") -> Concept:
+        """Encode a batch of reference images; the embeddings are averaged, then re-normalized."""
+        e = self.encode_image(images).mean(0)
+        return Concept(F.normalize(e, dim=-1).cpu(), "image", self.identity, label)

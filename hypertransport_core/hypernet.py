@@ -1,0 +1,162 @@
+"""The hypernetwork: concept embedding → per-channel affine maps for every site (METHOD §5).
+
+Architecture (our choice; the paper fixes only input and output):
+
+.. math::
+
+    x = \\mathrm{normalize}(e - \\mu_{modality}),\\quad h = \\mathrm{MLP}(x) \\in R^{H},\\quad
+    k_s = P_s^\\top h \\in R^{2r}\\ (\\text{one code per site}),
+
+    w_{s,c} = 1 + \\beta^w_{s,c} + \\langle U^w_{s,c}, k_s^{w} \\rangle,\\quad
+    b_{s,c} = \\beta^b_{s,c} + \\langle U^b_{s,c}, k_s^{b} \\rangle
+
+- a shared trunk (``depth`` layers of width ``hidden``) reads the concept;
+- each site gets a rank-``r`` code from its own projection ``P_s`` (``S × H × 2r``);
+- each channel has a learned ``r``-vector ``U`` per output (``w`` and ``b``) and a concept-free
+  offset ``β`` (what every concept shares, e.g. "more saturated").
+
+Parameters: ``2·C·(r+1) + S·H·2r + trunk``; for SDXL's 256 norm sites (294,080 channels) with
+``H=512, r=16`` that is about 15M. ``U`` and ``β`` start at zero, so a new hypernet is exactly the
+identity map. ``μ_text`` and ``μ_image`` (buffers, zero unless the trainer fills them) remove each
+modality's mean embedding, a correction for CLIP's modality gap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .concepts import Concept
+from .errors import HyperTransportError
+from .interventions import Steering
+from .sites import Site
+
+
+@dataclass
+class HyperNetConfig:
+    """Size of a hypernet. Every field is stored in the file."""
+
+    embed_dim: int  # d, the concept encoder's embedding width
+    hidden: int = 512  # trunk width H
+    depth: int = 2  # trunk layers (>= 1)
+    rank: int = 16  # rank r of each site's head
+    dropout: float = 0.0  # dropout in the trunk while training
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> HyperNetConfig:
+        known = {k: d[k] for k in ("embed_dim", "hidden", "depth", "rank", "dropout") if k in d}
+        if "embed_dim" not in known:
+            raise HyperTransportError("hypernet config lacks 'embed_dim'. Fix: re-save the hypernet with its config.")
+        return HyperNetConfig(**known)
+
+
+class HyperNet(nn.Module):
+    """Maps ``(B, d)`` concept embeddings to packed maps ``w, b`` of shape ``(B, C_total)``.
+
+    Args:
+        config: sizes.
+        sites: the sites it steers (order = packing order).
+        family: model family id the sites belong to (``"sdxl"``, ...).
+        encoder: identity of the concept encoder it was trained with.
+
+    Example::
+
+        >>> hn = HyperNet(HyperNetConfig(embed_dim=512), sites, family="sdxl", encoder=enc.identity)
+        >>> steering = hn.steering(concept)          # one forward pass
+    """
+
+    def __init__(self, config: HyperNetConfig, sites: Sequence[Site], family: str = "generic", encoder: dict | None = None):
+        super().__init__()
+        if config.depth < 1 or config.rank < 1 or config.hidden < 1:
+            raise HyperTransportError(f"hypernet config {config} needs depth, rank and hidden >= 1.")
+        if not sites:
+            raise HyperTransportError("a hypernet needs at least one site. Fix: pass list_sites(model).")
+        self.config = config
+        self.sites = tuple(sites)
+        self.family = family
+        self.encoder = dict(encoder or {})
+        d, H, r = config.embed_dim, config.hidden, config.rank
+        total = sum(s.channels for s in sites)
+        layers: list[nn.Module] = []
+        for i in range(config.depth):
+            layers += [nn.Linear(d if i == 0 else H, H), nn.GELU()]
+            if config.dropout:
+                layers.append(nn.Dropout(config.dropout))
+        self.trunk = nn.Sequential(*layers, nn.LayerNorm(H))
+        self.site_proj = nn.Parameter(torch.randn(len(sites), H, 2 * r) / H**0.5)
+        self.channel_w = nn.Parameter(torch.zeros(total, r))
+        self.channel_b = nn.Parameter(torch.zeros(total, r))
+        self.offset_w = nn.Parameter(torch.zeros(total))
+        self.offset_b = nn.Parameter(torch.zeros(total))
+        idx = torch.repeat_interleave(torch.arange(len(sites)), torch.tensor([s.channels for s in sites]))
+        self.register_buffer("site_index", idx, persistent=False)
+        self.register_buffer("mean_text", torch.zeros(d))
+        self.register_buffer("mean_image", torch.zeros(d))
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    @property
+    def total_channels(self) -> int:
+        return int(self.offset_w.numel())
+
+    def prepare(self, e: torch.Tensor, modality: str | Sequence[str] = "text") -> torch.Tensor:
+        """Center by the modality's mean and re-normalize: ``(B, d)``."""
+        if e.ndim == 1:
+            e = e[None]
+        if e.shape[-1] != self.embed_dim:
+            raise HyperTransportError(
+                f"concept embedding has {e.shape[-1]} dims, the hypernet expects {self.embed_dim}. "
+                "Fix: encode the concept with the encoder this hypernet records."
+            )
+        e = e.to(self.offset_w.device, torch.float32)
+        mods = [modality] * e.shape[0] if isinstance(modality, str) else list(modality)
+        means = {"text": self.mean_text, "image": self.mean_image, "mixed": (self.mean_text + self.mean_image) / 2}
+        mu = torch.stack([means[m] for m in mods])
+        return F.normalize(e - mu, dim=-1)
+
+    def forward(self, e: torch.Tensor, modality: str | Sequence[str] = "text") -> tuple[torch.Tensor, torch.Tensor]:
+        """Args: ``e`` ``(B, d)`` or ``(d,)`` embeddings; ``modality`` per row or for all.
+
+        Returns: ``(w, b)``, each ``(B, C_total)``.
+        """
+        h = self.trunk(self.prepare(e, modality))  # (B, H)
+        r = self.config.rank
+        codes = torch.einsum("bh,shk->bsk", h, self.site_proj)  # (B, S, 2r)
+        per_channel = codes[:, self.site_index]  # (B, C, 2r)
+        dw = (per_channel[..., :r] * self.channel_w).sum(-1)
+        db = (per_channel[..., r:] * self.channel_b).sum(-1)
+        return 1 + self.offset_w + dw, self.offset_b + db
+
+    def check_concept(self, concept: Concept) -> None:
+        """Raise if ``concept`` came from another encoder than the one this hypernet was trained with."""
+        mine, theirs = self.encoder, concept.encoder
+        if mine and (mine.get("arch") != theirs.get("arch") or mine.get("fingerprint") != theirs.get("fingerprint")):
+            raise HyperTransportError(
+                f"the concept was encoded with {theirs.get('arch')} (fingerprint {str(theirs.get('fingerprint'))[:12]}), "
+                f"the hypernet was trained with {mine.get('arch')} (fingerprint {str(mine.get('fingerprint'))[:12]}). "
+                "Fix: encode the concept with the encoder the hypernet names (Load HyperNet shows it)."
+            )
+
+    @torch.no_grad()
+    def steering(self, concept: Concept | torch.Tensor, modality: str | None = None, label: str | None = None) -> Steering:
+        """The intervention for one concept (one forward pass)."""
+        if isinstance(concept, Concept):
+            self.check_concept(concept)
+            e, modality, label = concept.embedding, modality or concept.modality, label or concept.label
+        else:
+            e = concept
+        w, b = self(e.reshape(1, -1), modality or "text")
+        meta = {"label": label or "", "family": self.family, "modality": modality or "text", "encoder": self.encoder}
+        return Steering(self.sites, w[0].float(), b[0].float(), meta)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,314 @@
+"""Which modules of a diffusion model are steered ("sites"), from per-architecture tables.
+
+A *site* is one module whose output gets a per-channel affine map. Model families are described by
+:class:`SiteTable` entries (name patterns, accepted module types, how the output is laid out), so
+adding a family means adding a table, not touching hook code. Module names are those of the module
+tree handed in: for ComfyUI that is ``model.model.diffusion_model`` (ldm-style names such as
+``input_blocks.1.0.in_layers.0``).
+
+Example::
+
+    >>> sites = list_sites(unet)                # family detected from the module tree
+    >>> sites[0].name, sites[0].channels
+    ('input_blocks.1.0.in_layers.0', 320)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from .errors import HyperTransportError
+
+#: How a map is applied to a spatial output ``(B, C, H, W)``: on the spatial mean of each channel,
+#: the difference added everywhere (Lin-AcT/LinEAS), or at every position (foldable into a norm).
+FORMS = ("pooled", "elementwise")
+
+#: Module class names treated as normalization layers (matched anywhere in the class's MRO, so
+#: ComfyUI's ``comfy.ops.*.GroupNorm`` subclasses count).
+NORM_TYPES = ("GroupNorm", "LayerNorm", "RMSNorm", "BatchNorm2d", "InstanceNorm2d")
+
+#: Class names whose channel axis is 1 (``(B, C, ...)``); every other site is channel-last.
+_CHANNEL_FIRST_TYPES = ("GroupNorm", "BatchNorm2d", "InstanceNorm2d", "Conv2d")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One steered output.
+
+    Attributes:
+        name: unique id, the module path, with ``@i`` appended when element ``i`` of a tuple output
+            is meant (Flux double blocks return ``(img, txt)``).
+        module: module path inside the model.
+        channels: ``C``, the width of the map.
+        channel_dim: 1 for ``(B, C, ...)`` outputs, -1 for ``(..., C)`` outputs.
+        form: ``"pooled"`` or ``"elementwise"`` (only matters for outputs with spatial axes).
+        output_index: which element of a tuple output, or ``None`` for a tensor output.
+    """
+
+    name: str
+    module: str
+    channels: int
+    channel_dim: int = -1
+    form: str = "pooled"
+    output_index: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> Site:
+        try:
+            return Site(
+                name=str(d["name"]),
+                module=str(d.get("module", d["name"])),
+                channels=int(d["channels"]),
+                channel_dim=int(d.get("channel_dim", -1)),
+                form=str(d.get("form", "pooled")),
+                output_index=None if d.get("output_index") is None else int(d["output_index"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise HyperTransportError(
+                f"site record {d!r} is malformed ({e}); each site needs 'name' and 'channels'. "
+                "Fix: re-save the file with the current version of hypertransport_core."
+            ) from e
+
+
+@dataclass(frozen=True)
+class SiteRule:
+    """Modules matching ``pattern`` (a regex, full match on the module path) become sites.
+
+    Attributes:
+        pattern: regex over module paths.
+        types: accepted class names (any class in the module's MRO); empty accepts any module.
+        form: form for spatial outputs (token outputs are always mapped at every token).
+        outputs: tuple elements to steer for modules returning tuples; ``(None,)`` for a tensor.
+        width_attr: attribute holding the width for modules that are not norms/linears/convs.
+        channel_dim: force the channel axis; ``None`` infers it from the module type.
+    """
+
+    pattern: str
+    types: tuple[str, ...] = NORM_TYPES
+    form: str = "pooled"
+    outputs: tuple[int | None, ...] = (None,)
+    width_attr: str | None = None
+    channel_dim: int | None = None
+
+
+@dataclass(frozen=True)
+class SiteTable:
+    """The sites of one model family.
+
+    Attributes:
+        family: short id stored in files (``"sdxl"``, ``"sd15"``, ``"pixart"``, ``"flux"``, ...).
+        description: one line for users.
+        detect: module paths that must all exist for :func:`detect_family` to pick this table.
+        detect_absent: module paths that must not exist (tells SD1.5 from SDXL).
+        rules: the rules, tried in order; a module is a site by its first matching rule.
+        reference: counts for the full-size model, ``{"sites": n, "channels": c}``, for docs/tests.
+    """
+
+    family: str
+    description: str
+    rules: tuple[SiteRule, ...]
+    detect: tuple[str, ...] = ()
+    detect_absent: tuple[str, ...] = ()
+    reference: dict = field(default_factory=dict)
+
+
+_UNET_NORMS = SiteRule(r"(input_blocks|middle_block|output_blocks|out)(\..+)?", NORM_TYPES, "pooled")
+
+SITE_TABLES: dict[str, SiteTable] = {}
+
+
+def register_table(table: SiteTable, *, replace: bool = False) -> SiteTable:
+    """Add a family's table (checked: valid regexes and forms). Returns the table."""
+    if table.family in SITE_TABLES and not replace:
+        raise HyperTransportError(
+            f"site table {table.family!r} is already registered. Fix: pass replace=True or pick another family id."
+        )
+    for r in table.rules:
+        re.compile(r.pattern)
+        if r.form not in FORMS:
+            raise HyperTransportError(f"rule {r.pattern!r}: form {r.form!r} is not one of {FORMS}.")
+    SITE_TABLES[table.family] = table
+    return table
+
+
+register_table(
+    SiteTable(
+        "sdxl",
+        "SDXL UNet and its distillations (DMD2, Lightning, Turbo) in ComfyUI naming: every GroupNorm/LayerNorm",
+        (_UNET_NORMS,),
+        detect=("input_blocks", "label_emb"),
+        reference={"sites": 256, "channels": 294080},
+    )
+)
+register_table(
+    SiteTable(
+        "sd15",
+        "SD1.5 UNet in ComfyUI naming: every GroupNorm/LayerNorm",
+        (_UNET_NORMS,),
+        detect=("input_blocks",),
+        detect_absent=("label_emb",),
+        reference={"sites": 109, "channels": 100160},
+    )
+)
+register_table(
+    SiteTable(
+        "pixart",
+        "PixArt-Alpha/Sigma and Nitro-1-PixArt DiT in ComfyUI naming: the blocks' norm1/norm2 and the final norm",
+        (SiteRule(r"blocks\.\d+\.norm[12]|final_layer\.norm_final", ("LayerNorm",)),),
+        detect=("blocks", "t_block", "y_embedder"),
+        reference={"sites": 57, "channels": 65664},
+    )
+)
+register_table(
+    SiteTable(
+        "flux",
+        "Flux DiT in ComfyUI naming: outputs of the double-stream blocks (img and txt streams) and single-stream blocks",
+        (
+            SiteRule(r"double_blocks\.\d+", ("DoubleStreamBlock",), outputs=(0, 1), width_attr="hidden_size"),
+            SiteRule(r"single_blocks\.\d+", ("SingleStreamBlock",), width_attr="hidden_size"),
+        ),
+        detect=("double_blocks", "single_blocks"),
+        reference={"sites": 2 * 19 + 38, "channels": (2 * 19 + 38) * 3072},
+    )
+)
+register_table(
+    SiteTable(
+        "generic",
+        "any model: every normalization layer",
+        (SiteRule(r".+", NORM_TYPES),),
+    )
+)
+
+
+def _class_names(module: nn.Module) -> set[str]:
+    return {c.__name__ for c in type(module).__mro__}
+
+
+def _width(module: nn.Module, rule: SiteRule, path: str) -> int:
+    if rule.width_attr is not None:
+        w = getattr(module, rule.width_attr, None)
+    elif isinstance(module, nn.GroupNorm):
+        w = module.num_channels
+    elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        w = module.normalized_shape[-1]
+    elif isinstance(module, (nn.BatchNorm2d, nn.InstanceNorm2d)):
+        w = module.num_features
+    elif isinstance(module, nn.Linear):
+        w = module.out_features
+    elif isinstance(module, nn.Conv2d):
+        w = module.out_channels
+    else:  # custom norms (Flux RMSNorm keeps a `scale` vector) or anything with a 1-D weight
+        p = getattr(module, "weight", None)
+        if p is None:
+            p = getattr(module, "scale", None)
+        w = p.shape[-1] if p is not None and p.ndim == 1 else None
+    if not isinstance(w, int) or w <= 0:
+        raise HyperTransportError(
+            f"cannot tell the channel count of site {path!r} ({type(module).__name__}). "
+            "Fix: give its SiteRule a width_attr naming the attribute that holds the width."
+        )
+    return w
+
+
+def _channel_dim(module: nn.Module, rule: SiteRule) -> int:
+    if rule.channel_dim is not None:
+        return rule.channel_dim
+    return 1 if _class_names(module) & set(_CHANNEL_FIRST_TYPES) else -1
+
+
+def get_table(family: str | SiteTable) -> SiteTable:
+    """The registered table for ``family`` (a table passes through)."""
+    if isinstance(family, SiteTable):
+        return family
+    try:
+        return SITE_TABLES[family]
+    except KeyError:
+        raise HyperTransportError(
+            f"unknown model family {family!r}; known: {sorted(SITE_TABLES)}. "
+            "Fix: use one of those or register a SiteTable for it with register_table()."
+        ) from None
+
+
+def detect_family(model: nn.Module) -> str:
+    """The first registered family whose ``detect`` paths exist in ``model`` (``"generic"`` if none)."""
+    names = {n for n, _ in model.named_modules()}
+    for t in SITE_TABLES.values():
+        if t.detect and all(p in names for p in t.detect) and not any(p in names for p in t.detect_absent):
+            return t.family
+    return "generic"
+
+
+def list_sites(
+    model: nn.Module,
+    family: str | SiteTable | None = None,
+    *,
+    form: str | None = None,
+    include: Iterable[str] | None = None,
+) -> list[Site]:
+    """The sites of ``model`` with their widths, in module order.
+
+    Args:
+        model: the module tree (for ComfyUI, ``model_patcher.model.diffusion_model``).
+        family: a registered family id or a :class:`SiteTable`; ``None`` detects it.
+        form: override every rule's form for spatial sites (``"pooled"`` or ``"elementwise"``).
+        include: optional regexes; keep only sites whose name matches one of them.
+
+    Returns:
+        list of :class:`Site`.
+    """
+    table = get_table(family if family is not None else detect_family(model))
+    if form is not None and form not in FORMS:
+        raise HyperTransportError(f"form {form!r} is not one of {FORMS}. Fix: pass 'pooled' or 'elementwise'.")
+    rules = [(re.compile(r.pattern), r) for r in table.rules]
+    keep = [re.compile(p) for p in include] if include is not None else None
+    sites: list[Site] = []
+    for path, module in model.named_modules():
+        if not path:
+            continue
+        for rx, rule in rules:
+            if not rx.fullmatch(path) or (rule.types and not (_class_names(module) & set(rule.types))):
+                continue
+            width = _width(module, rule, path)
+            for idx in rule.outputs:
+                name = path if idx is None else f"{path}@{idx}"
+                if keep is not None and not any(k.fullmatch(name) or k.search(name) for k in keep):
+                    continue
+                sites.append(Site(name, path, width, _channel_dim(module, rule), form or rule.form, idx))
+            break
+    return sites
+
+
+def check_sites(expected: Sequence[Site], model: nn.Module, *, what: str = "the hypernet") -> None:
+    """Raise if ``model`` lacks any of ``expected`` sites or has them at another width.
+
+    The message names the first missing/mismatched site, both widths and the fix.
+    """
+    modules = dict(model.named_modules())
+    for s in expected:
+        m = modules.get(s.module)
+        if m is None:
+            raise HyperTransportError(
+                f"{what} steers site {s.name!r}, which this model does not have "
+                f"({len(expected)} sites expected). Fix: use a hypernet/steering trained for this model family."
+            )
+        try:
+            width = _width(m, SiteRule(".*", (), width_attr="hidden_size" if hasattr(m, "hidden_size") else None), s.module)
+        except HyperTransportError:
+            continue  # unknown width: the first forward pass checks the shape instead
+        if width != s.channels:
+            raise HyperTransportError(
+                f"site {s.name!r}: expected {s.channels} channels (as {what} records), found {width}. "
+                "Fix: use a hypernet/steering trained for this model (same architecture and size)."
+            )
+
+
+def site_summary(sites: Sequence[Site]) -> dict:
+    """``{"sites": n, "channels": c}``."""
+    return {"sites": len(sites), "channels": sum(s.channels for s in sites)}
