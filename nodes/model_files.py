@@ -1,0 +1,200 @@
+"""Where HyperTransport files and CLIP weights are found, and the encoder cache (ComfyUI side).
+
+Folders (registered with ``folder_paths``, so ``extra_model_paths.yaml`` can add more):
+
+* ``hypertransport``: hypernet files, ``<ComfyUI>/models/hypertransport``; open_clip model configs
+  (``<arch>.json``) for architectures open_clip does not ship may be put there too.
+* ``hypertransport_steerings``: saved single-concept steerings, ``models/hypertransport_steerings``
+  and ``output/hypertransport_steerings`` (where Save Steering writes).
+* CLIP weights for Encode Concept / Encode Reference Image: ``clip`` (= ``text_encoders``),
+  ``clip_vision`` and ``hypertransport``, in open_clip's layout.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from hypertransport_core.encoders import ConceptEncoder
+from hypertransport_core.errors import HyperTransportError
+from hypertransport_core.hypernet import HyperNet
+
+HYPERNET_FOLDER = "hypertransport"
+STEERING_FOLDER = "hypertransport_steerings"
+CLIP_FOLDERS = ("hypertransport", "clip_vision", "text_encoders")
+WEIGHT_EXTS = {".safetensors", ".bin", ".pt", ".pth"}
+AUTO = "auto (match the hypernet's encoder)"
+
+
+def register_folders() -> None:
+    """Add our folders to ComfyUI's ``folder_paths`` (idempotent)."""
+    import folder_paths
+
+    root = os.path.join(folder_paths.models_dir, HYPERNET_FOLDER)
+    folder_paths.add_model_folder_path(HYPERNET_FOLDER, root, is_default=True)
+    folder_paths.folder_names_and_paths[HYPERNET_FOLDER][1].update({".safetensors", ".json"})
+    folder_paths.add_model_folder_path(STEERING_FOLDER, os.path.join(folder_paths.models_dir, STEERING_FOLDER), is_default=True)
+    folder_paths.add_model_folder_path(STEERING_FOLDER, steering_output_dir())
+    folder_paths.folder_names_and_paths[STEERING_FOLDER][1].update({".safetensors"})
+
+
+def steering_output_dir() -> str:
+    import folder_paths
+
+    return os.path.join(folder_paths.get_output_directory(), STEERING_FOLDER)
+
+
+def list_files(folder: str, exts=(".safetensors",)) -> list[str]:
+    import folder_paths
+
+    try:
+        names = folder_paths.get_filename_list(folder)
+    except KeyError:
+        return []
+    return [n for n in names if os.path.splitext(n)[1].lower() in exts]
+
+
+def full_path(folder: str, name: str, node: str) -> str:
+    import folder_paths
+
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        where = ", ".join(folder_paths.get_folder_paths(folder)) if folder in folder_paths.folder_names_and_paths else folder
+        raise HyperTransportError(
+            f"{node}: file {name!r} not found in the {folder!r} model folder ({where}). "
+            "Fix: put the file there and press 'r' (refresh) in the UI, or pick another file."
+        )
+    return path
+
+
+def clip_weight_choices() -> list[str]:
+    seen: list[str] = []
+    for folder in CLIP_FOLDERS:
+        for n in list_files(folder, WEIGHT_EXTS):
+            if n not in seen:
+                seen.append(n)
+    return [AUTO, *seen]
+
+
+def _clip_path(name: str) -> str | None:
+    import folder_paths
+
+    for folder in CLIP_FOLDERS:
+        try:
+            p = folder_paths.get_full_path(folder, name)
+        except KeyError:
+            p = None
+        if p:
+            return p
+    return None
+
+
+@dataclass(frozen=True)
+class HyperNetHandle:
+    """What flows on a HYPERNET wire: the module and the file it came from (for messages)."""
+
+    net: HyperNet
+    name: str
+
+    @property
+    def family(self) -> str:
+        return self.net.family
+
+    @property
+    def encoder(self) -> dict:
+        return self.net.encoder
+
+    def describe(self) -> str:
+        enc = self.encoder
+        n = len(self.net.sites)
+        c = sum(s.channels for s in self.net.sites)
+        return (f"{self.name}: model family {self.family}, encoder {enc.get('arch', '?')} "
+                f"(fingerprint {str(enc.get('fingerprint', '?'))[:12]}, {enc.get('embed_dim', '?')}-d), "
+                f"{n} sites / {c:,} channels")
+
+
+# ---------------------------------------------------------------------------------- encoders ---
+_ENCODERS: OrderedDict[tuple, ConceptEncoder] = OrderedDict()
+_LOCK = threading.Lock()
+_MAX_CACHED = 2
+
+
+def _norm(s: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", s.lower())
+
+
+def _ensure_arch(arch: str) -> None:
+    """Register ``<hypertransport folder>/<arch>.json`` with open_clip when it does not know ``arch``."""
+    import open_clip
+
+    if arch in open_clip.list_models():
+        return
+    for name in list_files(HYPERNET_FOLDER, (".json",)):
+        if os.path.splitext(os.path.basename(name))[0] == arch:
+            open_clip.add_model_config(full_path(HYPERNET_FOLDER, name, "Encode Concept"))
+            return
+
+
+def _load_encoder(arch: str, path: str) -> ConceptEncoder:
+    key = (arch, os.path.abspath(path), os.path.getmtime(path))
+    with _LOCK:
+        if key in _ENCODERS:
+            _ENCODERS.move_to_end(key)
+            return _ENCODERS[key]
+    _ensure_arch(arch)
+    enc = ConceptEncoder.from_open_clip(arch, weights=path)
+    with _LOCK:
+        _ENCODERS[key] = enc
+        while len(_ENCODERS) > _MAX_CACHED:
+            _ENCODERS.popitem(last=False)
+    return enc
+
+
+def encoder_for(handle: HyperNetHandle, clip_weights: str, node: str) -> ConceptEncoder:
+    """The concept encoder the hypernet was trained with, from ComfyUI's model folders.
+
+    ``clip_weights`` is a file name from :func:`clip_weight_choices` or :data:`AUTO` (files whose
+    name contains the architecture, e.g. ``ViT-L-14.safetensors``). The weights' fingerprint must
+    match the one the hypernet file records.
+    """
+    want = handle.encoder or {}
+    arch, fp = want.get("arch"), want.get("fingerprint")
+    if not arch:
+        raise HyperTransportError(
+            f"{node}: hypernet {handle.name} records no encoder architecture. Fix: re-save it with its encoder identity."
+        )
+    if clip_weights and clip_weights != AUTO:
+        path = _clip_path(clip_weights)
+        if path is None:
+            raise HyperTransportError(
+                f"{node}: CLIP weights {clip_weights!r} not found in models/clip, models/clip_vision or "
+                "models/hypertransport. Fix: put the file there and refresh, or pick 'auto'."
+            )
+        candidates = [path]
+    else:
+        candidates = []
+        for n in clip_weight_choices()[1:]:
+            if _norm(arch) in _norm(os.path.basename(n)) or (fp and str(fp)[:8] in n):
+                p = _clip_path(n)
+                if p:
+                    candidates.append(p)
+        if not candidates:
+            raise HyperTransportError(
+                f"{node}: no CLIP weights for {arch} found for hypernet {handle.name} (it needs encoder {arch}, "
+                f"fingerprint {fp}). Fix: put the open_clip weights as models/clip/{arch}.safetensors "
+                "(or in models/clip_vision or models/hypertransport) and refresh, or pick the file in clip_weights."
+            )
+    found = []
+    for path in candidates:
+        enc = _load_encoder(arch, path)
+        if not fp or enc.identity.get("fingerprint") == fp:
+            return enc
+        found.append(f"{os.path.basename(path)} (fingerprint {enc.identity.get('fingerprint')})")
+    raise HyperTransportError(
+        f"{node}: hypernet {handle.name} was trained with encoder {arch} fingerprint {fp}; "
+        f"found {', '.join(found)}. Fix: use the CLIP weights the hypernet was trained with "
+        "(Load HyperNet shows its encoder), or a hypernet trained for these weights."
+    )

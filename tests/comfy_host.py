@@ -1,0 +1,363 @@
+"""A real ComfyUI to test the node pack against, in-process or as a server; no GPU needed.
+
+Which ComfyUI (first found wins):
+
+1. ``$COMFYUI_DIR``;
+2. the ComfyUI holding this pack, when the repository sits in ``<ComfyUI>/custom_nodes/``;
+3. ``<repo>/.comfyui/ComfyUI`` (what ``scripts/get_comfyui.sh`` unpacks).
+
+Import-order gotchas handled by :func:`setup_comfy`:
+
+* ``comfy.model_management`` reads ``comfy.cli_args.args`` at import time, so ``args.cpu`` (and
+  ``args.base_directory``) are set first.
+* ``nodes.py`` puts ``<ComfyUI>/comfy`` first on ``sys.path``; ComfyUI's top-level ``utils`` package
+  must be imported before ``nodes`` or ``import server`` fails later.
+* This repository has a ``nodes/`` folder too: ComfyUI's directory goes to the front of ``sys.path``
+  so ``import nodes`` means ComfyUI's ``nodes.py``; the pack is imported as a package under its own
+  name (:func:`load_pack`), exactly as ComfyUI's ``load_custom_node`` does.
+* ComfyUI allocates layers uninitialised (``torch.empty``): every tiny model is filled by
+  :func:`init_random_` from a fixed seed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACK_MODULE = "hypertransport_pack"
+
+
+def find_comfyui() -> Path | None:
+    """The ComfyUI tree to use, or None."""
+    env = os.environ.get("COMFYUI_DIR")
+    candidates = [Path(env)] if env else []
+    if REPO.parent.name == "custom_nodes":
+        candidates.append(REPO.parent.parent)
+    candidates.append(REPO / ".comfyui" / "ComfyUI")
+    for c in candidates:
+        if (c / "main.py").is_file() and (c / "comfy").is_dir():
+            return c.resolve()
+    return None
+
+
+MISSING_REASON = (
+    "ComfyUI not found (looked at $COMFYUI_DIR, the ComfyUI holding this repo in custom_nodes/, and "
+    f"{REPO / '.comfyui' / 'ComfyUI'}). Fix: run `bash scripts/get_comfyui.sh` or set COMFYUI_DIR."
+)
+
+
+def setup_comfy(base_directory: str | os.PathLike | None = None):
+    """Import ComfyUI in-process on the CPU. Returns ``comfy.model_management``."""
+    root = find_comfyui()
+    if root is None:
+        raise RuntimeError(MISSING_REASON)
+    if "nodes" in sys.modules and not str(getattr(sys.modules["nodes"], "__file__", "")).startswith(str(root)):
+        del sys.modules["nodes"]  # our nodes/ package imported by mistake: ComfyUI's nodes.py is meant
+    if str(root) in sys.path:
+        sys.path.remove(str(root))
+    sys.path.insert(0, str(root))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True  # same as `main.py --cpu`
+    comfy.cli_args.args.disable_all_custom_nodes = True
+    if base_directory is not None:
+        comfy.cli_args.args.base_directory = str(base_directory)
+    import utils.extra_config  # noqa: F401  (must precede `import nodes`)
+    import comfy.model_management as mm
+
+    return mm
+
+
+def load_pack(name: str = PACK_MODULE):
+    """Import this repository as a ComfyUI custom-node package (``__init__.py`` by file location)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# --------------------------------------------------------------------------------------------
+# tiny random-weight models from ComfyUI's own classes
+# --------------------------------------------------------------------------------------------
+def init_random_(module, seed: int = 0):
+    """Fill every parameter deterministically (ComfyUI layers start as uninitialised memory)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.device.type == "meta":
+                continue
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            elif name.endswith("weight") or name.endswith("scale"):  # norm weights
+                p.copy_(1.0 + 0.02 * torch.randn(p.shape, generator=g))
+            else:  # PixArt scale_shift_table, y_embedding, ...
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return module
+
+
+def patcher_for(model_config, seed: int = 0, dtype=None, device=None):
+    """A real ``ModelPatcher`` around ``model_config.get_model`` with random weights."""
+    import torch
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    model_config.set_inference_dtype(dtype or torch.float32, None)
+    model = model_config.get_model({}, "", device=device)
+    if device is None or str(device) != "meta":
+        init_random_(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=torch.device("cpu"))
+
+
+def unet_config(family: str, model_channels: int, context_dim: int, *, full: bool = False) -> dict:
+    """UNet config for SD1.5 / SDXL; ``full=True`` gives the released model's layout."""
+    if family == "sd15":
+        cfg = {
+            "adm_in_channels": None, "use_linear_in_transformer": False, "context_dim": context_dim,
+            "model_channels": model_channels,
+            "channel_mult": [1, 2, 4, 4] if full else [1, 2],
+            "num_res_blocks": [2, 2, 2, 2] if full else [1, 1],
+            "transformer_depth": [1, 1, 1, 0] if full else [1, 1],
+            "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0] if full else [1, 1, 1, 1],
+            "transformer_depth_middle": 1,
+        }
+    elif family == "sdxl":
+        cfg = {
+            "num_classes": "sequential", "adm_in_channels": 2816, "use_linear_in_transformer": True,
+            "context_dim": context_dim, "model_channels": model_channels,
+            "channel_mult": [1, 2, 4] if full else [1, 2],
+            "num_res_blocks": [2, 2, 2] if full else [1, 1],
+            "transformer_depth": [0, 0, 2, 2, 10, 10] if full else [0, 1],
+            "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10] if full else [0, 0, 1, 1],
+            "transformer_depth_middle": 10 if full else 1,
+        }
+    else:
+        raise ValueError(family)
+    cfg.update({"use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+                "in_channels": 4, "out_channels": 4, "use_temporal_resblock": False, "use_temporal_attention": False})
+    return cfg
+
+
+def tiny_sd15(seed=0, context_dim=64, model_channels=32, dtype=None):
+    """SD1.5-family UNet (supported_models.SD15 / model_base.BaseModel / openaimodel.UNetModel)."""
+    import comfy.supported_models as sm
+
+    return patcher_for(sm.SD15(unet_config("sd15", model_channels, context_dim)), seed, dtype)
+
+
+def tiny_sdxl(seed=0, context_dim=64, model_channels=64, dtype=None):
+    """SDXL-family UNet (supported_models.SDXL / model_base.SDXL); model_channels a multiple of 64."""
+    import comfy.supported_models as sm
+
+    return patcher_for(sm.SDXL(unet_config("sdxl", model_channels, context_dim)), seed, dtype)
+
+
+def pixart_config(sigma=True, hidden_size=96, depth=2, caption_channels=32, num_heads=4):
+    return {
+        "image_model": "pixart_sigma" if sigma else "pixart_alpha", "num_heads": num_heads, "patch_size": 2,
+        "hidden_size": hidden_size, "in_channels": 4, "depth": depth, "caption_channels": caption_channels,
+        "model_max_length": 16 if hidden_size < 1152 else 300, "input_size": 16 if hidden_size < 1152 else 128,
+        "pe_interpolation": 0.25 if hidden_size < 1152 else 2.0, "micro_condition": not sigma,
+    }
+
+
+def tiny_pixart(seed=0, sigma=True, hidden_size=96, depth=2, caption_channels=32, dtype=None):
+    """PixArt-Alpha/Sigma DiT (latent side must exceed 32; hidden_size divisible by 3 and 4)."""
+    import comfy.supported_models as sm
+
+    cfg = (sm.PixArtSigma if sigma else sm.PixArtAlpha)(pixart_config(sigma, hidden_size, depth, caption_channels))
+    return patcher_for(cfg, seed, dtype)
+
+
+def flux_config(hidden_size=64, num_heads=2, depth=1, depth_single_blocks=1, context_in_dim=32, vec_in_dim=32):
+    pe = hidden_size // num_heads
+    axes = [pe - 2 * (pe * 3 // 8), pe * 3 // 8, pe * 3 // 8] if hidden_size < 3072 else [16, 56, 56]
+    return {
+        "image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16, "patch_size": 2,
+        "vec_in_dim": vec_in_dim, "context_in_dim": context_in_dim, "hidden_size": hidden_size, "mlp_ratio": 4.0,
+        "num_heads": num_heads, "depth": depth, "depth_single_blocks": depth_single_blocks, "axes_dim": axes,
+        "theta": 10000, "qkv_bias": True,
+    }
+
+
+def tiny_flux(seed=0, hidden_size=64, depth=1, depth_single_blocks=1, context_in_dim=32, dtype=None):
+    """Flux-dev DiT (supported_models.Flux / model_base.Flux / ldm.flux.model.Flux), 16-channel latents."""
+    import comfy.supported_models as sm
+
+    cfg = sm.Flux(flux_config(hidden_size, 2, depth, depth_single_blocks, context_in_dim, 32))
+    return patcher_for(cfg, seed, dtype)
+
+
+#: family -> (builder, cond kwargs, latent shape for 2-step tests)
+FAMILIES = {
+    "sd15": (tiny_sd15, {"kind": "sd15", "dim": 64}, (1, 4, 8, 8)),
+    "sdxl": (tiny_sdxl, {"kind": "sdxl", "dim": 64}, (1, 4, 8, 8)),
+    "pixart": (tiny_pixart, {"kind": "pixart", "dim": 32}, (1, 4, 40, 40)),
+    "flux": (tiny_flux, {"kind": "flux", "dim": 32}, (1, 16, 8, 8)),
+}
+
+
+def random_cond(kind, seed=1, batch=1, tokens=8, dim=64, latent_hw=(8, 8)):
+    """A CONDITIONING list ``[[tensor(B,T,C), extras]]`` as CLIPTextEncode would output."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn((batch, tokens, dim), generator=g)
+    extra = {}
+    if kind == "sdxl":
+        h, w = latent_hw[0] * 8, latent_hw[1] * 8
+        extra = {"pooled_output": torch.randn((batch, 1280), generator=g), "width": w, "height": h,
+                 "target_width": w, "target_height": h, "crop_w": 0, "crop_h": 0}
+    elif kind == "flux":
+        extra = {"pooled_output": torch.randn((batch, 32), generator=g), "guidance": 3.5}
+    return [[c, extra]]
+
+
+def sample(patcher, positive, negative, seed=42, steps=2, cfg=2.0, latent_shape=(1, 4, 8, 8),
+           sampler_name="euler", scheduler="normal"):
+    """``comfy.sample.sample`` as KSampler calls it; returns the latent."""
+    import torch
+    import comfy.sample
+
+    latent = torch.zeros(latent_shape)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(patcher, noise, steps, cfg, sampler_name, scheduler, positive, negative,
+                               latent, denoise=1.0, disable_pbar=True, seed=seed)
+
+
+def timed(fn, *a, **kw):
+    t = time.perf_counter()
+    out = fn(*a, **kw)
+    return out, time.perf_counter() - t
+
+
+# --------------------------------------------------------------------------------------------
+# model files for a server / the in-process executor
+# --------------------------------------------------------------------------------------------
+def write_model_files(base: str | os.PathLike) -> dict:
+    """Random-weight files ComfyUI's own loaders accept, under ``base/models``.
+
+    * ``diffusion_models/tiny_sd15_unet.safetensors``: a reduced SD1.5 UNet (detected as SD15);
+    * ``text_encoders/rand_clip_l.safetensors``: full-size CLIP-L (its config is fixed in ComfyUI);
+    * ``vae_approx/taesd_{encoder,decoder}.safetensors``: random TAESD ("taesd" in VAELoader);
+    * ``diffusion_models/tiny_pixart_unet.safetensors``: a reduced PixArt-Sigma DiT (caption 4096).
+
+    Returns ``{"unet": name, ...}`` file names as the loader nodes list them.
+    """
+    import torch
+    import safetensors.torch
+    import comfy.model_detection
+    import comfy.sd1_clip
+    import comfy.supported_models as sm
+    import comfy.taesd.taesd as taesd
+
+    base = Path(base)
+    for d in ("diffusion_models", "text_encoders", "vae_approx", "hypertransport", "clip"):
+        (base / "models" / d).mkdir(parents=True, exist_ok=True)
+    out = {}
+    unet = base / "models" / "diffusion_models" / "tiny_sd15_unet.safetensors"
+    if not unet.exists():
+        cfg = sm.SD15({**unet_config("sd15", 320, 768), "channel_mult": [1], "num_res_blocks": [1],
+                       "transformer_depth": [1], "transformer_depth_output": [1, 1]})
+        cfg.set_inference_dtype(torch.float32, None)
+        model = cfg.get_model({}, "")
+        init_random_(model.diffusion_model, 0)
+        sd = {k: v.to(torch.float16).contiguous() for k, v in model.diffusion_model.state_dict().items()}
+        assert type(comfy.model_detection.model_config_from_unet(sd, "")).__name__ == "SD15"
+        safetensors.torch.save_file(sd, str(unet))
+    out["unet"] = unet.name
+    clip = base / "models" / "text_encoders" / "rand_clip_l.safetensors"
+    if not clip.exists():
+        m = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
+        init_random_(m.transformer, 1)
+        safetensors.torch.save_file({k: v.to(torch.float16).contiguous() for k, v in m.transformer.state_dict().items()},
+                                    str(clip))
+    out["clip"] = clip.name
+    for part, ctor, seed in (("encoder", taesd.Encoder, 2), ("decoder", taesd.Decoder, 3)):
+        p = base / "models" / "vae_approx" / f"taesd_{part}.safetensors"
+        if not p.exists():
+            net = init_random_(ctor(4), seed)
+            safetensors.torch.save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(p))
+    out["vae"] = "taesd"
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# a tiny random open_clip encoder and random-but-nonzero hypernets (no downloads)
+# --------------------------------------------------------------------------------------------
+TINY_CLIP_ARCH = "ht-tiny-clip"
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def write_tiny_encoder(base: str | os.PathLike, seed: int = 0):
+    """``models/hypertransport/ht-tiny-clip.json`` (open_clip config) + ``models/clip/ht-tiny-clip.safetensors``.
+
+    Returns the :class:`~hypertransport_core.encoders.ConceptEncoder` loaded back from the file.
+    """
+    import json
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    from hypertransport_core.encoders import ConceptEncoder
+
+    base = Path(base)
+    cfg_dir = base / "models" / "hypertransport"
+    w_dir = base / "models" / "clip"
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    w_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = cfg_dir / f"{TINY_CLIP_ARCH}.json"
+    cfg_path.write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(str(cfg_path))
+    weights = w_dir / f"{TINY_CLIP_ARCH}.safetensors"
+    if not weights.exists():
+        torch.manual_seed(seed)
+        model = open_clip.create_model(TINY_CLIP_ARCH, pretrained=None)
+        init_random_(model, seed)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    return ConceptEncoder.from_open_clip(TINY_CLIP_ARCH, weights=str(weights))
+
+
+def random_hypernet(diffusion_model, encoder_identity: dict, *, family: str | None = None, form: str | None = None,
+                    seed: int = 0, scale: float = 0.2):
+    """A :class:`HyperNet` for ``diffusion_model``'s sites with random, non-zero heads (not the identity)."""
+    import torch
+
+    from hypertransport_core.hypernet import HyperNet, HyperNetConfig
+    from hypertransport_core.sites import detect_family, list_sites
+
+    family = family or detect_family(diffusion_model)
+    sites = list_sites(diffusion_model, family, form=form)
+    torch.manual_seed(seed)
+    hn = HyperNet(HyperNetConfig(embed_dim=int(encoder_identity["embed_dim"]), hidden=16, depth=1, rank=2), sites,
+                  family=family, encoder=dict(encoder_identity))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (hn.channel_w, hn.channel_b, hn.offset_w, hn.offset_b):
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return hn.eval()
+
+
+def write_hypernet(base: str | os.PathLike, name: str, diffusion_model, encoder_identity: dict, **kw) -> str:
+    """Save :func:`random_hypernet` as ``models/hypertransport/<name>``; returns the file name."""
+    from hypertransport_core.files import save_hypernet
+
+    d = Path(base) / "models" / "hypertransport"
+    d.mkdir(parents=True, exist_ok=True)
+    save_hypernet(str(d / name), random_hypernet(diffusion_model, encoder_identity, **kw), training={"test": True})
+    return name

@@ -1,0 +1,70 @@
+"""Shared fixtures. ComfyUI fixtures skip (with the reason) when no ComfyUI tree is found.
+
+* ``comfy``: ComfyUI imported in-process on the CPU, its base directory a session temp folder
+  (so ``folder_paths`` finds the test's model files); returns :mod:`comfy_host`.
+* ``pack``: this repository imported as a custom-node package, as ComfyUI does.
+* ``encoder``: a tiny random open_clip encoder written to the temp ``models/clip``.
+* ``make_hypernet``: writes a random-but-nonzero hypernet for a model into ``models/hypertransport``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))  # hypertransport_core; appended so ComfyUI's `nodes` keeps precedence
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import comfy_host  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def comfy_base(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("comfy_inprocess_base")
+
+
+@pytest.fixture(scope="session")
+def comfy(comfy_base):
+    if comfy_host.find_comfyui() is None:
+        pytest.skip(comfy_host.MISSING_REASON)
+    comfy_host.setup_comfy(base_directory=comfy_base)
+    import folder_paths
+
+    assert Path(folder_paths.models_dir) == comfy_base / "models", (
+        "folder_paths was imported before the test base directory was set"
+    )
+    return comfy_host
+
+
+@pytest.fixture(scope="session")
+def pack(comfy):
+    return comfy.load_pack()
+
+
+@pytest.fixture(scope="session")
+def encoder(comfy, comfy_base):
+    enc = comfy.write_tiny_encoder(comfy_base)
+    import folder_paths
+
+    folder_paths.filename_list_cache.clear()
+    return enc
+
+
+@pytest.fixture(scope="session")
+def make_hypernet(comfy, comfy_base, encoder):
+    """``make_hypernet(patcher, name, **kw) -> file name`` (kw: family, form, seed, scale)."""
+    import folder_paths
+
+    def make(patcher, name, **kw):
+        comfy.write_hypernet(comfy_base, name, patcher.model.diffusion_model, encoder.identity, **kw)
+        folder_paths.filename_list_cache.clear()
+        return name
+
+    return make
