@@ -11,7 +11,7 @@ from .hooks import capture_pooled, fold_steering, folded, steer
 from .hypernet import HyperNet, HyperNetConfig
 from .interventions import Steering, apply_map, combine_steerings, effective_affine
 from .lineas import LinEASConfig, fit_lineas, steered_loss
-from .ot import sliced_w2, transport_loss, w2_per_channel
+from .ot import sliced_w2, transport_loss, w2_per_channel, w2_quantile
 from .sites import SITE_TABLES, Site, SiteRule, SiteTable, check_sites, detect_family, list_sites, register_table
 
 __version__ = "0.1.0"
@@ -50,5 +50,6 @@ __all__ = [
     "steered_loss",
     "transport_loss",
     "w2_per_channel",
+    "w2_quantile",
     "weights_fingerprint",
 ]

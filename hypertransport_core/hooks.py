@@ -122,11 +122,18 @@ def steer(
 
 
 @contextlib.contextmanager
-def capture_pooled(root: nn.Module, sites: Sequence[Site], *, detach: bool = False) -> Iterator[dict[str, list[torch.Tensor]]]:
+def capture_pooled(
+    root: nn.Module,
+    sites: Sequence[Site],
+    *,
+    detach: bool = False,
+    rows: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Iterator[dict[str, list[torch.Tensor]]]:
     """Record each site's output, pooled to ``(B, C)`` (mean over tokens or spatial positions).
 
     Yields ``{site_name: [tensor per forward call]}`` (float32), filled as the model runs.
-    With ``detach=False`` the tensors keep their graph, for losses.
+    With ``detach=False`` the tensors keep their graph, for losses. ``rows`` selects the batch rows
+    to keep (e.g. the conditional half of a guided batch: ``lambda a: a[: len(a) // 2]``).
     """
     modules = _modules_for(root, sites)
     store: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
@@ -138,6 +145,8 @@ def capture_pooled(root: nn.Module, sites: Sequence[Site], *, detach: bool = Fal
         def hook(_module, _inputs, output):
             for site in entries:
                 p = pool(_select(output, site), site).float()
+                if rows is not None:
+                    p = rows(p)
                 store[site.name].append(p.detach() if detach else p)
 
         return hook

@@ -50,10 +50,16 @@ class LinEASConfig:
 
 
 def steered_loss(
-    root: nn.Module, steering: Steering, run: Callable[[], object], targets: Targets, kind: str = "w2_channels"
+    root: nn.Module,
+    steering: Steering,
+    run: Callable[[], object],
+    targets: Targets,
+    kind: str = "w2_channels",
+    rows: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Run ``run()`` with ``steering`` active at strength 1 and return the transport loss to ``targets``."""
-    with steer(root, [(steering, 1.0)]), capture_pooled(root, steering.sites) as acts:
+    """Run ``run()`` with ``steering`` active at strength 1 and return the transport loss to ``targets``
+    (``rows`` selects the batch rows compared, see :func:`~hypertransport_core.hooks.capture_pooled`)."""
+    with steer(root, [(steering, 1.0)]), capture_pooled(root, steering.sites, rows=rows) as acts:
         run()
     return transport_loss(acts, targets, kind)
 
@@ -77,6 +83,7 @@ def fit_lineas(
     *,
     label: str = "",
     callback: Callable[[int, float], None] | None = None,
+    rows: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Steering:
     """Fit one concept's maps for every site, end to end.
 
@@ -89,6 +96,8 @@ def fit_lineas(
         config: :class:`LinEASConfig`.
         label: the concept, stored in the result's meta.
         callback: ``callback(step, loss)`` after each step.
+        rows: which batch rows of each forward call the loss compares (default: all), e.g. the
+            conditional half when the sampler runs cond and uncond rows in one batch.
 
     Returns:
         a :class:`~hypertransport_core.interventions.Steering` with ``meta["fit"]`` giving steps,
@@ -108,7 +117,7 @@ def fit_lineas(
     for step in range(cfg.steps):
         run, targets = batch_fn(step)
         steering = Steering(sites, 1 + u[0], u[1])
-        loss = steered_loss(root, steering, run, targets, cfg.loss)
+        loss = steered_loss(root, steering, run, targets, cfg.loss, rows)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -1,0 +1,331 @@
+"""Evaluate steering on the embedded world: held-out concepts, five methods, a strength sweep.
+
+    python trainer/evaluate.py                                   # runs/world/hypernet.safetensors
+    python trainer/evaluate.py --hypernet FILE --concepts my_concepts.txt --out reports/mine
+
+For each concept (default: the hypernet's held-out concepts, which it never saw) and each method
+
+- ``none``: the neutral prompt ``"a {shape}"``, no steering;
+- ``prompt``: the concept written into the prompt, ``"a {concept} {shape}"``;
+- ``lineas``: per-concept LinEAS maps fitted on that concept (the baseline being amortized);
+- ``ht_text``: the hypernet applied to the concept's text embedding;
+- ``ht_image``: the hypernet applied to the embedding of one reference image showing the concept;
+
+it generates the same seeds and reports *concept inducement* (from pixels: the world's
+``metrics.inducement``; and the world CLIP's image-text cosine), *content preservation* (shape class
+and position unchanged from the unsteered image of the same seed) and the *time to obtain the
+intervention*. A strength sweep (λ from −1 to 1.5) of ``ht_text`` gives inducement per λ and its
+Spearman correlation with λ. Writes ``results.json``, ``report.md`` and PNG grids and curves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from hypertransport_core import LinEASConfig, Steering, load_hypernet, steer
+from trainer.backends import WORLD_WEIGHTS, WorldBackend
+from trainer.config import build_parser, resolve
+from trainer.train import TrainConfig, _concept_seed, compute_targets, fit_concept_lineas, read_list
+
+log = logging.getLogger("hypertransport.evaluate")
+
+METHODS = ("none", "prompt", "lineas", "ht_text", "ht_image")
+
+
+@dataclass
+class EvalConfig:
+    hypernet: str = "runs/world/hypernet.safetensors"  # the hypernet file to evaluate
+    world_weights: str = WORLD_WEIGHTS  # folder with the world's models
+    concepts: str = ""  # file of concepts to evaluate, one per line (default: the hypernet's held-out list)
+    out: str = "reports/world"  # report folder
+    seeds_per_shape: int = 4  # images per shape per concept and method (3 shapes)
+    strengths: str = "-1,-0.5,0,0.25,0.5,0.75,1,1.25,1.5"  # strength sweep of ht_text
+    lineas_concepts: int = 16  # concepts that also get a LinEAS fit (the first N; 0 = all)
+    lineas_steps: int = 60  # LinEAS optimizer steps per concept
+    lineas_lr: float = 1e-2  # LinEAS learning rate
+    max_concepts: int = 0  # evaluate only the first N concepts (0 = all)
+    grid_concepts: int = 10  # concepts shown in the strength grid PNG
+    threads: int = 0  # torch CPU threads (0 = default)
+
+    def check(self) -> None:
+        if not os.path.isfile(self.hypernet):
+            raise SystemExit(f"--hypernet {self.hypernet!r} does not exist. Fix: train one with `python trainer/train.py` "
+                             "or pass the path of a hypernet file.")
+        if self.concepts and not os.path.isfile(self.concepts):
+            raise SystemExit(f"--concepts {self.concepts!r} does not exist. Fix: a text file, one concept per line.")
+        try:
+            self.strength_list()
+        except ValueError:
+            raise SystemExit(f"--strengths {self.strengths!r}: give comma-separated numbers, e.g. -1,0,1") from None
+        if self.seeds_per_shape < 1 or self.lineas_steps < 1:
+            raise SystemExit("--seeds-per-shape and --lineas-steps must be at least 1.")
+
+    def strength_list(self) -> list[float]:
+        return [float(x) for x in self.strengths.split(",") if x.strip()]
+
+
+def _train_cfg(hn) -> TrainConfig:
+    saved = dict(getattr(hn, "training_summary", {}).get("config", {}))
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in saved.items() if k in known})
+
+
+def image_metrics(backend: WorldBackend, imgs: torch.Tensor, concept: str, ref: torch.Tensor, concept_emb: torch.Tensor) -> dict:
+    """Per-image inducement, CLIP score, and content kept relative to ``ref`` (the unsteered images)."""
+    from trainer.world import metrics as M
+
+    ind = [M.inducement(im, concept) for im in imgs]
+    with torch.no_grad():
+        clip = (backend.encoder.encode_image(imgs.permute(0, 2, 3, 1)) @ concept_emb).tolist()
+    shape_kept, moved = [], []
+    for im, r in zip(imgs, ref):
+        s0, s1 = M.shape_of(r), M.shape_of(im)
+        shape_kept.append(float(s0 is not None and s0 == s1))
+        p0, p1 = M.position_of(r), M.position_of(im)
+        moved.append(float(np.hypot(p0[0] - p1[0], p0[1] - p1[1])) if p0 is not None and p1 is not None else float("nan"))
+    return {"inducement": ind, "clip": clip, "shape_kept": shape_kept, "position_shift": moved}
+
+
+def _mean(xs) -> float:
+    xs = [x for x in xs if x == x]
+    return float(np.mean(xs)) if xs else float("nan")
+
+
+def evaluate(cfg: EvalConfig, backend: WorldBackend | None = None, progress: bool = True) -> dict:
+    cfg.check()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    hn = load_hypernet(cfg.hypernet)
+    tcfg = _train_cfg(hn)
+    backend = backend or WorldBackend.load(cfg.world_weights, steps=tcfg.sampler_steps, guidance=tcfg.guidance, form=tcfg.form)
+    hn.check_concept(backend.encoder.concept("red"))  # refuses a hypernet trained with another encoder
+    concepts = read_list(cfg.concepts) if cfg.concepts else list(hn.training_summary.get("holdout_concepts", []))
+    if not concepts:
+        raise SystemExit("no concepts to evaluate: the hypernet records no held-out list. Fix: pass --concepts FILE.")
+    unknown = [c for c in concepts if c not in {x.name for x in backend.concepts}]
+    if unknown:
+        raise SystemExit(f"--concepts: {unknown[:5]} are not concepts of the embedded world. Fix: check the spelling "
+                         "(colours are CSS names split into words, e.g. 'dark slate blue').")
+    if cfg.max_concepts:
+        concepts = concepts[: cfg.max_concepts]
+    seen = set(hn.training_summary.get("train_concepts", []))
+    n_lineas = len(concepts) if cfg.lineas_concepts == 0 else min(cfg.lineas_concepts, len(concepts))
+    shapes = [s for s in backend.W.SHAPES for _ in range(cfg.seeds_per_shape)]
+    seeds = [1000 + i for i in range(len(shapes))]
+    neutral = [backend.W.neutral_prompt(s) for s in shapes]
+    os.makedirs(cfg.out, exist_ok=True)
+
+    with torch.no_grad():
+        base = backend.run(neutral, seeds)
+    lam_list = cfg.strength_list()
+    results = {"config": dataclasses.asdict(cfg), "train_config": dataclasses.asdict(tcfg), "concepts": {},
+               "strengths": lam_list, "held_out": [c for c in concepts if c not in seen]}
+    grid_rows = []
+    t_start = time.perf_counter()
+    for ci, concept in enumerate(concepts):
+        c0 = time.perf_counter()
+        emb = backend.encoder.encode_text([concept])[0]
+        entry: dict = {"kind": backend.concept_info(concept).kind, "seen_in_training": concept in seen, "methods": {}}
+        steerings: dict[str, tuple[Steering, float]] = {}
+        # ht_text: time from the concept's words to its intervention (encode + one hypernet pass)
+        t = time.perf_counter()
+        steerings["ht_text"] = (hn.steering(backend.encoder.concept(concept)), time.perf_counter() - t)
+        ref_img = backend.reference_images(concept, 1, np.random.default_rng(_concept_seed(tcfg, concept, "eval-ref")))
+        t = time.perf_counter()
+        steerings["ht_image"] = (hn.steering(backend.encoder.image_concept(ref_img, concept)), time.perf_counter() - t)
+        if ci < n_lineas:
+            t = time.perf_counter()
+            tgt = compute_targets(backend, [concept], tcfg, progress=False)
+            t_targets = time.perf_counter() - t
+            t = time.perf_counter()
+            with torch.enable_grad():
+                st = fit_concept_lineas(backend, concept, {k: v[0] for k, v in tgt.items()}, tcfg,
+                                        LinEASConfig(steps=cfg.lineas_steps, lr=cfg.lineas_lr))
+            steerings["lineas"] = (st, time.perf_counter() - t + t_targets)
+            entry["lineas_target_seconds"] = t_targets
+        with torch.no_grad():
+            imgs = {"none": base, "prompt": backend.run(backend.paired_prompts(concept, shapes)[1], seeds)}
+            for name, (st, _) in steerings.items():
+                with steer(backend.root, [(st, 1.0)]):
+                    imgs[name] = backend.run(neutral, seeds)
+        for name, im in imgs.items():
+            m = image_metrics(backend, im, concept, base, emb)
+            entry["methods"][name] = {k: _mean(v) for k, v in m.items()}
+            entry["methods"][name]["seconds_to_intervention"] = steerings[name][1] if name in steerings else 0.0
+        # strength sweep of ht_text
+        sweep, grid = [], []
+        st = steerings["ht_text"][0]
+        with torch.no_grad():
+            for lam in lam_list:
+                with steer(backend.root, [(st, lam)]):
+                    im = backend.run(neutral, seeds)
+                sweep.append(_mean(image_metrics(backend, im, concept, base, emb)["inducement"]))
+                grid.append(im[0])
+        rho = spearmanr(lam_list, sweep).statistic if np.std(sweep) > 0 else 0.0
+        entry["sweep"] = {"inducement": sweep, "spearman": float(rho)}
+        if ci < cfg.grid_concepts:
+            grid_rows.append((concept, grid, imgs["prompt"][0], steerings.get("lineas", (None,))[0] and imgs["lineas"][0]))
+        results["concepts"][concept] = entry
+        log.info("[%d/%d] %s: ind none %.3f prompt %.3f lineas %s text %.3f image %.3f | spearman %.2f (%.1f s)",
+                 ci + 1, len(concepts), concept, entry["methods"]["none"]["inducement"], entry["methods"]["prompt"]["inducement"],
+                 f"{entry['methods']['lineas']['inducement']:.3f}" if "lineas" in entry["methods"] else "-",
+                 entry["methods"]["ht_text"]["inducement"], entry["methods"]["ht_image"]["inducement"], rho,
+                 time.perf_counter() - c0)
+    results["summary"] = summarize(results)
+    results["seconds"] = time.perf_counter() - t_start
+    with open(os.path.join(cfg.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    write_figures(results, grid_rows, cfg)
+    write_report(results, cfg)
+    return results
+
+
+def summarize(results: dict) -> dict:
+    cs = results["concepts"]
+    lam = results["strengths"]
+
+    def avg(method, key, names=None):
+        names = names or list(cs)
+        return _mean([cs[c]["methods"][method][key] for c in names if method in cs[c]["methods"]])
+
+    with_lineas = [c for c in cs if "lineas" in cs[c]["methods"]]
+    out: dict = {"n_concepts": len(cs), "n_lineas": len(with_lineas), "methods": {}}
+    for m in METHODS:
+        out["methods"][m] = {k: avg(m, k) for k in ("inducement", "clip", "shape_kept", "position_shift", "seconds_to_intervention")}
+    if with_lineas:
+        ind_l = avg("lineas", "inducement", with_lineas)
+        ind_t = avg("ht_text", "inducement", with_lineas)
+        ind_n = avg("none", "inducement", with_lineas)
+        out["on_lineas_concepts"] = {"lineas": ind_l, "ht_text": ind_t, "none": ind_n,
+                                     "text_over_lineas": ind_t / ind_l if ind_l else float("nan"),
+                                     "text_gain_over_lineas_gain": (ind_t - ind_n) / (ind_l - ind_n) if ind_l != ind_n else float("nan")}
+    ind_t, ind_i, ind_n = avg("ht_text", "inducement"), avg("ht_image", "inducement"), avg("none", "inducement")
+    out["image_over_text"] = ind_i / ind_t if ind_t else float("nan")
+    out["image_gain_over_text_gain"] = (ind_i - ind_n) / (ind_t - ind_n) if ind_t != ind_n else float("nan")
+    out["spearman_mean"] = _mean([cs[c]["sweep"]["spearman"] for c in cs])
+    i0 = lam.index(0.0) if 0.0 in lam else None
+    neg = [i for i, x in enumerate(lam) if x < 0]
+    if i0 is not None and neg:
+        below = [cs[c]["sweep"]["inducement"][neg[0]] < cs[c]["sweep"]["inducement"][i0] for c in cs]
+        out["negative_moves_away"] = {"share": float(np.mean(below)),
+                                      "mean_inducement_at_min": _mean([cs[c]["sweep"]["inducement"][neg[0]] for c in cs]),
+                                      "mean_inducement_at_0": _mean([cs[c]["sweep"]["inducement"][i0] for c in cs])}
+    out["sweep_mean"] = [_mean([cs[c]["sweep"]["inducement"][i] for c in cs]) for i in range(len(lam))]
+    return out
+
+
+def write_figures(results: dict, grid_rows, cfg: EvalConfig) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lam = results["strengths"]
+    cs = results["concepts"]
+    # strength grid: one row per concept, columns = strengths, then the prompted image for reference
+    if grid_rows:
+        fig, axes = plt.subplots(len(grid_rows), len(lam) + 1, figsize=(1.2 * (len(lam) + 1), 1.3 * len(grid_rows)), squeeze=False)
+        for r, (concept, ims, prompted, _) in enumerate(grid_rows):
+            for j, im in enumerate(list(ims) + [prompted]):
+                ax = axes[r][j]
+                ax.imshow(im.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+                ax.set_xticks([]), ax.set_yticks([])
+                if r == 0:
+                    ax.set_title(f"λ={lam[j]:g}" if j < len(lam) else "prompt", fontsize=8)
+            axes[r][0].set_ylabel(concept, fontsize=7, rotation=0, ha="right", va="center")
+        fig.suptitle("HyperTransport from text, held-out concepts: strength sweep (same seed per row)", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(os.path.join(cfg.out, "strength_grid.png"), dpi=110)
+        plt.close(fig)
+    # curves
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for c in cs:
+        ax.plot(lam, cs[c]["sweep"]["inducement"], color="0.8", lw=0.7)
+    ax.plot(lam, results["summary"]["sweep_mean"], color="C0", lw=2.5, label="mean over concepts")
+    ax.axvline(0, color="k", lw=0.5)
+    ax.set_xlabel("strength λ"), ax.set_ylabel("concept inducement (pixels)")
+    ax.set_title(f"Strength sweep, mean Spearman {results['summary']['spearman_mean']:.3f}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(cfg.out, "strength_curves.png"), dpi=110)
+    plt.close(fig)
+    # methods
+    ms = [m for m in METHODS if not np.isnan(results["summary"]["methods"][m]["inducement"])]
+    fig, axs = plt.subplots(1, 2, figsize=(8, 3))
+    axs[0].bar(ms, [results["summary"]["methods"][m]["inducement"] for m in ms], color=[f"C{i}" for i in range(len(ms))])
+    axs[0].set_title("concept inducement (pixels)", fontsize=9)
+    axs[1].bar(ms, [results["summary"]["methods"][m]["shape_kept"] for m in ms], color=[f"C{i}" for i in range(len(ms))])
+    axs[1].set_title("shape kept vs unsteered", fontsize=9)
+    for a in axs:
+        a.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(cfg.out, "methods.png"), dpi=110)
+    plt.close(fig)
+
+
+def write_report(results: dict, cfg: EvalConfig) -> None:
+    s = results["summary"]
+    lines = [
+        "# HyperTransport on the embedded world: evaluation",
+        "",
+        f"Hypernet: `{cfg.hypernet}`. Concepts: {s['n_concepts']} ({len(results['held_out'])} never seen by the hypernet); "
+        f"LinEAS fitted on the first {s['n_lineas']}. Images per concept and method: {3 * cfg.seeds_per_shape}. "
+        f"Evaluation took {results['seconds']:.0f} s.",
+        "",
+        "| method | inducement (pixels) | CLIP score | shape kept | position shift (px) | time to intervention (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in METHODS:
+        r = s["methods"][m]
+        lines.append(f"| {m} | {r['inducement']:.3f} | {r['clip']:.3f} | {r['shape_kept']:.3f} | {r['position_shift']:.2f} | {r['seconds_to_intervention']:.4g} |")
+    lines += ["", "## Acceptance figures", ""]
+    if "on_lineas_concepts" in s:
+        o = s["on_lineas_concepts"]
+        lines.append(f"- On the {s['n_lineas']} LinEAS concepts: HT-from-text inducement {o['ht_text']:.3f} vs LinEAS {o['lineas']:.3f} "
+                     f"(ratio **{o['text_over_lineas']:.3f}**; gain over no steering {o['text_gain_over_lineas_gain']:.3f} of LinEAS's), "
+                     f"no steering {o['none']:.3f}.")
+    lines.append(f"- From a reference image vs from text: ratio **{s['image_over_text']:.3f}** "
+                 f"(gain over no steering: {s['image_gain_over_text_gain']:.3f} of text's).")
+    lines.append(f"- Inducement vs λ: mean Spearman **{s['spearman_mean']:.3f}**.")
+    if "negative_moves_away" in s:
+        n = s["negative_moves_away"]
+        lines.append(f"- Negative λ: inducement at λ={results['strengths'][0]:g} below λ=0 for {100 * n['share']:.0f}% of concepts "
+                     f"(mean {n['mean_inducement_at_min']:.3f} vs {n['mean_inducement_at_0']:.3f}).")
+    lines.append(f"- Shape kept at λ=1 (HT from text): **{s['methods']['ht_text']['shape_kept']:.3f}**.")
+    lines += ["", "Mean inducement per λ: " + ", ".join(f"{lam:g}: {v:.3f}" for lam, v in zip(results["strengths"], s["sweep_mean"])), "",
+              "![strength grid](strength_grid.png)", "", "![strength curves](strength_curves.png)", "", "![methods](methods.png)", "",
+              "## Per concept", "", "| concept | kind | none | prompt | LinEAS | HT text | HT image | Spearman |", "|---|---|---|---|---|---|---|---|"]
+    for c, e in results["concepts"].items():
+        m = e["methods"]
+        li = f"{m['lineas']['inducement']:.3f}" if "lineas" in m else "-"
+        lines.append(f"| {c} | {e['kind']} | {m['none']['inducement']:.3f} | {m['prompt']['inducement']:.3f} | {li} | "
+                     f"{m['ht_text']['inducement']:.3f} | {m['ht_image']['inducement']:.3f} | {e['sweep']['spearman']:.2f} |")
+    with open(os.path.join(cfg.out, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    ns = build_parser(EvalConfig, __doc__.split("\n\n")[0]).parse_args(argv)
+    cfg = resolve(EvalConfig, ns)
+    res = evaluate(cfg)
+    print(json.dumps(res["summary"], indent=1))
+    print(f"report: {os.path.join(cfg.out, 'report.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Steer one generation of the embedded world from a concept's words or a reference image.
+
+    python trainer/steer.py --concept "dark orange" --strength 1 --out orange.png
+    python trainer/steer.py --image my_reference.png --prompt "a square" --strength 0.7 --out out.png
+
+Writes a PNG: the unsteered image and the steered one side by side (upscaled, nearest neighbour),
+unless ``--single``. The concept can be any text: the hypernet maps its CLIP embedding, whether or
+not the concept was in its training set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hypertransport_core import HyperTransportError, load_hypernet, steer
+from trainer.backends import WORLD_WEIGHTS, WorldBackend
+
+
+def load_image(path: str) -> torch.Tensor:
+    """A PNG/JPEG as a ComfyUI-style IMAGE ``(1, H, W, C)`` in [0, 1] (alpha and grayscale kept)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"--image {path!r} does not exist. Fix: give the path of a PNG or JPEG file.")
+    try:
+        im = Image.open(path)
+        im.load()
+    except Exception as e:  # PIL raises many types for bad files
+        raise SystemExit(f"--image {path!r} is not an image PIL can read ({e}). Fix: use a PNG or JPEG file.") from None
+    if im.mode not in ("L", "LA", "RGB", "RGBA"):
+        im = im.convert("RGBA" if "A" in im.mode else "RGB")
+    a = np.asarray(im, dtype=np.float32) / 255.0
+    if a.ndim == 2:
+        a = a[..., None]
+    return torch.from_numpy(a)[None]
+
+
+def to_png(imgs: list[torch.Tensor], path: str, scale: int = 8) -> None:
+    row = torch.cat([im.clamp(0, 1) for im in imgs], dim=-1)  # (3, H, W*n)
+    arr = (row.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    img = Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--concept", help="the concept in words, e.g. 'crimson' or 'checkered'")
+    src.add_argument("--image", help="a reference image (PNG/JPEG) showing the concept")
+    p.add_argument("--strength", type=float, default=1.0, help="λ: 0 none, 1 full, >1 more, <0 removes the concept")
+    p.add_argument("--prompt", default="a circle", help="the text prompt of the generation")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--hypernet", default="runs/world/hypernet.safetensors", help="hypernet file (train one with trainer/train.py)")
+    p.add_argument("--world-weights", default=WORLD_WEIGHTS, help="folder with the world's models")
+    p.add_argument("--out", default="steered.png", help="output PNG")
+    p.add_argument("--single", action="store_true", help="write only the steered image")
+    a = p.parse_args(argv)
+    if not np.isfinite(a.strength):
+        raise SystemExit(f"--strength {a.strength}: use a finite number, e.g. 1.0")
+    if not os.path.isfile(a.hypernet):
+        raise SystemExit(f"--hypernet {a.hypernet!r} does not exist. Fix: run `python trainer/train.py` first, or pass a hypernet file.")
+    try:
+        hn = load_hypernet(a.hypernet)
+        cfg = hn.training_summary.get("config", {})
+        backend = WorldBackend.load(a.world_weights, steps=cfg.get("sampler_steps", 4), guidance=cfg.get("guidance", 2.0),
+                                    form=cfg.get("form", "pooled"))
+        concept = backend.encoder.concept(a.concept) if a.concept else backend.encoder.image_concept(load_image(a.image), os.path.basename(a.image))
+        steering = hn.steering(concept)
+    except HyperTransportError as e:
+        raise SystemExit(str(e)) from None
+    with torch.no_grad():
+        base = backend.run([a.prompt], [a.seed])[0]
+        with steer(backend.root, [(steering, a.strength)]):
+            out = backend.run([a.prompt], [a.seed])[0]
+    to_png([out] if a.single else [base, out], a.out)
+    print(f"wrote {a.out}: {'steered' if a.single else 'unsteered | steered'} '{a.prompt}' by {concept.label!r} at strength {a.strength:g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
