@@ -97,6 +97,15 @@ class HyperNet(nn.Module):
         self.offset_b = nn.Parameter(torch.zeros(total))
         idx = torch.repeat_interleave(torch.arange(len(sites)), torch.tensor([s.channels for s in sites]))
         self.register_buffer("site_index", idx, persistent=False)
+        # Runs of consecutive sites with one width: their heads are (n, W, r) views of the packed
+        # parameters, so forward is one batched matmul per run instead of a (B, C, 2r) gather.
+        runs: list[tuple[int, int]] = []  # (sites in run, width)
+        for s in sites:
+            if runs and runs[-1][1] == s.channels:
+                runs[-1] = (runs[-1][0] + 1, s.channels)
+            else:
+                runs.append((1, s.channels))
+        self._runs = runs
         self.register_buffer("mean_text", torch.zeros(d))
         self.register_buffer("mean_image", torch.zeros(d))
 
@@ -119,6 +128,11 @@ class HyperNet(nn.Module):
             )
         e = e.to(self.offset_w.device, torch.float32)
         mods = [modality] * e.shape[0] if isinstance(modality, str) else list(modality)
+        if len(mods) != e.shape[0] or any(m not in ("text", "image", "mixed") for m in mods):
+            raise HyperTransportError(
+                f"modality {modality!r} for {e.shape[0]} embeddings: expected 'text', 'image' or 'mixed' (one, or one "
+                "per row). Fix: pass the Concept's modality."
+            )
         means = {"text": self.mean_text, "image": self.mean_image, "mixed": (self.mean_text + self.mean_image) / 2}
         mu = torch.stack([means[m] for m in mods])
         return F.normalize(e - mu, dim=-1)
@@ -129,6 +143,29 @@ class HyperNet(nn.Module):
         Returns: ``(w, b)``, each ``(B, C_total)``.
         """
         h = self.trunk(self.prepare(e, modality))  # (B, H)
+        B, r = h.shape[0], self.config.rank
+        codes = torch.matmul(h, self.site_proj)  # (S, B, 2r): k_s = P_s^T h, no copy of P
+        # Same math as gathering each channel's site code: dw_{b,c} = <U^w_c, k^w_{b,site(c)}>, done
+        # per run of equal-width sites as (n, B, r) @ (n, r, W). split (not slicing) keeps the
+        # backward to one concatenation per parameter.
+        n_sites = [n for n, _ in self._runs]
+        widths = [n * W for n, W in self._runs]
+        dws, dbs = [], []
+        for (n, W), k, uw, ub in zip(
+            self._runs,
+            torch.split(codes, n_sites, dim=0),
+            torch.split(self.channel_w, widths, dim=0),
+            torch.split(self.channel_b, widths, dim=0),
+        ):
+            dws.append(torch.bmm(k[..., :r], uw.view(n, W, r).transpose(1, 2)).transpose(0, 1).reshape(B, n * W))
+            dbs.append(torch.bmm(k[..., r:], ub.view(n, W, r).transpose(1, 2)).transpose(0, 1).reshape(B, n * W))
+        dw = torch.cat(dws, dim=1) if len(dws) > 1 else dws[0]
+        db = torch.cat(dbs, dim=1) if len(dbs) > 1 else dbs[0]
+        return 1 + self.offset_w + dw, self.offset_b + db
+
+    def forward_reference(self, e: torch.Tensor, modality: str | Sequence[str] = "text") -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` written literally (gathers a ``(B, C, 2r)`` tensor; slow, for tests)."""
+        h = self.trunk(self.prepare(e, modality))
         r = self.config.rank
         codes = torch.einsum("bh,shk->bsk", h, self.site_proj)  # (B, S, 2r)
         per_channel = codes[:, self.site_index]  # (B, C, 2r)

@@ -131,7 +131,12 @@ def register_table(table: SiteTable, *, replace: bool = False) -> SiteTable:
             f"site table {table.family!r} is already registered. Fix: pass replace=True or pick another family id."
         )
     for r in table.rules:
-        re.compile(r.pattern)
+        try:
+            re.compile(r.pattern)
+        except re.error as e:
+            raise HyperTransportError(
+                f"site table {table.family!r}: rule pattern {r.pattern!r} is not a valid regex ({e}). Fix: correct the pattern."
+            ) from None
         if r.form not in FORMS:
             raise HyperTransportError(f"rule {r.pattern!r}: form {r.form!r} is not one of {FORMS}.")
     SITE_TABLES[table.family] = table
