@@ -1,0 +1,212 @@
+"""Pixel metrics of the embedded world (no learned judge).
+
+Every function takes one image as uint8 (H, W, 3), float (H, W, 3) in [0, 255], or a torch float
+tensor (3, H, W) in [0, 1] (what the sampler returns, one row at a time).
+
+- Object mask: pixels farther than ``MASK_THRESHOLD`` (38 RGB units) from the fixed background,
+  largest 4-connected component.
+- Colour: per-channel median of the object's interior (mask eroded by 1 px; patterns cover < 50%
+  of it, so on ground truth this is the object colour exactly).
+- Shape: bounding-box fill ratio (square ~1.0, circle ~0.79, triangle ~0.5).
+- Pattern: the "ink" map (distance of each object pixel from the object colour) correlated with each
+  pattern's template at every lattice phase; the score is the best Pearson correlation, in [0, 1].
+
+Example::
+
+    from trainer.world import metrics as M
+    M.colour_error(img, (255, 0, 0)), M.shape_of(img), M.pattern_of(img), M.inducement(img, "red")
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from . import world as W
+
+COLOUR_TOLERANCE = 40.0  # RGB units: a colour "hit"
+MAX_RGB_DISTANCE = float(np.sqrt(3) * 255)
+PLAIN_INK = 12.0  # mean ink (RGB units) under which an object counts as plain
+
+
+def as_rgb255(img) -> np.ndarray:
+    """Any supported image -> float64 (H, W, 3) in [0, 255]."""
+    if isinstance(img, torch.Tensor):
+        a = img.detach().float().cpu()
+        if a.ndim == 3 and a.shape[0] == 3 and a.shape[-1] != 3:
+            a = a.permute(1, 2, 0)
+        arr = a.numpy().astype(np.float64)
+        return arr * 255.0 if arr.max() <= 1.0 + 1e-6 else arr
+    arr = np.asarray(img)
+    if arr.ndim == 3 and arr.shape[0] == 3 and arr.shape[-1] != 3:
+        arr = arr.transpose(1, 2, 0)
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float64)
+    arr = arr.astype(np.float64)
+    return arr * 255.0 if arr.max() <= 1.0 + 1e-6 else arr
+
+
+def object_mask(img) -> np.ndarray:
+    """Bool (H, W): the largest 4-connected blob of pixels far from the background colour."""
+    a = as_rgb255(img)
+    far = np.linalg.norm(a - np.array(W.BACKGROUND, dtype=np.float64), axis=-1) > W.MASK_THRESHOLD
+    lab, n = ndimage.label(far)
+    if n <= 1:
+        return far
+    sizes = ndimage.sum(far, lab, index=np.arange(1, n + 1))
+    return lab == (1 + int(np.argmax(sizes)))
+
+
+def object_colour(img, mask: np.ndarray | None = None) -> np.ndarray | None:
+    """Per-channel median RGB (3,) of the object's interior, or None if there is no object.
+
+    The interior is the mask eroded by one pixel (so an outline or blurred edges do not count),
+    or the whole mask when erosion leaves nothing.
+    """
+    a = as_rgb255(img)
+    m = object_mask(a) if mask is None else mask
+    if not m.any():
+        return None
+    inner = ndimage.binary_erosion(m, structure=np.ones((3, 3)))
+    return np.median(a[inner if inner.sum() >= 3 else m], axis=0)
+
+
+def colour_error(img, colour_rgb) -> float:
+    """Euclidean RGB distance between the object's median colour and ``colour_rgb`` (0..441.7).
+
+    No object at all counts as the maximum distance.
+    """
+    c = object_colour(img)
+    if c is None:
+        return MAX_RGB_DISTANCE
+    return float(np.linalg.norm(c - np.asarray(colour_rgb, dtype=np.float64)))
+
+
+def colour_hit(img, colour_rgb, tol: float = COLOUR_TOLERANCE) -> bool:
+    """True when the object's colour is within ``tol`` (40) RGB units of ``colour_rgb``."""
+    return colour_error(img, colour_rgb) <= tol
+
+
+def fill_ratio(mask: np.ndarray) -> float:
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return 0.0
+    return float(mask.sum() / ((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)))
+
+
+def shape_of(img) -> str | None:
+    """'square' (bbox fill > 0.9), 'circle' (> 0.64) or 'triangle'; None if no object."""
+    m = object_mask(img)
+    if m.sum() < 4:
+        return None
+    f = fill_ratio(m)
+    return "square" if f > 0.9 else "circle" if f > 0.64 else "triangle"
+
+
+def position_of(img) -> tuple[float, float] | None:
+    """Centroid (x, y) of the object mask in pixel units (pixel centres at +0.5); None if empty."""
+    m = object_mask(img)
+    if not m.any():
+        return None
+    ys, xs = np.nonzero(m)
+    return float(xs.mean() + 0.5), float(ys.mean() + 0.5)
+
+
+def ink_map(img, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ink (H, W) RGB distance from the object colour, zero off the object; mask)."""
+    a = as_rgb255(img)
+    m = object_mask(a) if mask is None else mask
+    if not m.any():
+        return np.zeros(m.shape), m
+    c = object_colour(a, m)
+    ink = np.linalg.norm(a - c, axis=-1) * m
+    return ink, m
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    a = a - a.mean()
+    b = b - b.mean()
+    d = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / d) if d > 1e-9 else 0.0
+
+
+def pattern_scores(img) -> dict[str, float]:
+    """Score in [0, 1] of every pattern in ``W.PATTERNS`` for the image's object.
+
+    'plain' scores ``1 - mean_ink / 40``; every other pattern the best Pearson correlation (over the
+    pattern's lattice phases) between the ink map and the pattern's template, inside the object.
+    """
+    ink, m = ink_map(img)
+    out = {p: 0.0 for p in W.PATTERNS}
+    if m.sum() < 4:
+        return out
+    vals = ink[m]
+    out["plain"] = float(np.clip(1.0 - vals.mean() / (PLAIN_INK * 10 / 3), 0.0, 1.0))
+    if vals.std() < 1e-6:
+        return out
+    mt = torch.from_numpy(m)[None]
+    for p in W.PATTERNS:
+        if p == "plain":
+            continue
+        per = W.PATTERN_PERIODS.get(p)
+        if p == "ringed":
+            phases = [(k, 0) for k in range(per)]
+        elif per is None:
+            phases = [(0, 0)]
+        else:
+            phases = [(dx, dy) for dx in range(per) for dy in range(per)]
+        best = 0.0
+        for ph in phases:
+            t = W.ink_template(p, mt, ph)[0].numpy()
+            best = max(best, _corr(vals, t[m]))
+        out[p] = float(np.clip(best, 0.0, 1.0))
+    return out
+
+
+def pattern_of(img) -> str | None:
+    """The detected pattern: 'plain' if the mean ink is under ``PLAIN_INK``, else the best score."""
+    ink, m = ink_map(img)
+    if m.sum() < 4:
+        return None
+    if ink[m].mean() < PLAIN_INK:
+        return "plain"
+    s = pattern_scores(img)
+    s.pop("plain")
+    return max(s, key=s.get)
+
+
+def pattern_score(img, pattern: str) -> float:
+    """Score in [0, 1] of one pattern (see :func:`pattern_scores`)."""
+    if pattern not in W.PATTERNS:
+        raise KeyError(f"unknown pattern {pattern!r}; known: {W.PATTERNS}")
+    return pattern_scores(img)[pattern]
+
+
+def _concept(concept) -> dict:
+    if isinstance(concept, dict):
+        return concept
+    if concept in W.COLOURS:
+        return {"name": concept, "kind": "colour"}
+    if concept in W.PATTERNS:
+        return {"name": concept, "kind": "pattern"}
+    if concept in W.SHAPES:
+        return {"name": concept, "kind": "shape"}
+    raise KeyError(f"unknown concept {concept!r}: not a colour, pattern or shape of the world")
+
+
+def inducement(img, concept) -> float:
+    """How much of ``concept`` the image shows, in [0, 1] (higher = more).
+
+    colour: ``max(0, 1 - colour_error / 200)`` (0.8 at the 40-unit hit tolerance);
+    pattern: ``pattern_score``; shape: 1 if ``shape_of`` matches else 0.
+    ``concept`` is a name or a ``{"name", "kind"}`` dict from ``W.CONCEPTS``.
+    """
+    c = _concept(concept)
+    if c["kind"] == "colour":
+        return max(0.0, 1.0 - colour_error(img, W.COLOURS[c["name"]]) / 200.0)
+    if c["kind"] == "pattern":
+        return pattern_score(img, c["name"])
+    if c["kind"] == "shape":
+        return float(shape_of(img) == c["name"])
+    raise KeyError(f"unknown concept kind {c['kind']!r}; expected 'colour', 'pattern' or 'shape'")
