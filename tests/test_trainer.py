@@ -1,0 +1,146 @@
+"""Trainer and evaluator on a tiny random-weight world (fast; the real world is tested in test_world_e2e)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from hypertransport_core import load_hypernet, read_header
+from trainer import train as T
+from trainer.backends import WorldBackend
+from trainer.evaluate import EvalConfig, evaluate
+
+CONCEPTS = ["red", "blue", "green", "navy", "white", "gold", "striped", "checkered", "dotted", "crimson"]
+
+
+@pytest.fixture(scope="module")
+def backend():
+    torch.set_num_threads(1)
+    return WorldBackend.tiny_random(seed=0, steps=2, guidance=2.0)
+
+
+def _cfg(tmp_path, **kw) -> T.TrainConfig:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    lst = tmp_path / "concepts.txt"
+    lst.write_text("\n".join(CONCEPTS) + "\n")
+    base = dict(out=str(tmp_path / "run"), steps=6, n_target=4, concepts_per_step=3, prompts_per_concept=3, n_refs=2,
+                sampler_steps=2, ckpt_every=3, eval_every=0, hidden=32, rank=4, lr=1e-2, concepts=str(lst), holdout_frac=0.3)
+    base.update(kw)
+    return T.TrainConfig(**base)
+
+
+def test_training_reduces_the_transport_loss(backend, tmp_path):
+    # enough samples per concept that the distributions differ by more than sampling noise
+    cfg = _cfg(tmp_path, steps=30, lr=5e-3, image_frac=0.0, n_target=16, prompts_per_concept=8, concepts_per_step=2)
+    run = T.build(cfg, backend, progress=False)
+    before = T.evaluate_loss(run, run.train, batches=3)
+    assert before == pytest.approx(T.evaluate_loss(run, run.train, identity=True, batches=3), rel=1e-5)  # identity at init
+    for _ in range(cfg.steps):
+        T.train_step(run)
+    after = T.evaluate_loss(run, run.train, batches=3)
+    assert after < 0.7 * before, (before, after)
+
+
+def test_split_holds_out_concepts_and_file_format(backend, tmp_path):
+    cfg = _cfg(tmp_path, steps=2)
+    run = T.train(cfg, backend, progress=False)
+    assert set(run.train).isdisjoint(run.holdout) and len(run.holdout) >= 0.2 * len(CONCEPTS)
+    meta = read_header(os.path.join(cfg.out, "hypernet.safetensors"), expect="hypertransport.hypernet")
+    assert meta["model_family"] == "world"
+    assert meta["training"]["holdout_concepts"] == run.holdout
+    assert [s.name for s in meta["site_list"]] == [s.name for s in backend.sites]
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert split["holdout"] == run.holdout
+
+
+def test_holdout_file_is_respected(backend, tmp_path):
+    held = tmp_path / "held.txt"
+    held.write_text("navy\nchecked\n".replace("checked", "checkered"))
+    run = T.build(_cfg(tmp_path, holdout=str(held)), backend, progress=False)
+    assert run.holdout == ["navy", "checkered"]
+    assert "navy" not in run.train
+
+
+def test_target_cache_is_reused(backend, tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path, steps=1)
+    T.build(cfg, backend, progress=False)
+    calls = []
+    monkeypatch.setattr(T, "compute_targets", lambda *a, **k: calls.append(1))
+    T.build(cfg, backend, progress=False)
+    assert calls == []
+
+
+def test_resume_after_interruption_matches_uninterrupted(backend, tmp_path):
+    full = T.train(_cfg(tmp_path / "a"), backend, progress=False)
+
+    cfg = _cfg(tmp_path / "b")
+    real_step, n = T.train_step, {"k": 0}
+
+    def dying_step(run):
+        if n["k"] == 4:  # killed after the checkpoint at step 3, in the middle of the run
+            raise KeyboardInterrupt
+        n["k"] += 1
+        return real_step(run)
+
+    T.train_step = dying_step
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            T.train(cfg, backend, progress=False)
+    finally:
+        T.train_step = real_step
+    resumed = T.train(_cfg(tmp_path / "b", resume=True), backend, progress=False)
+    assert resumed.step == full.step == 6
+    a, b = full.hypernet.state_dict(), resumed.hypernet.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    loaded = load_hypernet(os.path.join(cfg.out, "hypernet.safetensors"))
+    torch.testing.assert_close(loaded.offset_w, full.hypernet.offset_w.detach(), rtol=0, atol=1e-6)
+
+
+def test_resume_refuses_a_different_config(backend, tmp_path):
+    T.train(_cfg(tmp_path, steps=3), backend, progress=False)
+    with pytest.raises(SystemExit, match="rank"):
+        T.build(_cfg(tmp_path, steps=3, rank=2, resume=True), backend, progress=False)
+
+
+def test_bad_flags_name_the_fix(tmp_path):
+    with pytest.raises(SystemExit, match="holdout-frac"):
+        T.TrainConfig(holdout_frac=1.5).check()
+    with pytest.raises(SystemExit, match="lr"):
+        T.TrainConfig(lr=0).check()
+    with pytest.raises(SystemExit, match="does not exist"):
+        T.TrainConfig(holdout=str(tmp_path / "nope.txt")).check()
+
+
+def test_config_file_and_flags(tmp_path):
+    from trainer.config import build_parser, resolve
+
+    f = tmp_path / "c.toml"
+    f.write_text('steps = 7\nlr = 0.5\n')
+    ns = build_parser(T.TrainConfig, "x").parse_args(["--config", str(f), "--lr", "0.25"])
+    cfg = resolve(T.TrainConfig, ns)
+    assert (cfg.steps, cfg.lr) == (7, 0.25)
+
+
+def test_evaluator_on_a_tiny_config(backend, tmp_path):
+    cfg = _cfg(tmp_path, steps=2)
+    run = T.train(cfg, backend, progress=False)
+    ecfg = EvalConfig(hypernet=os.path.join(cfg.out, "hypernet.safetensors"), out=str(tmp_path / "rep"), seeds_per_shape=1,
+                      lineas_steps=2, lineas_concepts=1, strengths="-1,0,1")
+    res = evaluate(ecfg, backend=backend, progress=False)
+    assert set(res["concepts"]) == set(run.holdout)
+    first = res["concepts"][run.holdout[0]]
+    assert set(first["methods"]) == {"none", "prompt", "lineas", "ht_text", "ht_image"}
+    assert len(first["sweep"]["inducement"]) == 3
+    for f in ("results.json", "report.md", "strength_grid.png", "strength_curves.png", "methods.png"):
+        assert (tmp_path / "rep" / f).stat().st_size > 0
+    assert "Spearman" in (tmp_path / "rep" / "report.md").read_text()
+    # --concepts evaluates any list of the world's concepts
+    lst = tmp_path / "mine.txt"
+    lst.write_text("gold\n")
+    res2 = evaluate(EvalConfig(hypernet=ecfg.hypernet, out=str(tmp_path / "rep2"), concepts=str(lst), seeds_per_shape=1,
+                               lineas_concepts=0, lineas_steps=1, strengths="0,1"), backend=backend, progress=False)
+    assert list(res2["concepts"]) == ["gold"]
