@@ -6,10 +6,24 @@ No ComfyUI here: the module trees only borrow ComfyUI's *names* (``input_blocks`
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from hypertransport_core import Site
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Run each core test on one torch thread (restored afterwards).
+
+    Tiny ops on a shared 2-core machine are 10-30x slower with two threads fighting other processes;
+    importing this fixture into a test module makes it autouse there.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def sdxl_reference_sites() -> list[Site]:

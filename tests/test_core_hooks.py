@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from core_helpers import TinyNet
+from core_helpers import TinyNet, single_thread  # noqa: F401
 from torch import nn
 
 from hypertransport_core import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from core_helpers import sdxl_reference_sites
+from core_helpers import sdxl_reference_sites, single_thread  # noqa: F401
 
 from hypertransport_core import Concept, HyperNet, HyperNetConfig, HyperTransportError, Site, Steering
 

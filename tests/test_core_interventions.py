@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from core_helpers import single_thread  # noqa: F401
 
 from hypertransport_core import (
     HyperTransportError,

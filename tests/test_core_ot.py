@@ -7,6 +7,7 @@ import ot
 import pytest
 import scipy.stats
 import torch
+from core_helpers import single_thread  # noqa: F401
 
 from hypertransport_core import HyperTransportError, sliced_w2, transport_loss, w2_per_channel
 from hypertransport_core.ot import site_loss

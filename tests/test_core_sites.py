@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from core_helpers import TinyNet, sdxl_reference_sites
+from core_helpers import TinyNet, sdxl_reference_sites, single_thread  # noqa: F401
 from torch import nn
 
 from hypertransport_core import (
