@@ -11,7 +11,7 @@ import torch
 from trainer.world import WEIGHTS_DIR, clip_model as C, diffusion as D, metrics as M, world as W
 
 
-def _gt(n=240, seed=1):
+def _gt(n=200, seed=1):
     specs = W.sample_specs(n, np.random.default_rng(seed))
     return specs, W.render_batch(specs)
 

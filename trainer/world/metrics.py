@@ -124,11 +124,33 @@ def ink_map(img, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray
     return ink, m
 
 
-def _corr(a: np.ndarray, b: np.ndarray) -> float:
-    a = a - a.mean()
-    b = b - b.mean()
-    d = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / d) if d > 1e-9 else 0.0
+_LATTICE: tuple[list[str], np.ndarray] | None = None
+
+
+def _lattice_templates() -> tuple[list[str], np.ndarray]:
+    """Every lattice pattern at every phase on the full image: (names (N,), bool (N, H, W))."""
+    global _LATTICE
+    if _LATTICE is None:
+        yy, xx = torch.meshgrid(torch.arange(W.SIZE), torch.arange(W.SIZE), indexing="ij")
+        names, temps = [], []
+        for p in W.PATTERNS:
+            per = W.PATTERN_PERIODS.get(p)
+            if per is None or p == "ringed":
+                continue
+            for dx in range(per):
+                for dy in range(per):
+                    names.append(p)
+                    temps.append(W.periodic_ink(p, xx + dx, yy + dy).numpy())
+        _LATTICE = (names, np.stack(temps))
+    return _LATTICE
+
+
+def _corrs(vals: np.ndarray, temps: np.ndarray) -> np.ndarray:
+    """Pearson correlation of vals (K,) with each row of temps (N, K); 0 for constant rows."""
+    a = vals - vals.mean()
+    t = temps - temps.mean(1, keepdims=True)
+    den = np.sqrt((a * a).sum() * (t * t).sum(1))
+    return np.where(den > 1e-9, (t @ a) / np.maximum(den, 1e-9), 0.0)
 
 
 def pattern_scores(img) -> dict[str, float]:
@@ -145,33 +167,31 @@ def pattern_scores(img) -> dict[str, float]:
     out["plain"] = float(np.clip(1.0 - vals.mean() / (PLAIN_INK * 10 / 3), 0.0, 1.0))
     if vals.std() < 1e-6:
         return out
-    mt = torch.from_numpy(m)[None]
-    for p in W.PATTERNS:
-        if p == "plain":
-            continue
-        per = W.PATTERN_PERIODS.get(p)
-        if p == "ringed":
-            phases = [(k, 0) for k in range(per)]
-        elif per is None:
-            phases = [(0, 0)]
-        else:
-            phases = [(dx, dy) for dx in range(per) for dy in range(per)]
-        best = 0.0
-        for ph in phases:
-            t = W.ink_template(p, mt, ph)[0].numpy()
-            best = max(best, _corr(vals, t[m]))
-        out[p] = float(np.clip(best, 0.0, 1.0))
-    return out
+    names, temps = _lattice_templates()
+    c = _corrs(vals, temps[:, m].astype(np.float64))
+    for p, v in zip(names, c):
+        out[p] = max(out[p], float(v))
+    ys, xs = np.nonzero(m)
+    ring = np.floor(np.hypot(xs - xs.mean(), ys - ys.mean())).astype(np.int64)
+    extra = [("ringed", ring % 3 == k) for k in range(3)]
+    u = (xs - xs.min()) / max(xs.max() - xs.min(), 1)
+    extra.append(("gradient", np.clip(3 * u - 2, 0, 1)))
+    extra.append(("outlined", ~ndimage.binary_erosion(m, structure=np.ones((3, 3)))[m]))
+    t = np.stack([e for _, e in extra]).astype(np.float64)
+    for (p, _), v in zip(extra, _corrs(vals, t)):
+        out[p] = max(out[p], float(v))
+    return {p: min(max(v, 0.0), 1.0) for p, v in out.items()}
 
 
 def pattern_of(img) -> str | None:
     """The detected pattern: 'plain' if the mean ink is under ``PLAIN_INK``, else the best score."""
-    ink, m = ink_map(img)
+    a = as_rgb255(img)
+    ink, m = ink_map(a)
     if m.sum() < 4:
         return None
     if ink[m].mean() < PLAIN_INK:
         return "plain"
-    s = pattern_scores(img)
+    s = pattern_scores(a)  # (recomputes the mask; cheap)
     s.pop("plain")
     return max(s, key=s.get)
 
