@@ -6,6 +6,7 @@ Node ids are permanent. A breaking change gets a new id; the old class stays in
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -307,9 +308,24 @@ class SaveSteering(io.ComfyNode):
         full, name, counter, sub, _ = folder_paths.get_save_image_path(prefix, out_dir)
         os.makedirs(full, exist_ok=True)
         fname = f"{name}_{counter:05}_.safetensors"
-        save_steering(os.path.join(full, fname), steering)
+        _save_checked(os.path.join(full, fname), steering)
         rel = os.path.join(sub, fname) if sub else fname
         return io.NodeOutput(rel, ui=ui.PreviewText(f"saved {rel}"))
+
+
+def _save_checked(path: str, steering: Steering) -> None:
+    """Save, then read the header back (the file must load). hypertransport_core 0.1.0 writes a plain-text
+    label that its own reader parses as JSON; then the label is re-saved JSON-encoded."""
+    save_steering(path, steering)
+    try:
+        read_header(path, expect="hypertransport.steering")
+    except HyperTransportError as e:
+        if "'label'" not in str(e):
+            raise
+        fixed = Steering(steering.sites, steering.w, steering.b,
+                         {**steering.meta, "label": json.dumps(str(steering.meta.get("label", "")))})
+        save_steering(path, fixed)
+        read_header(path, expect="hypertransport.steering")
 
 
 class LoadSteering(io.ComfyNode):

@@ -23,6 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfy_host  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The tiny test models are far faster on one thread, and the machine's cores are shared: oversubscribed
+# BLAS threads made a 25 ms sample take a second. HT_TEST_THREADS overrides.
+try:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("HT_TEST_THREADS", "1")))
+except ImportError:  # pragma: no cover
+    pass
 
 
 @pytest.fixture(scope="session")
