@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
+import uuid
 from collections.abc import Mapping
 
 import torch
@@ -69,8 +69,14 @@ def _raw_header(path: str) -> tuple[dict, int]:
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise _err(path, "is not a safetensors file (header is not JSON). Fix: use a .safetensors file.") from None
     if not isinstance(header, dict):
-        raise _err(path, "is not a safetensors file (header is not a JSON object).")
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        raise _err(path, "is not a safetensors file (header is not a JSON object). Fix: use a .safetensors file.")
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        for k, v in header.items():
+            if k != "__metadata__":
+                tuple(int(d) for d in v["shape"])
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise _err(path, "is not a safetensors file (its header lacks tensor shapes/offsets). Fix: use a .safetensors file.") from None
     if 8 + n + end != size:
         raise _err(
             path,
@@ -117,6 +123,9 @@ def read_header(path: str, expect: str | None = None) -> dict:
             try:
                 meta[key] = json.loads(val)
             except json.JSONDecodeError:
+                if key == "label":  # files written before labels were JSON-encoded hold the bare text
+                    meta[key] = val
+                    continue
                 raise _err(path, f"metadata key {key!r} is not valid JSON ({val[:60]!r}). Fix: re-save the file.") from None
         else:
             meta[key] = val
@@ -170,14 +179,29 @@ def _load_tensors(path: str, device: str | torch.device = "cpu") -> dict[str, to
     return out
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` would race with other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
 def _atomic_save(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, object], path: str) -> None:
-    md = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items()}
+    # Keys read back as JSON are always written as JSON (a label "watercolor" is stored as '"watercolor"').
+    md = {k: (json.dumps(v) if k in _JSON_KEYS or not isinstance(v, str) else v) for k, v in meta.items()}
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
+    tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}.safetensors")
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=md)
+        # safetensors writes 0600 files; give the usual mode of a new file so that other users and
+        # processes sharing the models folder can read it.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -207,7 +231,11 @@ def load_hypernet(path: str, device: str | torch.device = "cpu") -> HyperNet:
     cfg = HyperNetConfig.from_dict({**meta["arch"], "embed_dim": meta["embed_dim"]})
     hn = HyperNet(cfg, meta["site_list"], family=meta["model_family"], encoder=meta["encoder"])
     tensors = _load_tensors(path, device)
-    missing, unexpected = hn.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = hn.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:  # a tensor with another shape than the recorded config gives
+        detail = " ".join(str(e).split())
+        raise _err(path, f"tensors do not match the recorded hypernet config ({detail[:300]}). Fix: re-save the file.") from None
     if missing or unexpected:
         raise _err(path, f"tensors do not match the hypernet config (missing {missing[:3]}, unexpected {unexpected[:3]}). Fix: re-save the file.")
     hn.training_summary = meta.get("training", {})
