@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import HyperTransportError
-from .interventions import StrengthSpec, Steering, apply_map, effective_affine, strength_for
+from .interventions import Steering, StrengthSpec, apply_map, effective_affine, strength_for
 from .sites import Site
 
 RowMask = torch.Tensor | Callable[[], torch.Tensor | None] | None
