@@ -66,8 +66,8 @@ def setup_comfy(base_directory: str | os.PathLike | None = None):
     comfy.cli_args.args.disable_all_custom_nodes = True
     if base_directory is not None:
         comfy.cli_args.args.base_directory = str(base_directory)
-    import utils.extra_config  # noqa: F401  (must precede `import nodes`)
     import comfy.model_management as mm
+    import utils.extra_config  # noqa: F401  (must precede `import nodes`)
 
     return mm
 
@@ -108,9 +108,9 @@ def init_random_(module, seed: int = 0):
 
 def patcher_for(model_config, seed: int = 0, dtype=None, device=None):
     """A real ``ModelPatcher`` around ``model_config.get_model`` with random weights."""
-    import torch
     import comfy.model_management as mm
     import comfy.model_patcher
+    import torch
 
     model_config.set_inference_dtype(dtype or torch.float32, None)
     model = model_config.get_model({}, "", device=device)
@@ -226,8 +226,8 @@ def random_cond(kind, seed=1, batch=1, tokens=8, dim=64, latent_hw=(8, 8)):
 def sample(patcher, positive, negative, seed=42, steps=2, cfg=2.0, latent_shape=(1, 4, 8, 8),
            sampler_name="euler", scheduler="normal"):
     """``comfy.sample.sample`` as KSampler calls it; returns the latent."""
-    import torch
     import comfy.sample
+    import torch
 
     latent = torch.zeros(latent_shape)
     noise = comfy.sample.prepare_noise(latent, seed)
@@ -245,51 +245,69 @@ def timed(fn, *a, **kw):
 # model files for a server / the in-process executor
 # --------------------------------------------------------------------------------------------
 def write_model_files(base: str | os.PathLike) -> dict:
-    """Random-weight files ComfyUI's own loaders accept, under ``base/models``.
+    """Random-weight files ComfyUI's own loaders accept, under ``base/models`` (skipped when present).
 
-    * ``diffusion_models/tiny_sd15_unet.safetensors``: a reduced SD1.5 UNet (detected as SD15);
-    * ``text_encoders/rand_clip_l.safetensors``: full-size CLIP-L (its config is fixed in ComfyUI);
-    * ``vae_approx/taesd_{encoder,decoder}.safetensors``: random TAESD ("taesd" in VAELoader);
-    * ``diffusion_models/tiny_pixart_unet.safetensors``: a reduced PixArt-Sigma DiT (caption 4096).
+    * ``diffusion_models/tiny_sd15_unet.safetensors``: a reduced SD1.5 UNet, detected as SD15;
+    * ``loras/tiny_sd15_lora.safetensors``: a rank-2 LoRA for it (one conv), for stacking;
+    * ``diffusion_models/tiny_pixart_sigma.safetensors``: a one-block PixArt-Sigma (hidden 1152,
+      captions 4096), detected as PixArtSigma;
+    * ``vae_approx/taesd_*`` and ``taesdxl_*``: random TAESD ("taesd" / "taesdxl" in VAELoader).
 
-    Returns ``{"unet": name, ...}`` file names as the loader nodes list them.
+    Text encoders are not written: CLIP-L/G and T5-XXL have fixed sizes in ComfyUI (246 MB to 9 GB);
+    the end-to-end tests feed random conditioning of the right width instead (``HTTestConditioning``).
+    Returns ``{"sd15": unet name, "pixart": unet name, "lora": lora name}``.
     """
-    import torch
-    import safetensors.torch
     import comfy.model_detection
-    import comfy.sd1_clip
     import comfy.supported_models as sm
     import comfy.taesd.taesd as taesd
+    import safetensors.torch
+    import torch
 
     base = Path(base)
-    for d in ("diffusion_models", "text_encoders", "vae_approx", "hypertransport", "clip"):
+    for d in ("diffusion_models", "loras", "vae_approx", "hypertransport", "clip"):
         (base / "models" / d).mkdir(parents=True, exist_ok=True)
-    out = {}
-    unet = base / "models" / "diffusion_models" / "tiny_sd15_unet.safetensors"
-    if not unet.exists():
-        cfg = sm.SD15({**unet_config("sd15", 320, 768), "channel_mult": [1], "num_res_blocks": [1],
-                       "transformer_depth": [1], "transformer_depth_output": [1, 1]})
+
+    def save_unet(path, cfg, expect, seed):
+        if path.exists():
+            return
         cfg.set_inference_dtype(torch.float32, None)
         model = cfg.get_model({}, "")
-        init_random_(model.diffusion_model, 0)
+        init_random_(model.diffusion_model, seed)
         sd = {k: v.to(torch.float16).contiguous() for k, v in model.diffusion_model.state_dict().items()}
-        assert type(comfy.model_detection.model_config_from_unet(sd, "")).__name__ == "SD15"
-        safetensors.torch.save_file(sd, str(unet))
-    out["unet"] = unet.name
-    clip = base / "models" / "text_encoders" / "rand_clip_l.safetensors"
-    if not clip.exists():
-        m = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
-        init_random_(m.transformer, 1)
-        safetensors.torch.save_file({k: v.to(torch.float16).contiguous() for k, v in m.transformer.state_dict().items()},
-                                    str(clip))
-    out["clip"] = clip.name
-    for part, ctor, seed in (("encoder", taesd.Encoder, 2), ("decoder", taesd.Decoder, 3)):
-        p = base / "models" / "vae_approx" / f"taesd_{part}.safetensors"
-        if not p.exists():
-            net = init_random_(ctor(4), seed)
-            safetensors.torch.save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(p))
-    out["vae"] = "taesd"
-    return out
+        found = type(comfy.model_detection.model_config_from_unet(sd, "")).__name__
+        assert found == expect, (found, expect)
+        safetensors.torch.save_file(sd, str(path))
+
+    sd15 = base / "models" / "diffusion_models" / "tiny_sd15_unet.safetensors"
+    save_unet(sd15, sm.SD15({**unet_config("sd15", 320, 768), "channel_mult": [1], "num_res_blocks": [1],
+                             "transformer_depth": [1], "transformer_depth_output": [1, 1]}), "SD15", 0)
+    pixart = base / "models" / "diffusion_models" / "tiny_pixart_sigma.safetensors"
+    save_unet(pixart, sm.PixArtSigma(pixart_config(True, 1152, 1, 4096, 16)), "PixArtSigma", 4)
+    lora = base / "models" / "loras" / "tiny_sd15_lora.safetensors"
+    if not lora.exists():
+        g = torch.Generator().manual_seed(5)
+        k = "diffusion_model.input_blocks.1.1.proj_in"
+        safetensors.torch.save_file({f"{k}.lora_down.weight": torch.randn(2, 320, 1, 1, generator=g) * 0.1,
+                                     f"{k}.lora_up.weight": torch.randn(320, 2, 1, 1, generator=g) * 0.1}, str(lora))
+    for prefix in ("taesd", "taesdxl"):
+        for part, ctor, seed in (("encoder", taesd.Encoder, 2), ("decoder", taesd.Decoder, 3)):
+            p = base / "models" / "vae_approx" / f"{prefix}_{part}.safetensors"
+            if not p.exists():
+                net = init_random_(ctor(4), seed)
+                safetensors.torch.save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(p))
+    return {"sd15": sd15.name, "pixart": pixart.name, "lora": lora.name}
+
+
+def build_from_file(path: str | os.PathLike):
+    """The diffusion model of a UNet file on the ``meta`` device (for its site list, no memory)."""
+    import comfy.model_detection
+    import safetensors.torch
+    import torch
+
+    sd = safetensors.torch.load_file(str(path))
+    cfg = comfy.model_detection.model_config_from_unet(sd, "")
+    cfg.set_inference_dtype(torch.float32, None)
+    return cfg.get_model({}, "", device=torch.device("meta")).diffusion_model
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,3 +379,158 @@ def write_hypernet(base: str | os.PathLike, name: str, diffusion_model, encoder_
     d.mkdir(parents=True, exist_ok=True)
     save_hypernet(str(d / name), random_hypernet(diffusion_model, encoder_identity, **kw), training={"test": True})
     return name
+
+
+# --------------------------------------------------------------------------------------------
+# a real server on loopback
+# --------------------------------------------------------------------------------------------
+E2E_NODES_SRC = '''"""Test-only nodes for the HyperTransport end-to-end tests (written by tests/comfy_host.py)."""
+import torch
+
+
+class HTTestConditioning:
+    """Random CONDITIONING of a given width: stands in for text encoders too large to fake (CLIP-G, T5-XXL)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {"default": ""}), "seed": ("INT", {"default": 0}),
+                             "dim": ("INT", {"default": 768, "min": 1, "max": 8192}),
+                             "tokens": ("INT", {"default": 8, "min": 1, "max": 512})}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "run"
+    CATEGORY = "testing"
+
+    def run(self, text, seed, dim, tokens):
+        g = torch.Generator().manual_seed(seed + len(text))
+        return ([[torch.randn((1, tokens, dim), generator=g), {}]],)
+
+
+NODE_CLASS_MAPPINGS = {"HTTestConditioning": HTTestConditioning}
+'''
+
+
+def prepare_server_base(base: str | os.PathLike) -> dict:
+    """Everything a server needs under ``base``: model files, the tiny encoder, hypernets named as the
+    workflows expect (made for the tiny stand-in models), a corrupt file, input images, this pack in
+    ``custom_nodes/`` (a symlink) and the test-only nodes. Returns the names written."""
+    import numpy as np
+    from PIL import Image
+
+    base = Path(base)
+    names = write_model_files(base)
+    enc = write_tiny_encoder(base)
+    dms = {k: build_from_file(base / "models" / "diffusion_models" / names[k]) for k in ("sd15", "pixart")}
+    write_hypernet(base, "hypertransport_sdxl_dmd2.safetensors", dms["sd15"], enc.identity, seed=1)
+    write_hypernet(base, "hypertransport_pixart.safetensors", dms["pixart"], enc.identity, seed=2)
+    (base / "models" / "hypertransport" / "corrupt.safetensors").write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{oops")
+    inp = base / "input"
+    inp.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(inp / "example.png")
+    Image.fromarray(rng.integers(0, 255, (1, 1, 4), dtype=np.uint8), "RGBA").save(inp / "odd_rgba.png")
+    Image.fromarray(rng.integers(0, 255, (7, 300), dtype=np.uint8), "L").save(inp / "odd_gray.png")
+    (inp / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
+    cn = base / "custom_nodes"
+    cn.mkdir(parents=True, exist_ok=True)
+    link = cn / "HyperTransport"
+    if not link.exists():
+        link.symlink_to(REPO, target_is_directory=True)
+    (cn / "ht_e2e_test_nodes").mkdir(exist_ok=True)
+    (cn / "ht_e2e_test_nodes" / "__init__.py").write_text(E2E_NODES_SRC)
+    return {**names, "encoder": enc.identity}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``main.py --cpu`` on 127.0.0.1 with ``--base-directory base``; stopped by its own PID."""
+
+    def __init__(self, base: str | os.PathLike, port: int | None = None, python: str = sys.executable):
+        import subprocess
+
+        self.base = Path(base)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        root = find_comfyui()
+        if root is None:
+            raise RuntimeError(MISSING_REASON)
+        self.log_path = self.base / "server.log"
+        self._log = open(self.log_path, "w")
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("HT_TEST_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
+        self.proc = subprocess.Popen(
+            [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory",
+             str(self.base), "--disable-auto-launch", "--disable-api-nodes"],
+            cwd=root, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 180
+        while True:
+            try:
+                self.get("/system_stats")
+                break
+            except Exception:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    raise RuntimeError("ComfyUI server did not start:\n" + self.log()[-4000:]) from None
+                time.sleep(0.25)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, path: str, timeout: float = 30):
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def post_prompt(self, prompt: dict) -> tuple[int, dict]:
+        """POST /prompt; returns ``(http status, body)`` (validation errors come back as 400)."""
+        import json
+        import urllib.error
+        import urllib.request
+        import uuid
+
+        data = json.dumps({"prompt": prompt, "client_id": str(uuid.uuid4())}).encode()
+        req = urllib.request.Request(self.url + "/prompt", data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def wait(self, prompt_id: str, timeout: float = 300) -> dict:
+        """The history entry of a finished prompt (success or error)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            h = self.get(f"/history/{prompt_id}")
+            if prompt_id in h and h[prompt_id].get("status", {}).get("completed") is not None:
+                st = h[prompt_id]["status"]
+                if st["completed"] or st.get("status_str") == "error":
+                    return h[prompt_id]
+            time.sleep(0.1)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s:\n{self.log()[-3000:]}")
+
+    def run(self, prompt: dict, timeout: float = 300) -> dict:
+        status, body = self.post_prompt(prompt)
+        if status != 200:
+            return {"status": {"status_str": "invalid", "completed": False}, "response": body, "http": status}
+        return self.wait(body["prompt_id"], timeout)
+
+    def stop(self):
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()

@@ -76,3 +76,15 @@ def make_hypernet(comfy, comfy_base, encoder):
         return name
 
     return make
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfy, tmp_path_factory):
+    """ONE real ComfyUI server for every end-to-end test: this pack symlinked into its custom_nodes,
+    random model files, hypernets and images under a throw-away --base-directory."""
+    base = tmp_path_factory.mktemp("comfy_server_base")
+    names = comfy.prepare_server_base(base)
+    server = comfy.Server(base)
+    server.names = names
+    yield server
+    server.stop()

@@ -1,0 +1,184 @@
+"""End to end: a real ComfyUI server on loopback with this pack in its custom_nodes.
+
+Every workflow in ``workflows/api/`` is posted as the user would run it, after swapping only what
+cannot exist on a CPU test machine (see :func:`stand_in`): the SDXL checkpoint becomes a tiny SD1.5
+UNet (plus a tiny LoRA, TAESD, and random conditioning for CLIP-L/G), the Nitro/PixArt files a
+one-block PixArt-Sigma (random conditioning for T5-XXL, TAESDXL). The HyperTransport nodes, the
+graph and the hypernet file names stay as in the workflow; the hypernets are made for the stand-ins.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = [pytest.mark.comfy, pytest.mark.slow]
+
+WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+API = sorted((WORKFLOWS / "api").glob("*.json"))
+HT_NODES = {
+    "HyperTransportLoadHyperNet", "HyperTransportEncodeConcept", "HyperTransportEncodeReferenceImage",
+    "HyperTransportCombineConcepts", "HyperTransportApplySteering", "HyperTransportMakeSteering",
+    "HyperTransportSaveSteering", "HyperTransportLoadSteering", "HyperTransportApplySteeringAdvanced",
+}
+
+
+def stand_in(prompt: dict, names: dict) -> dict:
+    """The workflow with its model files replaced by the tiny random ones (see module docstring)."""
+    p = copy.deepcopy(prompt)
+    pixart = any(n["class_type"] == "UNETLoader" for n in p.values())
+    clip_sources = set()
+    for nid, n in list(p.items()):
+        ct, inp = n["class_type"], n["inputs"]
+        if ct == "CheckpointLoaderSimple":
+            p[nid] = {"class_type": "UNETLoader", "inputs": {"unet_name": names["sd15"], "weight_dtype": "default"}}
+            clip_sources.add(nid)
+            p["900"] = {"class_type": "VAELoader", "inputs": {"vae_name": "taesd"}}
+        elif ct == "UNETLoader":
+            inp["unet_name"] = names["pixart"]
+        elif ct == "CLIPLoader":
+            clip_sources.add(nid)
+            del p[nid]
+        elif ct == "LoraLoaderModelOnly":
+            inp["lora_name"] = names["lora"]
+        elif ct == "VAELoader":
+            inp["vae_name"] = "taesdxl"
+        elif ct == "EmptyLatentImage":
+            inp["width"] = inp["height"] = 320 if pixart else 64
+    for nid, n in p.items():
+        if n["class_type"] == "CLIPTextEncode":
+            n["class_type"] = "HTTestConditioning"
+            n["inputs"] = {"text": n["inputs"]["text"], "seed": 7, "dim": 4096 if pixart else 768, "tokens": 8}
+        for k, v in n["inputs"].items():
+            if isinstance(v, list) and v[0] in clip_sources and v[1] == 2:  # the checkpoint's VAE
+                n["inputs"][k] = ["900", 0]
+    return p
+
+
+def load_api(name: str) -> dict:
+    return json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+
+
+def images_of(server, entry: dict) -> list[np.ndarray]:
+    out = []
+    for node_out in entry["outputs"].values():
+        for img in node_out.get("images", []):
+            path = server.base / "output" / img.get("subfolder", "") / img["filename"]
+            assert path.is_file(), path
+            out.append(np.asarray(Image.open(path)))
+    return out
+
+
+def error_text(entry: dict) -> str:
+    if "response" in entry:  # rejected by validation (HTTP 400)
+        return json.dumps(entry["response"])
+    return json.dumps([m for m in entry["status"].get("messages", []) if m[0] == "execution_error"])
+
+
+def test_nodes_registered(comfy_server):
+    info = comfy_server.get("/object_info")
+    missing = HT_NODES - set(info)
+    assert not missing, f"{missing} not registered; server log:\n{comfy_server.log()[-3000:]}"
+    for nid in HT_NODES:
+        d = info[nid]
+        assert d["description"] and d["category"] == "HyperTransport"
+    lh = info["HyperTransportLoadHyperNet"]["input"]["required"]["hypernet_name"]
+    assert "hypertransport_sdxl_dmd2.safetensors" in json.dumps(lh)
+    templates = comfy_server.get("/workflow_templates")
+    assert sorted(templates["HyperTransport"]) == sorted(p.stem for p in API)
+
+
+def test_workflow_files_are_current():
+    ui = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
+    assert ui == [p.stem for p in API] and len(API) >= 5
+    for p in WORKFLOWS.glob("*.json"):
+        wf = json.loads(p.read_text())
+        assert any(n["type"] == "Note" and "models/" in n["widgets_values"][0] for n in wf["nodes"]), (
+            f"{p.name} must name its model files in a Note")
+
+
+@pytest.mark.parametrize("path", API, ids=[p.stem for p in API])
+def test_workflow_runs(comfy_server, path):
+    entry = comfy_server.run(stand_in(json.loads(path.read_text()), comfy_server.names))
+    assert entry["status"]["status_str"] == "success", error_text(entry) + comfy_server.log()[-2000:]
+    imgs = images_of(comfy_server, entry)
+    assert imgs, "the workflow saved no image"
+    for im in imgs:
+        assert im.ndim == 3 and im.shape[2] == 3 and im.std() > 0
+    if path.stem == "strength_sweep":
+        assert len(imgs) == 5
+        zero = imgs[1]  # strengths -1, 0, 0.5, 1, 1.5
+        assert all(not np.array_equal(zero, imgs[i]) for i in (0, 2, 3, 4))
+        plain = stand_in(load_api("strength_sweep"), comfy_server.names)
+        for nid in [k for k, n in plain.items() if n["class_type"] == "HyperTransportApplySteering"]:
+            plain[nid]["inputs"]["strength"] = 0.0
+        ref = images_of(comfy_server, comfy_server.run(plain))
+        assert all(np.array_equal(zero, r) for r in ref), "strength 0 must be the unsteered image, bit for bit"
+    if path.stem == "combine_concepts":
+        saved = list((comfy_server.base / "output" / "hypertransport_steerings").glob("watercolor_minus_autumn*"))
+        assert saved and saved[0].stat().st_size < 256 * 1024
+
+
+def test_saved_steering_loads_without_hypernet(comfy_server):
+    p = stand_in(load_api("combine_concepts"), comfy_server.names)
+    p["17"]["inputs"]["filename_prefix"] = "roundtrip"
+    assert comfy_server.run(p)["status"]["status_str"] == "success"
+    name = next((comfy_server.base / "output" / "hypertransport_steerings").glob("roundtrip*")).name
+    p2 = stand_in(load_api("text_steering_sdxl_dmd2"), comfy_server.names)
+    for nid in ("4", "5"):
+        del p2[nid]
+    p2["60"] = {"class_type": "HyperTransportLoadSteering", "inputs": {"steering_name": name}}
+    p2["11"] = {"class_type": "HyperTransportApplySteeringAdvanced",
+                "inputs": {"model": ["3", 0], "steering": ["60", 0], "strength": 1.0, "start_percent": 0.0,
+                           "end_percent": 1.0, "mode": "folded", "rows": "all", "block_strengths": ""}}
+    entry = comfy_server.run(p2)
+    assert entry["status"]["status_str"] == "success", error_text(entry)
+
+
+BAD_INPUTS = {
+    "empty text": ({("5", "text"): "   "}, "empty"),
+    "NaN strength": ({("11", "strength"): float("nan")}, "finite"),
+    "corrupted hypernet file": ({("4", "hypernet_name"): "corrupt.safetensors"}, "corrupt.safetensors"),
+    "hypernet for another family": ({("4", "hypernet_name"): "hypertransport_pixart.safetensors"}, "pixart"),
+    "end before start": ({("11", "start_percent"): 0.9, ("11", "end_percent"): 0.1}, "start_percent"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS), ids=list(BAD_INPUTS))
+def test_bad_input_gives_node_error_and_server_keeps_serving(comfy_server, case):
+    changes, expect = BAD_INPUTS[case]
+    entry = comfy_server.run(_apply(comfy_server, changes))
+    assert entry["status"]["status_str"] in ("error", "invalid"), case
+    msg = error_text(entry)
+    assert expect in msg, msg
+    if case == "hypernet for another family":
+        assert "sd15" in msg and "Load HyperNet" in msg
+    assert comfy_server.get("/system_stats")["system"]
+    ok = comfy_server.run(_apply(comfy_server, {("9", "seed"): 1000 + len(case)}))
+    assert ok["status"]["status_str"] == "success", error_text(ok)
+
+
+def _apply(comfy_server, changes: dict) -> dict:
+    p = stand_in(load_api("text_steering_sdxl_dmd2"), comfy_server.names)
+    for (nid, key), val in changes.items():
+        p[nid]["inputs"][key] = val
+    return p
+
+
+@pytest.mark.parametrize("image,ok", [("odd_rgba.png", True), ("odd_gray.png", True), ("broken.png", False)])
+def test_odd_reference_images(comfy_server, image, ok):
+    p = stand_in(load_api("reference_image_steering"), comfy_server.names)
+    p["13"]["inputs"]["image"] = image
+    entry = comfy_server.run(p)
+    assert (entry["status"]["status_str"] == "success") is ok, error_text(entry)
+    assert comfy_server.get("/system_stats")["system"]
+
+
+def test_nan_survives_json():
+    assert math.isnan(json.loads(json.dumps({"s": float("nan")}))["s"])

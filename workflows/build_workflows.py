@@ -1,0 +1,311 @@
+"""The example workflows, described once in Python and written in both forms ComfyUI uses.
+
+* ``workflows/<name>.json``: the UI (LiteGraph) form you drag into ComfyUI; ComfyUI's template
+  browser lists this folder under the pack's name.
+* ``workflows/api/<name>.json``: the API form (``POST /prompt``), used by the end-to-end tests.
+
+Regenerate after editing (needs a ComfyUI, found as ``tests/comfy_host.py`` finds it, to read the
+nodes' widget order)::
+
+    .venv/bin/python workflows/build_workflows.py          # writes the files
+    .venv/bin/python workflows/build_workflows.py --check  # exit 1 if the files are stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+SDXL_NOTE = """Files this workflow needs (put them where ComfyUI looks):
+- models/checkpoints/sd_xl_base_1.0.safetensors  (SDXL base 1.0, stabilityai/stable-diffusion-xl-base-1.0)
+- models/loras/dmd2_sdxl_4step_lora_fp16.safetensors  (DMD2 4-step LoRA, tianweiy/DMD2)
+- models/hypertransport/hypertransport_sdxl_dmd2.safetensors  (a HyperTransport hypernet trained for SDXL)
+- the CLIP weights the hypernet was trained with (Load HyperNet's info names them), in open_clip format,
+  e.g. models/clip/ViT-L-14.safetensors; 'auto' in Encode Concept finds a file named after the architecture.
+DMD2 samples in 4 steps with cfg 1 (lcm sampler, sgm_uniform scheduler)."""
+
+PIXART_NOTE = """Files this workflow needs:
+- models/diffusion_models/nitro_1_pixart.safetensors  (Nitro-1-PixArt, amd/Nitro-1, a 1-step PixArt-Sigma distillation;
+  any PixArt-Sigma checkpoint works with more steps)
+- models/text_encoders/t5xxl_fp16.safetensors  (T5-XXL, the PixArt text encoder)
+- models/vae/sdxl_vae.safetensors  (PixArt-Sigma uses the SDXL VAE)
+- models/hypertransport/hypertransport_pixart.safetensors  (a hypernet trained for PixArt)
+- the hypernet's CLIP weights (see Load HyperNet's info), e.g. models/clip/ViT-L-14.safetensors."""
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    inputs: dict = field(default_factory=dict)  # widget values, or (node_id, slot) links
+    pos: tuple[int, int] = (0, 0)
+    title: str | None = None
+    size: tuple[int, int] | None = None
+
+
+def L(node: int, slot: int = 0) -> tuple[int, int]:
+    return (node, slot)
+
+
+def _sdxl_base(note: str = SDXL_NOTE) -> list[Node]:
+    return [
+        Node(1, "Note", {"text": note}, (0, -330), "Model files", (620, 250)),
+        Node(2, "CheckpointLoaderSimple", {"ckpt_name": "sd_xl_base_1.0.safetensors"}, (0, 0)),
+        Node(3, "LoraLoaderModelOnly", {"model": L(2, 0), "lora_name": "dmd2_sdxl_4step_lora_fp16.safetensors",
+                                        "strength_model": 1.0}, (0, 160)),
+        Node(4, "HyperTransportLoadHyperNet", {"hypernet_name": "hypertransport_sdxl_dmd2.safetensors"}, (0, 330)),
+        Node(6, "CLIPTextEncode", {"text": "a photo of a lighthouse on a cliff at sunset", "clip": L(2, 1)},
+             (760, 300), "Positive"),
+        Node(7, "CLIPTextEncode", {"text": "", "clip": L(2, 1)}, (760, 520), "Negative"),
+        Node(8, "EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, (760, 700)),
+        Node(10, "VAEDecode", {"samples": L(9, 0), "vae": L(2, 2)}, (1560, 0)),
+    ]
+
+
+def _ksampler(id_, model, pos=(1160, 0), seed=1, steps=4, cfg=1.0, sampler="lcm", scheduler="sgm_uniform",
+              positive=L(6), negative=L(7), latent=L(8)) -> Node:
+    return Node(id_, "KSampler", {"model": model, "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler,
+                                  "scheduler": scheduler, "positive": positive, "negative": negative,
+                                  "latent_image": latent, "denoise": 1.0}, pos)
+
+
+def text_steering_sdxl_dmd2() -> list[Node]:
+    return _sdxl_base() + [
+        Node(5, "HyperTransportEncodeConcept", {"hypernet": L(4), "text": "watercolor painting",
+                                                 "clip_weights": "auto (match the hypernet's encoder)"}, (380, 330)),
+        Node(11, "HyperTransportApplySteering", {"model": L(3), "hypernet": L(4), "concept": L(5), "strength": 1.0,
+                                                 "start_percent": 0.0, "end_percent": 1.0}, (380, 0)),
+        _ksampler(9, L(11)),
+        Node(12, "SaveImage", {"images": L(10), "filename_prefix": "hypertransport_text"}, (1560, 120)),
+    ]
+
+
+def reference_image_steering() -> list[Node]:
+    return _sdxl_base() + [
+        Node(13, "LoadImage", {"image": "example.png"}, (0, 480), "Reference image"),
+        Node(5, "HyperTransportEncodeReferenceImage", {"hypernet": L(4), "image": L(13, 0),
+                                                        "clip_weights": "auto (match the hypernet's encoder)"}, (380, 330)),
+        Node(11, "HyperTransportApplySteering", {"model": L(3), "hypernet": L(4), "concept": L(5), "strength": 1.0,
+                                                 "start_percent": 0.0, "end_percent": 1.0}, (380, 0)),
+        _ksampler(9, L(11)),
+        Node(12, "SaveImage", {"images": L(10), "filename_prefix": "hypertransport_image"}, (1560, 120)),
+    ]
+
+
+STRENGTHS = (-1.0, 0.0, 0.5, 1.0, 1.5)
+
+
+def strength_sweep() -> list[Node]:
+    nodes = [n for n in _sdxl_base() if n.id != 10]
+    nodes.append(Node(5, "HyperTransportEncodeConcept", {"hypernet": L(4), "text": "watercolor painting",
+                                                          "clip_weights": "auto (match the hypernet's encoder)"},
+                      (380, 330)))
+    decoded = []
+    for i, s in enumerate(STRENGTHS):
+        a, k, d = 20 + i, 30 + i, 40 + i
+        y = i * 260
+        nodes.append(Node(a, "HyperTransportApplySteering", {"model": L(3), "hypernet": L(4), "concept": L(5),
+                                                             "strength": s, "start_percent": 0.0, "end_percent": 1.0},
+                          (1160, y), f"strength {s:+g}"))
+        nodes.append(_ksampler(k, L(a), pos=(1560, y)))
+        nodes.append(Node(d, "VAEDecode", {"samples": L(k), "vae": L(2, 2)}, (1960, y)))
+        decoded.append(d)
+    prev = decoded[0]
+    for i, d in enumerate(decoded[1:]):  # one batch, left to right = increasing strength
+        b = 50 + i
+        nodes.append(Node(b, "ImageBatch", {"image1": L(prev), "image2": L(d)}, (2200, i * 120)))
+        prev = b
+    nodes.append(Node(12, "SaveImage", {"images": L(prev), "filename_prefix": "hypertransport_sweep"}, (2460, 0)))
+    return nodes
+
+
+def combine_concepts() -> list[Node]:
+    return _sdxl_base() + [
+        Node(5, "HyperTransportEncodeConcept", {"hypernet": L(4), "text": "watercolor painting",
+                                                 "clip_weights": "auto (match the hypernet's encoder)"}, (380, 330)),
+        Node(14, "HyperTransportEncodeConcept", {"hypernet": L(4), "text": "autumn colors",
+                                                  "clip_weights": "auto (match the hypernet's encoder)"}, (380, 560)),
+        Node(15, "HyperTransportCombineConcepts", {"concept_a": L(5), "weight_a": 1.0, "concept_b": L(14),
+                                                   "weight_b": -0.5, "weight_c": 1.0}, (380, 800),
+             "watercolor minus autumn"),
+        Node(11, "HyperTransportApplySteering", {"model": L(3), "hypernet": L(4), "concept": L(15), "strength": 1.0,
+                                                 "start_percent": 0.0, "end_percent": 1.0}, (380, 0)),
+        Node(16, "HyperTransportMakeSteering", {"hypernet": L(4), "concept": L(15)}, (760, 860)),
+        Node(17, "HyperTransportSaveSteering", {"steering": L(16), "filename_prefix": "watercolor_minus_autumn"},
+             (1160, 860)),
+        _ksampler(9, L(11)),
+        Node(12, "SaveImage", {"images": L(10), "filename_prefix": "hypertransport_combined"}, (1560, 120)),
+    ]
+
+
+def pixart_nitro() -> list[Node]:
+    return [
+        Node(1, "Note", {"text": PIXART_NOTE}, (0, -330), "Model files", (620, 250)),
+        Node(2, "UNETLoader", {"unet_name": "nitro_1_pixart.safetensors", "weight_dtype": "default"}, (0, 0)),
+        Node(3, "CLIPLoader", {"clip_name": "t5xxl_fp16.safetensors", "type": "pixart", "device": "default"},
+             (0, 160)),
+        Node(18, "VAELoader", {"vae_name": "sdxl_vae.safetensors"}, (0, 600)),
+        Node(4, "HyperTransportLoadHyperNet", {"hypernet_name": "hypertransport_pixart.safetensors"}, (0, 330)),
+        Node(5, "HyperTransportEncodeConcept", {"hypernet": L(4), "text": "pixel art",
+                                                 "clip_weights": "auto (match the hypernet's encoder)"}, (380, 330)),
+        Node(11, "HyperTransportApplySteering", {"model": L(2), "hypernet": L(4), "concept": L(5), "strength": 1.0,
+                                                 "start_percent": 0.0, "end_percent": 1.0}, (380, 0)),
+        Node(6, "CLIPTextEncode", {"text": "a cozy cabin in a snowy forest", "clip": L(3)}, (760, 300), "Positive"),
+        Node(7, "CLIPTextEncode", {"text": "", "clip": L(3)}, (760, 520), "Negative"),
+        Node(8, "EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, (760, 700)),
+        _ksampler(9, L(11), steps=1, cfg=1.0, sampler="euler", scheduler="simple"),
+        Node(10, "VAEDecode", {"samples": L(9, 0), "vae": L(18)}, (1560, 0)),
+        Node(12, "SaveImage", {"images": L(10), "filename_prefix": "hypertransport_pixart"}, (1560, 120)),
+    ]
+
+
+WORKFLOWS = {
+    "text_steering_sdxl_dmd2": text_steering_sdxl_dmd2,
+    "reference_image_steering": reference_image_steering,
+    "strength_sweep": strength_sweep,
+    "combine_concepts": combine_concepts,
+    "pixart_nitro": pixart_nitro,
+}
+
+UI_ONLY = {"Note", "MarkdownNote"}
+
+
+def to_api(nodes: list[Node]) -> dict:
+    """API form: ``{id: {"class_type", "inputs"}}`` with links as ``[id, slot]``; UI-only nodes dropped."""
+    out = {}
+    for n in nodes:
+        if n.type in UI_ONLY:
+            continue
+        inputs = {k: [str(v[0]), v[1]] if isinstance(v, tuple) else v for k, v in n.inputs.items()}
+        out[str(n.id)] = {"class_type": n.type, "inputs": inputs, "_meta": {"title": n.title or n.type}}
+    return out
+
+
+def _spec(node_info: dict, name: str):
+    for section in ("required", "optional"):
+        if name in node_info["input"].get(section, {}):
+            return node_info["input"][section][name]
+    return None
+
+
+def _is_widget(spec) -> bool:
+    t = spec[0]
+    return isinstance(t, (list, tuple)) or t in WIDGET_TYPES
+
+
+def to_ui(nodes: list[Node], object_info: dict) -> dict:
+    """The LiteGraph form the ComfyUI frontend loads (format version 0.4)."""
+    links, ui_nodes, link_id = [], [], 0
+    by_id = {n.id: n for n in nodes}
+    out_links: dict[tuple[int, int], list[int]] = {}
+    pending = []
+    for n in nodes:
+        for k, v in n.inputs.items():
+            if isinstance(v, tuple):
+                link_id += 1
+                src = by_id[v[0]]
+                typ = object_info[src.type]["output"][v[1]]
+                links.append([link_id, v[0], v[1], n.id, None, typ, k])
+                out_links.setdefault(v, []).append(link_id)
+                pending.append(links[-1])
+    for order, n in enumerate(nodes):
+        entry = {"id": n.id, "type": n.type, "pos": list(n.pos), "size": list(n.size or (340, 130)), "flags": {},
+                 "order": order, "mode": 0, "inputs": [], "outputs": [],
+                 "properties": {"Node name for S&R": n.type}, "widgets_values": []}
+        if n.title:
+            entry["title"] = n.title
+        if n.type in UI_ONLY:
+            entry["widgets_values"] = [n.inputs["text"]]
+            entry["color"], entry["bgcolor"] = "#432", "#653"
+            ui_nodes.append(entry)
+            continue
+        info = object_info[n.type]
+        names = list(info["input"].get("required", {})) + list(info["input"].get("optional", {}))
+        for name in names:
+            spec = _spec(info, name)
+            if _is_widget(spec):
+                default = spec[1].get("default") if len(spec) > 1 and isinstance(spec[1], dict) else None
+                if default is None and isinstance(spec[0], (list, tuple)) and spec[0]:
+                    default = spec[0][0]
+                entry["widgets_values"].append(n.inputs.get(name, default))
+                if len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("control_after_generate"):
+                    entry["widgets_values"].append("fixed")
+            else:
+                link = next((lk for lk in pending if lk[3] == n.id and lk[6] == name), None)
+                slot = len(entry["inputs"])
+                if link is not None:
+                    link[4] = slot
+                entry["inputs"].append({"name": name, "type": spec[0], "link": link[0] if link else None})
+        for slot, typ in enumerate(info["output"]):
+            entry["outputs"].append({"name": info["output_name"][slot], "type": typ,
+                                     "links": out_links.get((n.id, slot), []), "slot_index": slot})
+        ui_nodes.append(entry)
+    return {
+        "last_node_id": max(n.id for n in nodes), "last_link_id": link_id, "nodes": ui_nodes,
+        "links": [lk[:6] for lk in links], "groups": [], "config": {}, "extra": {"ds": {"scale": 0.6, "offset": [60, 380]}},
+        "version": 0.4,
+    }
+
+
+def object_info_inprocess() -> dict:
+    """``/object_info`` for the node types the workflows use, from an in-process ComfyUI."""
+    import asyncio
+    import tempfile
+
+    sys.path.insert(0, str(REPO / "tests"))
+    import comfy_host
+
+    comfy_host.setup_comfy(base_directory=tempfile.mkdtemp(prefix="ht_wf_"))
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    pack = comfy_host.load_pack()
+    for cls in pack.nodes.NODES:
+        nodes.NODE_CLASS_MAPPINGS[cls.GET_SCHEMA().node_id] = cls
+    wanted = {n.type for f in WORKFLOWS.values() for n in f()} - UI_ONLY
+    info = {}
+    for t in sorted(wanted):
+        cls = nodes.NODE_CLASS_MAPPINGS[t]
+        it = cls.INPUT_TYPES()
+        names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
+        info[t] = {"input": {k: it.get(k, {}) for k in ("required", "optional")},
+                   "output": list(cls.RETURN_TYPES), "output_name": list(names)}
+    return info
+
+
+def render(object_info: dict) -> dict[Path, str]:
+    files = {}
+    for name, build in WORKFLOWS.items():
+        nodes = build()
+        files[HERE / f"{name}.json"] = json.dumps(to_ui(nodes, object_info), indent=1) + "\n"
+        files[HERE / "api" / f"{name}.json"] = json.dumps(to_api(nodes), indent=1) + "\n"
+    return files
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="only compare with the files on disk")
+    a = ap.parse_args(argv)
+    files = render(object_info_inprocess())
+    stale = [p for p, text in files.items() if not p.exists() or p.read_text() != text]
+    if a.check:
+        for p in stale:
+            print(f"stale: {p.relative_to(REPO)}")
+        return 1 if stale else 0
+    for p in stale:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(files[p])
+        print(f"wrote {p.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
