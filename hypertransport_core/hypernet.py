@@ -191,7 +191,12 @@ class HyperNet(nn.Module):
             e, modality, label = concept.embedding, modality or concept.modality, label or concept.label
         else:
             e = concept
-        w, b = self(e.reshape(1, -1), modality or "text")
+        was_training = self.training
+        self.eval()  # one concept → one answer: no dropout, even on a hypernet that is being trained
+        try:
+            w, b = self(e.reshape(1, -1), modality or "text")
+        finally:
+            self.train(was_training)
         meta = {"label": label or "", "family": self.family, "modality": modality or "text", "encoder": self.encoder}
         return Steering(self.sites, w[0].float(), b[0].float(), meta)
 

@@ -139,3 +139,18 @@ def test_bad_config_and_empty_sites():
     assert HyperNetConfig.from_dict(HyperNetConfig(8, hidden=4).to_dict()) == HyperNetConfig(8, hidden=4)
     with pytest.raises(HyperTransportError, match="embed_dim"):
         HyperNetConfig.from_dict({"hidden": 3})
+
+
+def test_steering_is_deterministic_with_dropout_and_keeps_train_mode():
+    hn = _hn(dropout=0.5)
+    _randomize(hn)
+    with torch.no_grad():
+        for p in hn.site_proj, hn.channel_w:
+            p.normal_()
+    hn.train()
+    e = F.normalize(torch.randn(16), dim=-1)
+    a, b = hn.steering(e), hn.steering(e)
+    assert torch.equal(a.w, b.w) and hn.training
+    with torch.no_grad():
+        w1, w2 = hn(e[None])[0], hn(e[None])[0]
+    assert not torch.equal(w1, w2)  # the training forward does use dropout

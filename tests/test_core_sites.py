@@ -159,6 +159,10 @@ def test_flux_tuple_sites_are_steered_per_stream():
     assert isinstance(out, tuple)
     assert torch.equal(out[0], plain[0])
     torch.testing.assert_close(out[1], 2 * plain[1])
+    from hypertransport_core import fold_steering
+
+    patches, rest = fold_steering(net, [(st, 1.0)])
+    assert patches == {} and rest == sites  # tuple outputs of blocks cannot be folded into weights
 
 
 def test_register_table_and_unknown_family():
