@@ -240,3 +240,21 @@ def test_combine_steerings_and_steering_validation():
         combine_steerings([(s1, 1.0), (Steering.identity([sites[0]]), 1.0)])
     w, b = s1.params("b")
     assert torch.equal(w, w1[4:]) and torch.equal(b, b1[4:])
+
+
+def test_steer_with_batched_steering_and_tensor_row_mask():
+    net, sites = _Two(), _two_sites()
+    w, b = _wb(8, seed=7, K=2)
+    batched = Steering(tuple(sites), w, b)
+    x = _z((4, 3, 4))
+    with steer(net, [(batched, 1.0)]):
+        out = net(x)
+    for k in range(2):
+        with steer(net, [(Steering(tuple(sites), w[k], b[k]), 1.0)]):
+            torch.testing.assert_close(out[2 * k : 2 * k + 2], net(x[2 * k : 2 * k + 2]))
+    plain = net(x)
+    mask = torch.tensor([True, True, False, False])
+    with steer(net, [(batched, 1.0)], row_mask=mask):
+        masked = net(x)
+    assert torch.equal(masked[2:], plain[2:])
+    torch.testing.assert_close(masked[:2], out[:2])
