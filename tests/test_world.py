@@ -123,6 +123,9 @@ def test_sampler_deterministic_and_single_batched_forward(tiny_models):
     g2 = D.sample(unet, clip, tok, ["x", "y"], torch.Generator().manual_seed(0), steps=2, guidance=1.0)
     assert torch.equal(g1, g2)
     assert torch.equal(D.initial_noise([5], 1), D.initial_noise([5], 1))
+    ctx = D.encode_prompts(clip, tok, ["a red circle", "a blue square"])
+    c = D.sample(unet, clip, tok, None, [1, 2], steps=3, guidance=2.0, ctx=ctx)
+    assert torch.equal(a, c)
     with pytest.raises(ValueError):
         D.initial_noise([1, 2], 3)
 

@@ -234,6 +234,8 @@ def sample(
     detach_between_steps: bool = True,
     shift: float = 1.0,
     noise: torch.Tensor | None = None,
+    ctx: torch.Tensor | None = None,
+    uncond_ctx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generate images (B, 3, 32, 32) in [0, 1] for ``prompts``.
 
@@ -241,11 +243,16 @@ def sample(
     same starting noise whatever the prompt) or a ``torch.Generator``. ``guidance=1`` skips the
     unconditional rows (one cheaper forward per step). ``grad=True`` keeps the graph of every
     step; ``detach_between_steps`` cuts it between steps (each step then back-props alone).
+    ``noise`` (B, 3, 32, 32) replaces the seeded noise; ``ctx``/``uncond_ctx`` (B, T, D) replace
+    the encoded prompts / empty prompts.
     """
     dev = next(unet.parameters()).device
-    ctx = encode_prompts(clip, tokenizer, prompts).to(dev)
-    unc = encode_prompts(clip, tokenizer, [""] * len(prompts)).to(dev) if guidance != 1.0 else None
-    x = noise.to(dev) if noise is not None else initial_noise(seeds, len(prompts), dev)
+    n = len(prompts) if ctx is None else ctx.shape[0]
+    ctx = encode_prompts(clip, tokenizer, prompts).to(dev) if ctx is None else ctx.to(dev)
+    unc = None
+    if guidance != 1.0:
+        unc = encode_prompts(clip, tokenizer, [""] * n).to(dev) if uncond_ctx is None else uncond_ctx.to(dev)
+    x = noise.to(dev) if noise is not None else initial_noise(seeds, n, dev)
     ts = timesteps(steps, shift)
     for t, tn in zip(ts[:-1], ts[1:]):
         if detach_between_steps:
