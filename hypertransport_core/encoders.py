@@ -31,14 +31,17 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def weights_fingerprint(module: nn.Module, sample: int = 4096) -> str:
-    """A short hash of a model's weights: names, shapes and the first ``sample`` values of every tensor
-    (rounded to fp16, so fp16 and fp32 copies of one checkpoint agree)."""
+    """A short hash of a model's weights: names, shapes and ``sample`` values spread evenly over every
+    tensor (rounded to fp16, so fp16 and fp32 copies of one checkpoint agree; a fine-tune that changes
+    any part of a tensor changes the sampled values with high probability)."""
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
         if not torch.is_tensor(t) or not t.is_floating_point():
             continue
         h.update(f"{name}:{tuple(t.shape)};".encode())
-        h.update(t.detach().reshape(-1)[:sample].to("cpu", torch.float16).numpy().tobytes())
+        flat = t.detach().reshape(-1)
+        stride = max(1, flat.numel() // sample)
+        h.update(flat[::stride][:sample].to("cpu", torch.float16).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import HyperTransportError
-from .interventions import Steering, StrengthSpec, apply_map, effective_affine, strength_for
+from .interventions import Steering, StrengthSpec, apply_affine, effective_affine, strength_for
 from .sites import Site
 
 RowMask = torch.Tensor | Callable[[], torch.Tensor | None] | None
@@ -87,7 +87,9 @@ def steer(
             model, like a LoRA, on cond and uncond rows alike); a ``(B,)`` bool tensor, or a callable
             returning one (or None) at hook time, steers only the rows that are True.
     """
-    by_module: dict[str, list[tuple[Site, torch.Tensor, torch.Tensor, float]]] = defaultdict(list)
+    # Each site's effective map a ⊙ z + c is computed once per `with` block (float32), then cast once
+    # per device/dtype the activations arrive in (offloaded or fp16/bf16 models), not at every call.
+    by_module: dict[str, list[tuple[Site, torch.Tensor, torch.Tensor, dict]]] = defaultdict(list)
     for steering, spec in interventions:
         parts = steering.split()
         for site in steering.sites:
@@ -97,15 +99,20 @@ def steer(
             if lam == 0:
                 continue
             w, b = parts[site.name]
-            by_module[site.module].append((site, w, b, lam))
-    modules = _modules_for(root, [s for s, *_ in (x for v in by_module.values() for x in v)])
+            a, c = effective_affine(w.float(), b.float(), lam)
+            by_module[site.module].append((site, a, c, {}))
+    modules = _modules_for(root, [e[0] for v in by_module.values() for e in v])
+
     def make_hook(entries):
         def hook(_module, _inputs, output):
             mask = row_mask() if callable(row_mask) else row_mask
-            for site, w, b, lam in entries:
+            for site, a, c, cast in entries:
                 z = _select(output, site)
-                # apply_map moves the maps to the activation's device and dtype (offloaded models).
-                z = apply_map(z, w, b, lam, channel_dim=site.channel_dim, form=site.form, row_mask=mask)
+                key = (z.device, z.dtype)
+                if key not in cast:
+                    cast[key] = (a.to(device=z.device, dtype=z.dtype), c.to(device=z.device, dtype=z.dtype))
+                a_z, c_z = cast[key]
+                z = apply_affine(z, a_z, c_z, channel_dim=site.channel_dim, form=site.form, row_mask=mask)
                 output = _replace(output, site, z)
             return output
 

@@ -77,21 +77,35 @@ def apply_map(
     """
     if strength == 0:
         return z
+    a, c = effective_affine(w.to(device=z.device, dtype=torch.float32), b.to(device=z.device, dtype=torch.float32), strength)
+    return apply_affine(z, a.to(z.dtype), c.to(z.dtype), channel_dim=channel_dim, form=form, row_mask=row_mask)
+
+
+def apply_affine(
+    z: torch.Tensor,
+    a: torch.Tensor,
+    c: torch.Tensor,
+    *,
+    channel_dim: int = -1,
+    form: str = "pooled",
+    row_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`apply_map` after :func:`effective_affine`: ``a ⊙ z + c`` (elementwise) or
+    ``z + (a − 1) ⊙ mean(z) + c`` (pooled), with ``a, c`` ``(C,)`` or ``(K, C)`` already on ``z``'s device."""
     if form not in FORMS:
         raise HyperTransportError(f"form {form!r} is not one of {FORMS}. Fix: pass 'pooled' or 'elementwise'.")
     C = z.shape[channel_dim]
-    if w.shape[-1:] != (C,) or b.shape != w.shape or w.ndim > 2 or (w.ndim == 2 and z.shape[0] % w.shape[0]):
+    if a.shape[-1:] != (C,) or c.shape != a.shape or a.ndim > 2 or (a.ndim == 2 and z.shape[0] % a.shape[0]):
         raise HyperTransportError(
-            f"map shapes w{tuple(w.shape)}, b{tuple(b.shape)} do not fit activation {tuple(z.shape)} "
+            f"map shapes {tuple(a.shape)} do not fit activation {tuple(z.shape)} "
             f"with {C} channels on dim {channel_dim}. Fix: use a steering made for this model's sites."
         )
-    a, c = effective_affine(w.to(device=z.device, dtype=torch.float32), b.to(device=z.device, dtype=torch.float32), strength)
     shape = _channel_shape(z, channel_dim)
-    if w.ndim == 2:  # K maps, each for a block of B/K consecutive rows (batched training)
-        reps = z.shape[0] // w.shape[0]
+    if a.ndim == 2:  # K maps, each for a block of B/K consecutive rows (batched training)
+        reps = z.shape[0] // a.shape[0]
         a, c = a.repeat_interleave(reps, 0), c.repeat_interleave(reps, 0)
         shape[0] = z.shape[0]
-    a, c = a.to(z.dtype).view(shape), c.to(z.dtype).view(shape)
+    a, c = a.view(shape), c.view(shape)
     spatial_dims = [d for d in range(2, z.ndim)] if channel_dim in (1, 1 - z.ndim) else []
     if form == "pooled" and spatial_dims:
         m = z.mean(dim=spatial_dims, keepdim=True)
@@ -99,6 +113,11 @@ def apply_map(
     else:
         out = z * a + c
     if row_mask is not None:
+        if row_mask.numel() != z.shape[0]:
+            raise HyperTransportError(
+                f"row mask has {row_mask.numel()} entries for a batch of {z.shape[0]} rows. "
+                "Fix: pass one bool per batch row (or None to steer every row)."
+            )
         mask = row_mask.to(device=z.device, dtype=torch.bool).view([-1] + [1] * (z.ndim - 1))
         out = torch.where(mask, out, z)
     return out

@@ -118,15 +118,15 @@ def fit_lineas(
         run, targets = batch_fn(step)
         steering = Steering(sites, 1 + u[0], u[1])
         loss = steered_loss(root, steering, run, targets, cfg.loss, rows)
+        loss_val = float(loss.detach())
+        if not torch.isfinite(loss.detach()):
+            raise HyperTransportError(f"LinEAS loss became {loss_val} at step {step}. Fix: lower the learning rate.")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if cfg.l1 > 0 or cfg.group > 0:
             with torch.no_grad():
                 _prox_sparse_group(u, sizes, cfg.lr * cfg.l1, cfg.lr * cfg.group)
-        loss_val = float(loss.detach())
-        if not torch.isfinite(loss.detach()):
-            raise HyperTransportError(f"LinEAS loss became {loss_val} at step {step}. Fix: lower the learning rate.")
         if callback is not None:
             callback(step, loss_val)
     seconds = time.perf_counter() - t0
