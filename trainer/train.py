@@ -83,14 +83,33 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads (0: torch's default)
     max_minutes: float = 0.0  # stop early (with a checkpoint) after this long (0: no limit)
     resume: bool = False  # continue from <out>/checkpoint.safetensors
+    model: str = ""  # --backend comfy: checkpoint or diffusion-model .safetensors, loaded with ComfyUI's own loaders
+    text_encoders: str = ""  # --backend comfy: comma-separated text encoder files, when --model holds none
+    clip_type: str = "stable_diffusion"  # --backend comfy: ComfyUI CLIPType of --text-encoders (stable_diffusion, sdxl, pixart, flux, ...)
+    clip_arch: str = "ViT-L-14"  # --backend comfy: open_clip architecture of the concept encoder
+    clip_weights: str = ""  # --backend comfy: local open_clip weights file of the concept encoder
+    concept_list: str = ""  # --backend comfy: concept<TAB>category file (default trainer/data/concepts.tsv)
+    neutral_prompts: str = ""  # --backend comfy: neutral prompts, one a line (default trainer/data/neutral_prompts.txt)
+    resolution: int = 0  # --backend comfy: image side in pixels (0: the family's default)
+    timesteps: str = ""  # --backend comfy: comma-separated fixed timesteps, one per step (default: the family's, DMD2 999,749,499,249)
+    precision: str = "fp32"  # --backend comfy: "fp32", "bf16" or "fp16" (weights and autocast of the diffusion model)
+    grad_checkpoint: bool = False  # --backend comfy: recompute block activations in backward (less memory, slower)
+    cache: str = "memory"  # target cache: "memory" (<out>/targets.safetensors, loaded whole) or "disk" (<out>/targets/ shards, read per batch)
+    cache_chunk: int = 4  # --cache disk: concepts per target shard
 
     def check(self) -> None:
         """Raise ``SystemExit`` with the fix for the first bad value."""
         def bad(name, why):
             raise SystemExit(f"--{name.replace('_', '-')}={getattr(self, name)!r}: {why}")
 
-        if self.backend != "world":
-            bad("backend", "only 'world' is available in this build. Fix: drop --backend or use --backend world.")
+        if self.backend not in ("world", "comfy"):
+            bad("backend", "must be 'world' (the embedded model) or 'comfy' (a ComfyUI model file, with --model).")
+        if self.cache not in ("memory", "disk"):
+            bad("cache", "must be 'memory' or 'disk'.")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            bad("precision", "must be 'fp32', 'bf16' or 'fp16'.")
+        if self.cache_chunk < 1:
+            bad("cache_chunk", "must be at least 1.")
         if not 0 < self.holdout_frac < 1:
             bad("holdout_frac", "must be between 0 and 1 (e.g. 0.25).")
         for name in ("n_target", "concepts_per_step", "prompts_per_concept", "steps", "hidden", "depth", "rank", "sampler_steps", "n_refs"):
@@ -116,7 +135,8 @@ class TrainConfig:
 # Fields that change what a checkpoint means; a resume with other values is refused.
 _RESUME_KEYS = ("backend", "seed", "holdout_frac", "holdout", "concepts", "n_target", "concepts_per_step",
                 "prompts_per_concept", "lr", "weight_decay", "hidden", "depth", "rank", "image_frac", "n_refs",
-                "loss", "sampler_steps", "guidance", "form")
+                "loss", "sampler_steps", "guidance", "form", "model", "concept_list", "neutral_prompts", "resolution",
+                "timesteps")
 
 
 @dataclass
@@ -134,6 +154,7 @@ class Run:
     targets: dict[str, torch.Tensor]  # site -> (n_concepts, sampler_steps, n_target, C) for train + holdout
     index: dict[str, int]  # concept -> row in targets
     step: int = 0
+    shard: tuple[int, int] | None = None  # (rank, world size) under torchrun: this process's share of each batch
     history: list[dict] = field(default_factory=list)
 
 
@@ -227,6 +248,10 @@ def compute_targets(backend, concepts: list[str], cfg: TrainConfig, chunk: int =
 
 def load_or_compute_targets(backend, concepts: list[str], cfg: TrainConfig, progress: bool = True) -> dict[str, torch.Tensor]:
     """The target cache at ``<out>/targets.safetensors``, recomputed only when its key differs."""
+    if cfg.cache == "disk":  # shards under <out>/targets/, read lazily per batch (trainer/cache.py)
+        from trainer.cache import load_or_compute_disk
+
+        return load_or_compute_disk(backend, concepts, cfg, progress)
     path = os.path.join(cfg.out, "targets.safetensors")
     key = targets_key(backend, concepts, cfg)
     if os.path.isfile(path):
@@ -246,6 +271,23 @@ def load_or_compute_targets(backend, concepts: list[str], cfg: TrainConfig, prog
 def make_backend(cfg: TrainConfig):
     if cfg.backend == "world":
         return WorldBackend.load(cfg.world_weights, steps=cfg.sampler_steps, guidance=cfg.guidance, form=cfg.form)
+    if cfg.backend == "comfy":
+        from trainer.comfy_backend import CONCEPTS_TSV, NEUTRAL_PROMPTS, ComfyBackend
+
+        for name in ("model", "clip_weights"):
+            if not getattr(cfg, name) or not os.path.isfile(getattr(cfg, name)):
+                raise SystemExit(f"--{name.replace('_', '-')}={getattr(cfg, name)!r}: --backend comfy needs an existing file "
+                                 "here (see docs/train-your-own.md).")
+        if cfg.guidance != 1.0:
+            log.warning("--guidance %g: distilled models (DMD2, Nitro) are sampled with guidance 1", cfg.guidance)
+        return ComfyBackend.from_files(
+            cfg.model, clip_arch=cfg.clip_arch, clip_weights=cfg.clip_weights,
+            text_encoders=[p for p in cfg.text_encoders.split(",") if p], clip_type=cfg.clip_type,
+            concept_list=cfg.concept_list or CONCEPTS_TSV, neutral_prompts=cfg.neutral_prompts or NEUTRAL_PROMPTS,
+            precision=cfg.precision, steps=cfg.sampler_steps, guidance=cfg.guidance, form=cfg.form,
+            resolution=cfg.resolution or None, grad_checkpoint=cfg.grad_checkpoint,
+            timesteps=[int(t) for t in cfg.timesteps.split(",") if t.strip()] or None,
+        )
     raise SystemExit(f"unknown backend {cfg.backend!r}")
 
 
@@ -258,7 +300,10 @@ def build(cfg: TrainConfig, backend=None, progress: bool = True) -> Run:
     train, holdout = split_concepts([c.name for c in backend.concepts], cfg)
     concepts = train + holdout
     text_emb, image_emb = encode_concepts(backend, concepts, cfg)
-    targets = load_or_compute_targets(backend, concepts, cfg, progress)
+    from trainer import distributed
+
+    with distributed.main_first():  # under torchrun rank 0 fills the cache, the others then read it
+        targets = load_or_compute_targets(backend, concepts, cfg, progress)
     torch.manual_seed(cfg.seed)
     hn = HyperNet(
         HyperNetConfig(embed_dim=backend.encoder.identity["embed_dim"], hidden=cfg.hidden, depth=cfg.depth, rank=cfg.rank),
@@ -271,9 +316,11 @@ def build(cfg: TrainConfig, backend=None, progress: bool = True) -> Run:
         hn.mean_image.copy_(torch.cat([image_emb[c] for c in train]).mean(0))
     opt = torch.optim.AdamW(hn.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     run = Run(cfg, backend, train, holdout, hn, opt, text_emb, image_emb, targets, {c: i for i, c in enumerate(concepts)})
+    run.shard = distributed.shard()
     os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "split.json"), "w") as f:
-        json.dump({"train": train, "holdout": holdout}, f, indent=1)
+    if distributed.is_main():
+        with open(os.path.join(cfg.out, "split.json"), "w") as f:
+            json.dump({"train": train, "holdout": holdout}, f, indent=1)
     if cfg.resume:
         load_checkpoint(run)
     return run
@@ -287,8 +334,12 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
 
 
-def steered_batch_loss(run: Run, concepts: list[str], modalities: list[str], rng: np.random.Generator, grad: bool = True) -> torch.Tensor:
-    """OT loss of one batch: each concept steers its own block of source rows (one sampler run)."""
+def steered_batch_loss(run: Run, concepts: list[str], modalities: list[str], rng: np.random.Generator, grad: bool = True,
+                       shard: tuple[int, int] | None = None) -> torch.Tensor:
+    """OT loss of one batch: each concept steers its own block of source rows (one sampler run).
+
+    ``shard=(rank, world)`` (data parallel): every draw is that of the whole batch, then only this rank's
+    concepts run; the loss is scaled by their share, so the ranks' summed gradients equal one process's."""
     cfg, backend, hn = run.cfg, run.backend, run.hypernet
     emb = torch.stack([
         run.text_emb[c] if m == "text" else run.image_emb[c][int(rng.integers(len(run.image_emb[c])))]
@@ -297,6 +348,14 @@ def steered_batch_loss(run: Run, concepts: list[str], modalities: list[str], rng
     P, K = cfg.prompts_per_concept, len(concepts)
     prompts = backend.source_prompts(P * K, rng)
     seeds = [int(s) for s in rng.integers(0, 2**31 - 1, P * K)]
+    share = 1.0
+    if shard is not None:
+        from trainer.distributed import concept_slice
+
+        lo, hi = concept_slice(K, *shard)
+        share = (hi - lo) / K
+        concepts, modalities, emb = concepts[lo:hi], modalities[lo:hi], emb[lo:hi]
+        prompts, seeds, K = prompts[lo * P : hi * P], seeds[lo * P : hi * P], hi - lo
     with torch.set_grad_enabled(grad):
         w, b = hn(emb, modalities)  # (K, C)
         if backend.rows_per_prompt == 2:  # [cond rows; uncond rows]: the maps repeat over both halves
@@ -316,7 +375,7 @@ def steered_batch_loss(run: Run, concepts: list[str], modalities: list[str], rng
                     from hypertransport_core import sliced_w2
 
                     terms.append(torch.stack([sliced_w2(src[k], tgt[k, t]) for k in range(K)]).mean())
-        return torch.stack(terms).mean()
+        return torch.stack(terms).mean() * share
 
 
 def _batch_for(run: Run, step: int) -> tuple[list[str], list[str], np.random.Generator]:
@@ -334,9 +393,13 @@ def train_step(run: Run) -> float:
     for g in run.opt.param_groups:
         g["lr"] = _lr_at(run.cfg, run.step)
     concepts, modalities, rng = _batch_for(run, run.step)
-    loss = steered_batch_loss(run, concepts, modalities, rng)
+    loss = steered_batch_loss(run, concepts, modalities, rng, shard=run.shard)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
+    if run.shard is not None:  # sum the ranks' gradients (and losses): equal to one process's batch
+        from trainer.distributed import all_reduce_grads
+
+        loss = all_reduce_grads(run.hypernet, loss)
     torch.nn.utils.clip_grad_norm_(run.hypernet.parameters(), 1.0)
     run.opt.step()
     run.step += 1
@@ -430,7 +493,7 @@ def load_checkpoint(run: Run) -> None:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     saved = json.loads(meta["config"])
     for k in _RESUME_KEYS:
-        if saved.get(k) != getattr(run.cfg, k):
+        if saved.get(k, getattr(TrainConfig, k, None)) != getattr(run.cfg, k):
             raise SystemExit(f"--resume: the checkpoint was made with {k}={saved.get(k)!r}, this run has {getattr(run.cfg, k)!r}. "
                              "Fix: use the same value, or start a new --out folder.")
     run.hypernet.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
@@ -468,8 +531,11 @@ def train(cfg: TrainConfig, backend=None, progress: bool = True) -> Run:
     """Build, train to ``cfg.steps`` (or ``max_minutes``), checkpoint, save the hypernet."""
     t0 = time.perf_counter()
     run = build(cfg, backend, progress)
-    log_path = os.path.join(cfg.out, "train_log.jsonl")
-    bar = tqdm(total=cfg.steps, initial=run.step, desc="hypernet", disable=not progress, unit="step")
+    from trainer import distributed
+
+    main = distributed.is_main()  # under torchrun only rank 0 writes files
+    log_path = os.path.join(cfg.out, "train_log.jsonl") if main else os.devnull
+    bar = tqdm(total=cfg.steps, initial=run.step, desc="hypernet", disable=not progress or not main, unit="step")
     with open(log_path, "a") as logf:
         while run.step < cfg.steps:
             loss = train_step(run)
@@ -480,17 +546,18 @@ def train(cfg: TrainConfig, backend=None, progress: bool = True) -> Run:
             logf.write(json.dumps(rec) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4g}")
-            if cfg.ckpt_every and run.step % cfg.ckpt_every == 0:
+            if cfg.ckpt_every and run.step % cfg.ckpt_every == 0 and main:
                 save_checkpoint(run)
-            if cfg.max_minutes and time.perf_counter() - t0 > 60 * cfg.max_minutes:
+            if cfg.max_minutes and distributed.any_rank(time.perf_counter() - t0 > 60 * cfg.max_minutes):
                 log.warning("stopping at step %d: --max-minutes %.1f reached", run.step, cfg.max_minutes)
                 break
     bar.close()
-    save_checkpoint(run)
+    if main:
+        save_checkpoint(run)
     held = evaluate_loss(run, run.holdout, batches=2)
     ident = evaluate_loss(run, run.holdout, identity=True, batches=2)
     run.history.append({"step": run.step, "holdout_loss": held, "holdout_loss_unsteered": ident})
-    path = save_final(run, time.perf_counter() - t0)
+    path = save_final(run, time.perf_counter() - t0) if main else ""
     log.info("held-out OT loss %.4g (unsteered %.4g); hypernet -> %s (%.0f s)", held, ident, path, time.perf_counter() - t0)
     return run
 
@@ -500,7 +567,13 @@ def main(argv=None) -> int:
     parser = build_parser(TrainConfig, __doc__.split("\n\n")[0])
     ns = parser.parse_args(argv)
     cfg = resolve(TrainConfig, ns)
-    train(cfg)
+    from trainer import distributed
+
+    distributed.setup()  # torchrun: one process group (gloo on CPU, nccl on GPU); nothing otherwise
+    try:
+        train(cfg)
+    finally:
+        distributed.cleanup()
     return 0
 
 

@@ -1,0 +1,105 @@
+"""The disk target cache (``--cache disk``): shards, lazy reads, reuse across epochs and runs, resume of a
+half-filled cache, and training identical to the in-memory cache. On the tiny random world (fast)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from trainer import train as T
+from trainer.backends import WorldBackend
+from trainer.cache import ShardedTargets
+
+CONCEPTS = ["red", "blue", "green", "navy", "white", "gold", "striped", "checkered", "dotted", "crimson"]
+
+
+@pytest.fixture(scope="module")
+def backend():
+    torch.set_num_threads(1)
+    return WorldBackend.tiny_random(seed=0, steps=2, guidance=2.0)
+
+
+def _cfg(tmp_path, **kw) -> T.TrainConfig:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    lst = tmp_path / "concepts.txt"
+    lst.write_text("\n".join(CONCEPTS) + "\n")
+    base = dict(out=str(tmp_path / "run"), steps=6, n_target=4, concepts_per_step=3, prompts_per_concept=3, n_refs=2,
+                sampler_steps=2, ckpt_every=3, eval_every=0, hidden=32, rank=4, lr=1e-2, concepts=str(lst),
+                holdout_frac=0.3, cache="disk", cache_chunk=3)
+    base.update(kw)
+    return T.TrainConfig(**base)
+
+
+def _count_calls(monkeypatch):
+    calls = []
+    real = T.compute_targets
+
+    def counting(backend, concepts, cfg, **kw):
+        calls.append(list(concepts))
+        return real(backend, concepts, cfg, **kw)
+
+    monkeypatch.setattr(T, "compute_targets", counting)
+    return calls
+
+
+def test_shards_on_disk_and_equal_to_the_memory_cache(backend, tmp_path):
+    cfg = _cfg(tmp_path, cache_chunk=4)  # the memory cache computes 4 concepts a batch: same batches, same bits
+    run = T.build(cfg, backend, progress=False)
+    assert isinstance(run.targets, ShardedTargets)
+    index = json.loads((tmp_path / "run" / "targets" / "index.json").read_text())
+    assert index["key"] == T.targets_key(backend, run.train + run.holdout, cfg)
+    assert [s["file"] for s in index["shards"]] == [f"shard-{i:05d}.safetensors" for i in range(3)]  # 10 concepts / 4
+    mem = T.load_or_compute_targets(backend, run.train + run.holdout, _cfg(tmp_path / "m", cache="memory"), progress=False)
+    rows = torch.tensor([0, 4, 9])
+    for s in backend.sites:
+        torch.testing.assert_close(run.targets[s.name][rows], mem[s.name][rows], rtol=0, atol=0)
+        assert run.targets[s.name].shape == mem[s.name].shape
+
+
+def test_second_epoch_and_second_run_compute_nothing(backend, tmp_path, monkeypatch):
+    calls = _count_calls(monkeypatch)
+    cfg = _cfg(tmp_path, steps=8)  # 7 training concepts, 3 a step: 8 steps are more than 3 epochs
+    run = T.train(cfg, backend, progress=False)
+    assert len(calls) == 4 and sorted(c for g in calls for c in g) == sorted(CONCEPTS)  # each concept once
+    assert run.targets.reads > 0
+    calls.clear()
+    T.build(_cfg(tmp_path, steps=8, resume=True), backend, progress=False)
+    assert calls == []
+
+
+def test_half_filled_cache_continues(backend, tmp_path, monkeypatch):
+    real = T.compute_targets
+    n = {"k": 0}
+
+    def dies_on_third(*a, **kw):
+        if n["k"] == 2:
+            raise KeyboardInterrupt  # killed while filling the cache
+        n["k"] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(T, "compute_targets", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        T.build(_cfg(tmp_path), backend, progress=False)
+    calls = _count_calls(monkeypatch)
+    monkeypatch.setattr(T, "compute_targets", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    T.build(_cfg(tmp_path), backend, progress=False)
+    assert len(calls) == 2  # shards 2 and 3 only
+
+
+def test_other_settings_rebuild_the_cache(backend, tmp_path, monkeypatch):
+    T.build(_cfg(tmp_path), backend, progress=False)
+    calls = _count_calls(monkeypatch)
+    T.build(_cfg(tmp_path, n_target=5), backend, progress=False)
+    assert len(calls) == 4
+    files = sorted(os.listdir(tmp_path / "run" / "targets"))
+    assert files == ["index.json"] + [f"shard-{i:05d}.safetensors" for i in range(4)]
+
+
+def test_disk_cache_trains_like_the_memory_cache(backend, tmp_path):
+    a = T.train(_cfg(tmp_path / "a", cache="memory"), backend, progress=False)
+    b = T.train(_cfg(tmp_path / "b", cache="disk", cache_chunk=4), backend, progress=False)
+    for k, v in a.hypernet.state_dict().items():
+        torch.testing.assert_close(v, b.hypernet.state_dict()[k], rtol=0, atol=1e-7, msg=k)
