@@ -174,3 +174,59 @@ def test_round_trip_through_the_nodes(fam, tmp_path, comfy, comfy_base, pack):
     assert torch.equal(base, same)
     again = comfy.sample(fam.patcher, pos, neg, seed=3, steps=2, cfg=1.0, latent_shape=shape)
     assert torch.equal(base, again)  # nothing left on the shared model
+
+
+def write_sd15_files(host, folder):
+    """A diffusion-model-only SD1.5 file (320 channels, one level: detected as SD15 by ComfyUI) and a
+    random full-size CLIP-L text encoder file (its size is fixed in ComfyUI; 246 MB in fp16)."""
+    import comfy.sd1_clip
+    import comfy.supported_models as sm
+    from safetensors.torch import save_file
+
+    cfg = sm.SD15({**host.unet_config("sd15", 320, 768), "channel_mult": [1], "num_res_blocks": [1],
+                   "transformer_depth": [1], "transformer_depth_output": [1, 1]})
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model({}, "")
+    host.init_random_(model.diffusion_model, 0)
+    save_file({k: v.half().contiguous() for k, v in model.diffusion_model.state_dict().items()}, str(folder / "unet.safetensors"))
+    te = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
+    host.init_random_(te.transformer, 1)
+    save_file({k: v.half().contiguous() for k, v in te.transformer.state_dict().items()}, str(folder / "clip_l.safetensors"))
+    del model, te
+    return folder
+
+
+def test_cli_with_comfy_model_files(comfy, comfy_base, encoder, tmp_path):
+    """``python trainer/train.py --backend comfy --model FILE``: ComfyUI's loaders (a diffusion-model-only
+    SD1.5 file + a CLIP-L text encoder file, encoded with ``CLIP.encode_from_tokens``), disk cache, resume."""
+    import subprocess
+    import sys
+
+    from hypertransport_core import read_header
+
+    models = write_sd15_files(comfy, tmp_path)
+    concepts = tmp_path / "concepts.tsv"
+    concepts.write_text("concept\tcategory\n" + "".join(f"{n}\t{c}\n" for n, c in CONCEPTS))
+    neutral = tmp_path / "neutral.txt"
+    neutral.write_text("\n".join(NEUTRAL) + "\n")
+    out = tmp_path / "run"
+    args = [sys.executable, str(comfy.REPO / "trainer" / "train.py"), "--backend", "comfy",
+            "--model", str(models / "unet.safetensors"),
+            "--text-encoders", str(models / "clip_l.safetensors"), "--clip-type", "stable_diffusion",
+            "--clip-arch", str(comfy_base / "models" / "hypertransport" / f"{comfy.TINY_CLIP_ARCH}.json"),
+            "--clip-weights", str(comfy_base / "models" / "clip" / f"{comfy.TINY_CLIP_ARCH}.safetensors"),
+            "--concept-list", str(concepts), "--neutral-prompts", str(neutral), "--resolution", "64",
+            "--sampler-steps", "2", "--guidance", "1", "--steps", "2", "--n-target", "3", "--concepts-per-step", "2",
+            "--prompts-per-concept", "2", "--n-refs", "1", "--image-frac", "0", "--hidden", "16", "--rank", "2",
+            "--ckpt-every", "1", "--eval-every", "0", "--cache", "disk", "--cache-chunk", "4", "--threads", "1",
+            "--out", str(out)]
+    env = {**os.environ, "COMFYUI_DIR": str(comfy.find_comfyui())}
+    r = subprocess.run(args, capture_output=True, text=True, env=env, cwd=comfy.REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = read_header(str(out / "hypernet.safetensors"), expect="hypertransport.hypernet")
+    assert meta["model_family"] == "sd15" and meta["training"]["steps"] == 2
+    assert len(os.listdir(out / "targets")) == 3  # index + 2 shards (8 concepts, 4 a shard)
+    r2 = subprocess.run(args + ["--steps", "3", "--resume"], capture_output=True, text=True, env=env, cwd=comfy.REPO,
+                        timeout=600)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "reusing 2 shards" in r2.stderr and "resumed from" in r2.stderr

@@ -376,6 +376,13 @@ class ComfyBackend:
         if not os.path.isfile(clip_weights):
             raise SystemExit(f"--clip-weights {clip_weights!r} does not exist. Fix: download the open_clip weights of "
                              f"{clip_arch} (e.g. ViT-L-14 open_clip_pytorch_model.bin or .safetensors) and pass the path.")
+        if clip_arch.endswith(".json"):  # an open_clip model config file (architectures open_clip does not ship)
+            import open_clip
+
+            if not os.path.isfile(clip_arch):
+                raise SystemExit(f"--clip-arch {clip_arch!r}: config file not found.")
+            open_clip.add_model_config(clip_arch)
+            clip_arch = os.path.splitext(os.path.basename(clip_arch))[0]
         enc = ConceptEncoder.from_open_clip(clip_arch, weights=clip_weights, device="cpu")
         return cls(patcher, ComfyTextEncoder(clip), enc, read_concepts(concept_list), read_prompts(neutral_prompts),
                    precision=precision, vae=vae, **kw)

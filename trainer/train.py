@@ -86,7 +86,7 @@ class TrainConfig:
     model: str = ""  # --backend comfy: checkpoint or diffusion-model .safetensors, loaded with ComfyUI's own loaders
     text_encoders: str = ""  # --backend comfy: comma-separated text encoder files, when --model holds none
     clip_type: str = "stable_diffusion"  # --backend comfy: ComfyUI CLIPType of --text-encoders (stable_diffusion, sdxl, pixart, flux, ...)
-    clip_arch: str = "ViT-L-14"  # --backend comfy: open_clip architecture of the concept encoder
+    clip_arch: str = "ViT-L-14"  # --backend comfy: open_clip architecture of the concept encoder (or an open_clip config .json)
     clip_weights: str = ""  # --backend comfy: local open_clip weights file of the concept encoder
     concept_list: str = ""  # --backend comfy: concept<TAB>category file (default trainer/data/concepts.tsv)
     neutral_prompts: str = ""  # --backend comfy: neutral prompts, one a line (default trainer/data/neutral_prompts.txt)
