@@ -19,15 +19,17 @@ both; ``rows="cond"``/``"uncond"`` restrict it using ``transformer_options["cond
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
 from hypertransport_core.errors import HyperTransportError
 from hypertransport_core.hooks import steer
-from hypertransport_core.interventions import StrengthSpec, Steering, effective_affine, strength_for
+from hypertransport_core.interventions import Steering, StrengthSpec, effective_affine, strength_for
 from hypertransport_core.sites import Site
 
 WRAPPER_KEY = "hypertransport"
@@ -72,6 +74,85 @@ def row_mask_for(transformer_options: Mapping, batch: int, rows: str) -> torch.T
     return flags.repeat_interleave(batch // len(cou))
 
 
+class PreparedMaps:
+    """The maps of some interventions as ready-to-use per-site ``(a, c)`` (``a ⊙ z + c``) in one
+    device/dtype, grouped by module. Same arithmetic as :func:`hypertransport_core.apply_map`
+    (maps composed in list order; pooled spatial sites map the spatial mean), but computed once
+    per sampling run instead of at every call: the per-step cost is one fused kernel per site."""
+
+    def __init__(self, interventions: Sequence[Intervention], device: torch.device, dtype: torch.dtype):
+        self.by_module: dict[str, list[tuple[Site, torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        for steering, spec in interventions:
+            parts = steering.split()
+            for site in steering.sites:
+                lam = check_strength(strength_for(spec, site), f"strength of site {site.name!r}")
+                if lam == 0:
+                    continue
+                w, b = parts[site.name]
+                a, c = effective_affine(w.float(), b.float(), lam)
+                self.by_module[site.module].append(
+                    (site, a.to(device=device, dtype=dtype), c.to(device=device, dtype=dtype)))
+
+
+def _channel_view(t: torch.Tensor, z: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    if channel_dim in (-1, z.ndim - 1):
+        return t
+    shape = [1] * z.ndim
+    shape[channel_dim] = -1
+    return t.view(shape)
+
+
+def _apply(z: torch.Tensor, site: Site, a: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if a.dtype != z.dtype or a.device != z.device:  # a block that computes in another precision/device
+        a, c = a.to(device=z.device, dtype=z.dtype), c.to(device=z.device, dtype=z.dtype)
+    a_, c_ = _channel_view(a, z, site.channel_dim), _channel_view(c, z, site.channel_dim)
+    if site.form == "pooled" and site.channel_dim in (1, 1 - z.ndim) and z.ndim > 2:
+        m = z.mean(dim=tuple(range(2, z.ndim)), keepdim=True)
+        out = z + torch.addcmul(c_, a_ - 1, m)
+    else:
+        out = torch.addcmul(c_, z, a_)
+    if mask is not None:
+        out = torch.where(mask.to(z.device).view([-1] + [1] * (z.ndim - 1)), out, z)
+    return out
+
+
+@contextlib.contextmanager
+def steer_prepared(root: torch.nn.Module, maps: PreparedMaps, row_mask: torch.Tensor | None = None) -> Iterator[None]:
+    """Like :func:`hypertransport_core.hooks.steer` for :class:`PreparedMaps`: forward hooks on the sites'
+    modules for the duration, always removed (also when the body raises)."""
+    modules = {}
+    for path in maps.by_module:  # by path, not named_modules(): a few getattr per site, every call
+        try:
+            modules[path] = root.get_submodule(path)
+        except AttributeError:
+            raise HyperTransportError(
+                f"the model has no module {path!r} (a site of the steering). "
+                "Fix: use a hypernet/steering trained for this model family."
+            ) from None
+
+    def make_hook(entries):
+        def hook(_module, _inputs, output):
+            for site, a, c in entries:
+                if site.output_index is None:
+                    output = _apply(output, site, a, c, row_mask)
+                else:
+                    items = list(output)
+                    items[site.output_index] = _apply(items[site.output_index], site, a, c, row_mask)
+                    output = type(output)(items) if isinstance(output, tuple) else items
+            return output
+
+        return hook
+
+    handles = []
+    try:
+        for path, entries in maps.by_module.items():
+            handles.append(modules[path].register_forward_hook(make_hook(entries)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class SteeringWrapper:
     """``APPLY_MODEL`` wrapper steering ``diffusion_model`` while sigma is inside the range.
 
@@ -80,7 +161,11 @@ class SteeringWrapper:
     object, so the maps are never duplicated per clone.
     """
 
-    def __init__(self, interventions: Sequence[Intervention], start_percent=0.0, end_percent=1.0, rows="all"):
+    def __init__(self, interventions: Sequence[Intervention], start_percent=0.0, end_percent=1.0, rows="all",
+                 engine: str = "prepared"):
+        if engine not in ("prepared", "core"):
+            raise HyperTransportError(f"engine {engine!r} is not 'prepared' or 'core'.")
+        self.engine = engine
         if rows not in ROWS:
             raise HyperTransportError(f"rows {rows!r} is not one of {ROWS}. Fix: pick one in the node.")
         self.interventions = tuple(interventions)
@@ -88,6 +173,7 @@ class SteeringWrapper:
         self.rows = rows
         self._sigmas: dict[int, tuple[float, float]] = {}
         self._on_device: dict[tuple, tuple[Intervention, ...]] = {}
+        self._prepared: dict[tuple, PreparedMaps] = {}
         self._lock = threading.Lock()
         self.calls = 0  # model calls that were steered (for tests and diagnostics)
 
@@ -122,6 +208,14 @@ class SteeringWrapper:
                 self._on_device[key] = tuple((s.to(device=device), spec) for s, spec in self.interventions)
             return self._on_device[key]
 
+    def prepared(self, device: torch.device, dtype: torch.dtype) -> PreparedMaps:
+        """Per-site ``(a, c)`` in the activations' device and dtype, computed once and kept."""
+        key = (device.type, device.index, dtype)
+        with self._lock:
+            if key not in self._prepared:
+                self._prepared[key] = PreparedMaps(self.interventions, device, dtype)
+            return self._prepared[key]
+
     def __call__(self, executor, x, t, *args, **kwargs):
         base = executor.class_obj
         if not self.interventions or not self.active(base.model_sampling, t):
@@ -129,7 +223,11 @@ class SteeringWrapper:
         topts = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
         mask = row_mask_for(topts or {}, x.shape[0], self.rows)
         self.calls += 1
-        with steer(base.diffusion_model, self.on_device(x.device), row_mask=mask):
+        if self.engine == "core":
+            with steer(base.diffusion_model, self.on_device(x.device), row_mask=mask):
+                return executor(x, t, *args, **kwargs)
+        dtype = base.manual_cast_dtype or base.get_dtype()
+        with steer_prepared(base.diffusion_model, self.prepared(x.device, dtype), row_mask=mask):
             return executor(x, t, *args, **kwargs)
 
 

@@ -381,3 +381,20 @@ def test_corrupt_hypernet_file(comfy_base, D):
         D.LoadHyperNet.execute("corrupt.safetensors")
     with pytest.raises(ValueError, match="not found"):
         D.LoadHyperNet.execute("missing.safetensors")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prepared_hooks_match_core_steer(comfy, D, P, make_hypernet, family):
+    """The wrapper's precomputed maps give what hypertransport_core.hooks.steer gives."""
+    if family not in _CACHE:
+        _CACHE[family] = Fam(comfy, D, make_hypernet, family)
+    f = _CACHE[family]
+    steering = D.MakeSteering.execute(f.hn, f.concept).args[0]
+    outs = {}
+    for engine in ("prepared", "core"):
+        for lam in (0.7, -0.6):
+            m = f.model.clone()
+            m.add_wrapper_with_key(P._wrappers_mp(), P.WRAPPER_KEY, P.SteeringWrapper([(steering, lam)], engine=engine))
+            outs[engine, lam] = f.sample(m)
+    for lam in (0.7, -0.6):
+        torch.testing.assert_close(outs["prepared", lam], outs["core", lam], rtol=1e-3, atol=1e-3)

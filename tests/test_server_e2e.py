@@ -51,7 +51,7 @@ def stand_in(prompt: dict, names: dict) -> dict:
             inp["vae_name"] = "taesdxl"
         elif ct == "EmptyLatentImage":
             inp["width"] = inp["height"] = 320 if pixart else 64
-    for nid, n in p.items():
+    for n in p.values():
         if n["class_type"] == "CLIPTextEncode":
             n["class_type"] = "HTTestConditioning"
             n["inputs"] = {"text": n["inputs"]["text"], "seed": 7, "dim": 4096 if pixart else 768, "tokens": 8}

@@ -1,0 +1,147 @@
+"""The web UI in a headless Chromium: it lists the nodes and loads every workflow with none missing.
+
+Needs Debian's ``chromium`` (``apt-get update && apt-get install -y chromium``); skipped with the
+reason otherwise. Chromium is driven over the DevTools protocol (aiohttp's websocket client, already a
+ComfyUI dependency), on loopback only. A screenshot per workflow is written to the test's temp folder;
+with ``HT_UPDATE_SCREENSHOT=1`` the text-steering one also replaces ``docs/screenshot.png``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.comfy, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage", "--window-size=1600,1000"]
+
+
+def find_chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        p = shutil.which(name)
+        if p:
+            return p
+    return None
+
+
+class CDP:
+    """A minimal DevTools-protocol client for one page."""
+
+    def __init__(self, ws):
+        self.ws, self.n = ws, 0
+
+    async def call(self, method: str, **params):
+        self.n += 1
+        my = self.n
+        await self.ws.send_json({"id": my, "method": method, "params": params})
+        while True:
+            msg = await self.ws.receive_json(timeout=120)
+            if msg.get("id") == my:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+
+    async def js(self, expr: str):
+        r = await self.call("Runtime.evaluate", expression=expr, awaitPromise=True, returnByValue=True)
+        if "exceptionDetails" in r:
+            raise RuntimeError(f"JS error in {expr[:80]!r}: {r['exceptionDetails']}")
+        return r["result"].get("value")
+
+    async def wait_for(self, expr: str, timeout: float = 90):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                if await self.js(expr):
+                    return
+            except RuntimeError:
+                pass
+            await asyncio.sleep(0.5)
+        raise TimeoutError(f"timed out waiting for {expr}")
+
+
+@pytest.fixture(scope="module")
+def chromium(comfy_server, tmp_path_factory):
+    exe = find_chromium()
+    if exe is None:
+        pytest.skip("no Chromium found; install it with `apt-get update && apt-get install -y chromium`")
+    port = comfy_server.__class__.__module__ and __import__("comfy_host").free_port()
+    profile = tmp_path_factory.mktemp("chromium_profile")
+    proc = subprocess.Popen([exe, *FLAGS, f"--remote-debugging-port={port}", "--remote-debugging-address=127.0.0.1",
+                             f"--user-data-dir={profile}", "about:blank"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while True:
+        try:
+            targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2).read())
+            page = next(t for t in targets if t.get("type") == "page")
+            break
+        except Exception:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail("Chromium did not start its DevTools endpoint")
+            time.sleep(0.3)
+    yield page["webSocketDebuggerUrl"]
+    proc.terminate()  # our own browser, by its handle
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def test_web_ui_lists_nodes_and_loads_workflows(comfy_server, chromium, tmp_path):
+    import aiohttp
+
+    # no first-run template dialog over the canvas
+    req = urllib.request.Request(comfy_server.url + "/settings/Comfy.TutorialCompleted", data=b"true",
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    urllib.request.urlopen(req, timeout=10).read()
+
+    async def session():
+        async with aiohttp.ClientSession() as s, s.ws_connect(chromium, max_msg_size=0) as ws:
+            cdp = CDP(ws)
+            await cdp.call("Page.enable")
+            await cdp.call("Runtime.enable")
+            await cdp.call("Page.navigate", url=comfy_server.url + "/")
+            await cdp.wait_for("!!(window.app && window.app.graph && window.LiteGraph "
+                               "&& Object.keys(window.LiteGraph.registered_node_types).length > 100)")
+            registered = await cdp.js("Object.keys(LiteGraph.registered_node_types)"
+                                      ".filter(k => k.startsWith('HyperTransport'))")
+            results = {}
+            for wf in WORKFLOWS:
+                data = json.loads(wf.read_text())
+                await cdp.js(f"app.loadGraphData({json.dumps(data)}, true, true, {json.dumps(wf.stem)})"
+                             ".then(() => true)")
+                await asyncio.sleep(1.0)
+                results[wf.stem] = await cdp.js(
+                    "(() => { const nodes = app.graph._nodes || app.graph.nodes;"
+                    " return {count: nodes.length,"
+                    " missing: nodes.filter(n => !LiteGraph.registered_node_types[n.type]).map(n => n.type),"
+                    " errors: nodes.filter(n => n.has_errors).map(n => n.type)}; })()")
+                shot = await cdp.call("Page.captureScreenshot", format="png")
+                (tmp_path / f"{wf.stem}.png").write_bytes(base64.b64decode(shot["data"]))
+            return registered, results
+
+    registered, results = asyncio.run(session())
+    assert {"HyperTransportLoadHyperNet", "HyperTransportEncodeConcept", "HyperTransportEncodeReferenceImage",
+            "HyperTransportApplySteering"} <= set(registered), registered
+    for name, r in results.items():
+        wf = json.loads((REPO / "workflows" / f"{name}.json").read_text())
+        assert r["count"] == len(wf["nodes"]), (name, r)
+        assert not r["missing"] and not r["errors"], (name, r)
+    shot = tmp_path / "text_steering_sdxl_dmd2.png"
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("HT_UPDATE_SCREENSHOT") == "1":
+        (REPO / "docs").mkdir(exist_ok=True)
+        shutil.copy(shot, REPO / "docs" / "screenshot.png")
