@@ -127,7 +127,7 @@ def unet_config(family: str, model_channels: int, context_dim: int, *, full: boo
             "model_channels": model_channels,
             "channel_mult": [1, 2, 4, 4] if full else [1, 2],
             "num_res_blocks": [2, 2, 2, 2] if full else [1, 1],
-            "transformer_depth": [1, 1, 1, 0] if full else [1, 1],
+            "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0] if full else [1, 1],
             "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0] if full else [1, 1, 1, 1],
             "transformer_depth_middle": 1,
         }
