@@ -241,7 +241,7 @@ def compute_targets(backend, concepts: list[str], cfg: TrainConfig, chunk: int =
         with capture_pooled(backend.root, sites, detach=True, rows=backend.cond_rows) as acts:
             backend.run(prompts, seeds)
         for s in sites:
-            per_step = torch.stack(acts[s.name])  # (steps, G*n, C)
+            per_step = torch.stack(acts[s.name]).cpu()  # (steps, G*n, C); the cache lives in CPU memory or on disk
             out[s.name].append(per_step.view(len(acts[s.name]), len(group), n, -1).transpose(0, 1))
     return {k: torch.cat(v) for k, v in out.items()}
 
@@ -366,7 +366,7 @@ def steered_batch_loss(run: Run, concepts: list[str], modalities: list[str], rng
         idx = torch.tensor([run.index[c] for c in concepts])
         terms = []
         for s in backend.sites:
-            tgt = run.targets[s.name][idx]  # (K, steps, n, C)
+            tgt = run.targets[s.name][idx].to(acts[s.name][0].device)  # (K, steps, n, C), kept on the CPU between batches
             for t, a in enumerate(acts[s.name]):
                 src = a.view(K, P, -1)
                 if cfg.loss == "w2_channels":
@@ -448,7 +448,8 @@ def fit_concept_lineas(
         targets: ``{site: (sampler_steps, n_target, C)}`` of this concept (a row of the cache).
     """
     P = cfg.prompts_per_concept
-    tgt = {k: list(v) for k, v in targets.items()}
+    device = next(backend.root.parameters()).device  # the cache is on the CPU; the loss runs beside the model
+    tgt = {k: list(v.to(device)) for k, v in targets.items()}
     salt = _concept_seed(cfg, concept, "lineas")
 
     def batch_fn(step: int):
