@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage", "--window-size=1600,1000"]
+         "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage", "--window-size=1920,1080"]
 
 
 def find_chromium() -> str | None:

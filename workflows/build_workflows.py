@@ -57,20 +57,20 @@ def L(node: int, slot: int = 0) -> tuple[int, int]:
 
 def _sdxl_base(note: str = SDXL_NOTE) -> list[Node]:
     return [
-        Node(1, "Note", {"text": note}, (0, -330), "Model files", (620, 250)),
+        Node(1, "Note", {"text": note}, (1300, 420), "Model files", (640, 260)),
         Node(2, "CheckpointLoaderSimple", {"ckpt_name": "sd_xl_base_1.0.safetensors"}, (0, 0)),
         Node(3, "LoraLoaderModelOnly", {"model": L(2, 0), "lora_name": "dmd2_sdxl_4step_lora_fp16.safetensors",
-                                        "strength_model": 1.0}, (0, 160)),
-        Node(4, "HyperTransportLoadHyperNet", {"hypernet_name": "hypertransport_sdxl_dmd2.safetensors"}, (0, 330)),
+                                        "strength_model": 1.0}, (0, 200)),
+        Node(4, "HyperTransportLoadHyperNet", {"hypernet_name": "hypertransport_sdxl_dmd2.safetensors"}, (0, 400)),
         Node(6, "CLIPTextEncode", {"text": "a photo of a lighthouse on a cliff at sunset", "clip": L(2, 1)},
-             (760, 300), "Positive"),
-        Node(7, "CLIPTextEncode", {"text": "", "clip": L(2, 1)}, (760, 520), "Negative"),
-        Node(8, "EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, (760, 700)),
-        Node(10, "VAEDecode", {"samples": L(9, 0), "vae": L(2, 2)}, (1560, 0)),
+             (860, 300), "Positive"),
+        Node(7, "CLIPTextEncode", {"text": "", "clip": L(2, 1)}, (860, 540), "Negative"),
+        Node(8, "EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, (860, 780)),
+        Node(10, "VAEDecode", {"samples": L(9, 0), "vae": L(2, 2)}, (1740, 0)),
     ]
 
 
-def _ksampler(id_, model, pos=(1160, 0), seed=1, steps=4, cfg=1.0, sampler="lcm", scheduler="sgm_uniform",
+def _ksampler(id_, model, pos=(1300, 0), seed=1, steps=4, cfg=1.0, sampler="lcm", scheduler="sgm_uniform",
               positive=L(6), negative=L(7), latent=L(8)) -> Node:
     return Node(id_, "KSampler", {"model": model, "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler,
                                   "scheduler": scheduler, "positive": positive, "negative": negative,
@@ -80,23 +80,23 @@ def _ksampler(id_, model, pos=(1160, 0), seed=1, steps=4, cfg=1.0, sampler="lcm"
 def text_steering_sdxl_dmd2() -> list[Node]:
     return _sdxl_base() + [
         Node(5, "HyperTransportEncodeConcept", {"hypernet": L(4), "text": "watercolor painting",
-                                                 "clip_weights": "auto (match the hypernet's encoder)"}, (380, 330)),
+                                                 "clip_weights": "auto (match the hypernet's encoder)"}, (420, 400)),
         Node(11, "HyperTransportApplySteering", {"model": L(3), "hypernet": L(4), "concept": L(5), "strength": 1.0,
-                                                 "start_percent": 0.0, "end_percent": 1.0}, (380, 0)),
+                                                 "start_percent": 0.0, "end_percent": 1.0}, (420, 0)),
         _ksampler(9, L(11)),
-        Node(12, "SaveImage", {"images": L(10), "filename_prefix": "hypertransport_text"}, (1560, 120)),
+        Node(12, "SaveImage", {"images": L(10), "filename_prefix": "hypertransport_text"}, (1740, 140)),
     ]
 
 
 def reference_image_steering() -> list[Node]:
     return _sdxl_base() + [
-        Node(13, "LoadImage", {"image": "example.png"}, (0, 480), "Reference image"),
+        Node(13, "LoadImage", {"image": "example.png"}, (0, 600), "Reference image"),
         Node(5, "HyperTransportEncodeReferenceImage", {"hypernet": L(4), "image": L(13, 0),
-                                                        "clip_weights": "auto (match the hypernet's encoder)"}, (380, 330)),
+                                                        "clip_weights": "auto (match the hypernet's encoder)"}, (420, 400)),
         Node(11, "HyperTransportApplySteering", {"model": L(3), "hypernet": L(4), "concept": L(5), "strength": 1.0,
-                                                 "start_percent": 0.0, "end_percent": 1.0}, (380, 0)),
+                                                 "start_percent": 0.0, "end_percent": 1.0}, (420, 0)),
         _ksampler(9, L(11)),
-        Node(12, "SaveImage", {"images": L(10), "filename_prefix": "hypertransport_image"}, (1560, 120)),
+        Node(12, "SaveImage", {"images": L(10), "filename_prefix": "hypertransport_image"}, (1740, 140)),
     ]
 
 
@@ -107,63 +107,63 @@ def strength_sweep() -> list[Node]:
     nodes = [n for n in _sdxl_base() if n.id != 10]
     nodes.append(Node(5, "HyperTransportEncodeConcept", {"hypernet": L(4), "text": "watercolor painting",
                                                           "clip_weights": "auto (match the hypernet's encoder)"},
-                      (380, 330)))
+                      (420, 400)))
     decoded = []
     for i, s in enumerate(STRENGTHS):
         a, k, d = 20 + i, 30 + i, 40 + i
         y = i * 260
         nodes.append(Node(a, "HyperTransportApplySteering", {"model": L(3), "hypernet": L(4), "concept": L(5),
                                                              "strength": s, "start_percent": 0.0, "end_percent": 1.0},
-                          (1160, y), f"strength {s:+g}"))
-        nodes.append(_ksampler(k, L(a), pos=(1560, y)))
-        nodes.append(Node(d, "VAEDecode", {"samples": L(k), "vae": L(2, 2)}, (1960, y)))
+                          (1300, y), f"strength {s:+g}"))
+        nodes.append(_ksampler(k, L(a), pos=(1700, y)))
+        nodes.append(Node(d, "VAEDecode", {"samples": L(k), "vae": L(2, 2)}, (2100, y)))
         decoded.append(d)
     prev = decoded[0]
     for i, d in enumerate(decoded[1:]):  # one batch, left to right = increasing strength
         b = 50 + i
-        nodes.append(Node(b, "ImageBatch", {"image1": L(prev), "image2": L(d)}, (2200, i * 120)))
+        nodes.append(Node(b, "ImageBatch", {"image1": L(prev), "image2": L(d)}, (2360, i * 120)))
         prev = b
-    nodes.append(Node(12, "SaveImage", {"images": L(prev), "filename_prefix": "hypertransport_sweep"}, (2460, 0)))
+    nodes.append(Node(12, "SaveImage", {"images": L(prev), "filename_prefix": "hypertransport_sweep"}, (2620, 0)))
     return nodes
 
 
 def combine_concepts() -> list[Node]:
     return _sdxl_base() + [
         Node(5, "HyperTransportEncodeConcept", {"hypernet": L(4), "text": "watercolor painting",
-                                                 "clip_weights": "auto (match the hypernet's encoder)"}, (380, 330)),
+                                                 "clip_weights": "auto (match the hypernet's encoder)"}, (420, 400)),
         Node(14, "HyperTransportEncodeConcept", {"hypernet": L(4), "text": "autumn colors",
-                                                  "clip_weights": "auto (match the hypernet's encoder)"}, (380, 560)),
+                                                  "clip_weights": "auto (match the hypernet's encoder)"}, (420, 640)),
         Node(15, "HyperTransportCombineConcepts", {"concept_a": L(5), "weight_a": 1.0, "concept_b": L(14),
-                                                   "weight_b": -0.5, "weight_c": 1.0}, (380, 800),
+                                                   "weight_b": -0.5, "weight_c": 1.0}, (420, 880),
              "watercolor minus autumn"),
         Node(11, "HyperTransportApplySteering", {"model": L(3), "hypernet": L(4), "concept": L(15), "strength": 1.0,
-                                                 "start_percent": 0.0, "end_percent": 1.0}, (380, 0)),
-        Node(16, "HyperTransportMakeSteering", {"hypernet": L(4), "concept": L(15)}, (760, 860)),
+                                                 "start_percent": 0.0, "end_percent": 1.0}, (420, 0)),
+        Node(16, "HyperTransportMakeSteering", {"hypernet": L(4), "concept": L(15)}, (860, 1020)),
         Node(17, "HyperTransportSaveSteering", {"steering": L(16), "filename_prefix": "watercolor_minus_autumn"},
-             (1160, 860)),
+             (1300, 1020)),
         _ksampler(9, L(11)),
-        Node(12, "SaveImage", {"images": L(10), "filename_prefix": "hypertransport_combined"}, (1560, 120)),
+        Node(12, "SaveImage", {"images": L(10), "filename_prefix": "hypertransport_combined"}, (1740, 140)),
     ]
 
 
 def pixart_nitro() -> list[Node]:
     return [
-        Node(1, "Note", {"text": PIXART_NOTE}, (0, -330), "Model files", (620, 250)),
+        Node(1, "Note", {"text": PIXART_NOTE}, (1300, 420), "Model files", (640, 260)),
         Node(2, "UNETLoader", {"unet_name": "nitro_1_pixart.safetensors", "weight_dtype": "default"}, (0, 0)),
         Node(3, "CLIPLoader", {"clip_name": "t5xxl_fp16.safetensors", "type": "pixart", "device": "default"},
-             (0, 160)),
+             (0, 200)),
         Node(18, "VAELoader", {"vae_name": "sdxl_vae.safetensors"}, (0, 600)),
         Node(4, "HyperTransportLoadHyperNet", {"hypernet_name": "hypertransport_pixart.safetensors"}, (0, 330)),
         Node(5, "HyperTransportEncodeConcept", {"hypernet": L(4), "text": "pixel art",
-                                                 "clip_weights": "auto (match the hypernet's encoder)"}, (380, 330)),
+                                                 "clip_weights": "auto (match the hypernet's encoder)"}, (420, 400)),
         Node(11, "HyperTransportApplySteering", {"model": L(2), "hypernet": L(4), "concept": L(5), "strength": 1.0,
-                                                 "start_percent": 0.0, "end_percent": 1.0}, (380, 0)),
-        Node(6, "CLIPTextEncode", {"text": "a cozy cabin in a snowy forest", "clip": L(3)}, (760, 300), "Positive"),
-        Node(7, "CLIPTextEncode", {"text": "", "clip": L(3)}, (760, 520), "Negative"),
-        Node(8, "EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, (760, 700)),
+                                                 "start_percent": 0.0, "end_percent": 1.0}, (420, 0)),
+        Node(6, "CLIPTextEncode", {"text": "a cozy cabin in a snowy forest", "clip": L(3)}, (860, 300), "Positive"),
+        Node(7, "CLIPTextEncode", {"text": "", "clip": L(3)}, (860, 540), "Negative"),
+        Node(8, "EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, (860, 780)),
         _ksampler(9, L(11), steps=1, cfg=1.0, sampler="euler", scheduler="simple"),
-        Node(10, "VAEDecode", {"samples": L(9, 0), "vae": L(18)}, (1560, 0)),
-        Node(12, "SaveImage", {"images": L(10), "filename_prefix": "hypertransport_pixart"}, (1560, 120)),
+        Node(10, "VAEDecode", {"samples": L(9, 0), "vae": L(18)}, (1740, 0)),
+        Node(12, "SaveImage", {"images": L(10), "filename_prefix": "hypertransport_pixart"}, (1740, 140)),
     ]
 
 
@@ -250,7 +250,7 @@ def to_ui(nodes: list[Node], object_info: dict) -> dict:
         ui_nodes.append(entry)
     return {
         "last_node_id": max(n.id for n in nodes), "last_link_id": link_id, "nodes": ui_nodes,
-        "links": [lk[:6] for lk in links], "groups": [], "config": {}, "extra": {"ds": {"scale": 0.6, "offset": [60, 380]}},
+        "links": [lk[:6] for lk in links], "groups": [], "config": {}, "extra": {"ds": {"scale": 0.65, "offset": [120, 400]}},
         "version": 0.4,
     }
 
