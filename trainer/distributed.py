@@ -89,8 +89,11 @@ def all_reduce_grads(module: torch.nn.Module, loss: torch.Tensor) -> torch.Tenso
     """Sum every parameter's gradient and the loss over the ranks (in one flat buffer). Returns the summed loss."""
     params = [p for p in module.parameters() if p.requires_grad]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(grads[0].dtype)])
+    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(grads[0])])
+    if dist.get_backend() == "nccl" and flat.device.type != "cuda":  # the hypernet may live on the CPU
+        flat = flat.to(torch.device("cuda", torch.cuda.current_device()))
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat = flat.to(grads[0].device)
     i = 0
     for p, g in zip(params, grads):
         n = g.numel()
