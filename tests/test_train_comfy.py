@@ -226,7 +226,10 @@ def test_cli_with_comfy_model_files(comfy, comfy_base, encoder, tmp_path):
     meta = read_header(str(out / "hypernet.safetensors"), expect="hypertransport.hypernet")
     assert meta["model_family"] == "sd15" and meta["training"]["steps"] == 2
     assert len(os.listdir(out / "targets")) == 3  # index + 2 shards (8 concepts, 4 a shard)
+    refs = {f: os.path.getmtime(out / "refs" / f) for f in os.listdir(out / "refs")}
+    assert len(refs) == len(CONCEPTS)  # one file of reference images per concept
     r2 = subprocess.run(args + ["--steps", "3", "--resume"], capture_output=True, text=True, env=env, cwd=comfy.REPO,
                         timeout=600)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "reusing 2 shards" in r2.stderr and "resumed from" in r2.stderr
+    assert {f: os.path.getmtime(out / "refs" / f) for f in os.listdir(out / "refs")} == refs  # reused, not resampled

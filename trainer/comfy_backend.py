@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -36,8 +37,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
-from hypertransport_core import ConceptEncoder, Site, detect_family, list_sites
+from hypertransport_core import ConceptEncoder, Site, detect_family, list_sites, weights_fingerprint
+from hypertransport_core.encoders import to_model_input
+from hypertransport_core.files import _atomic_save
 from trainer.backends import ConceptInfo
 
 log = logging.getLogger("hypertransport.comfy_backend")
@@ -316,14 +320,17 @@ class ComfyBackend:
         precision: "fp32", "bf16" or "fp16" autocast of the diffusion model's forward.
         grad_checkpoint: recompute block activations in backward (saves memory, ~30% slower).
         vae: a ``comfy.sd.VAE`` for reference images (else a cheap latent→RGB preview is used).
+        ref_cache: folder keeping each concept's reference images at the concept encoder's input size
+            (``--backend comfy`` sets ``<out>/refs``): a resumed run does not sample them again.
     """
 
     def __init__(self, patcher, text, encoder: ConceptEncoder, concepts: Sequence[ConceptInfo], neutral: Sequence[str], *,
                  family: str | None = None, steps: int | None = None, timesteps: Sequence[int] | None = None,
                  guidance: float = 1.0, resolution: int | None = None, form: str = "pooled", precision: str = "fp32",
-                 grad_checkpoint: bool = False, vae=None):
+                 grad_checkpoint: bool = False, vae=None, ref_cache: str | None = None):
         mm = import_comfy()
-        self.patcher, self.text, self.encoder, self.vae = patcher, text, encoder, vae
+        self.patcher, self.text, self.encoder, self.vae, self.ref_cache = patcher, text, encoder, vae, ref_cache
+        self._fingerprint: str | None = None
         self.model = patcher.model  # comfy.model_base.BaseModel
         self.root = self.model.diffusion_model
         self.family = family or detect_family(self.root)
@@ -428,11 +435,28 @@ class ComfyBackend:
 
     def reference_images(self, concept: str, n: int, rng: np.random.Generator) -> torch.Tensor:
         """``n`` images ``(n, H, W, 3)`` in [0, 1] the model makes for the concept's prompts (image-embedding inputs)."""
+        path = None
+        if self.ref_cache:
+            if self._fingerprint is None:
+                self._fingerprint = weights_fingerprint(self.root)
+            ident = json.dumps({"concept": concept, "n": n, "rng": rng.bit_generator.state, "model": self._fingerprint,
+                                "sigmas": self.sigmas.tolist(), "resolution": self.resolution, "guidance": self.guidance,
+                                "template": getattr(self.concept_info(concept), "template", ""),
+                                "size": self.encoder.image_size}, sort_keys=True, default=str)
+            path = os.path.join(self.ref_cache, hashlib.sha256(ident.encode()).hexdigest()[:24] + ".safetensors")
+            if os.path.isfile(path):
+                with safe_open(path, "pt") as f:
+                    return f.get_tensor("images").float()
         prompts = self.target_prompts(concept, n, rng)
         seeds = [int(s) for s in rng.integers(0, 2**31 - 1, n)]
         with torch.no_grad():
-            lat = self.run(prompts, seeds)
-        return self.decode(lat)
+            imgs = self.decode(self.run(prompts, seeds))
+        if path is None:
+            return imgs
+        # resized and cropped exactly as the encoder's preprocessing would (it is then a no-op), kept as fp16
+        small = to_model_input(imgs, self.encoder.image_size, (0.0,) * 3, (1.0,) * 3).permute(0, 2, 3, 1).half()
+        _atomic_save({"images": small}, {"concept": concept}, path)
+        return small.float()
 
     # -- sampling -----------------------------------------------------------------------------
     @property

@@ -286,7 +286,7 @@ def make_backend(cfg: TrainConfig):
             concept_list=cfg.concept_list or CONCEPTS_TSV, neutral_prompts=cfg.neutral_prompts or NEUTRAL_PROMPTS,
             precision=cfg.precision, steps=cfg.sampler_steps, guidance=cfg.guidance, form=cfg.form,
             resolution=cfg.resolution or None, grad_checkpoint=cfg.grad_checkpoint,
-            timesteps=[int(t) for t in cfg.timesteps.split(",") if t.strip()] or None,
+            timesteps=[int(t) for t in cfg.timesteps.split(",") if t.strip()] or None, ref_cache=os.path.join(cfg.out, "refs"),
         )
     raise SystemExit(f"unknown backend {cfg.backend!r}")
 
