@@ -25,7 +25,7 @@ from . import patching
 
 CATEGORY = "HyperTransport"
 
-HyperNetType = io.Custom("HYPERNET")
+HyperNetType = io.Custom("HT_HYPERNET")
 ConceptType = io.Custom("HT_CONCEPT")
 SteeringType = io.Custom("HT_STEERING")
 

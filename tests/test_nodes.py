@@ -291,11 +291,34 @@ def test_half_precision_models(comfy, D, make_hypernet, dtype):
     assert torch.equal(f.sample(f.model), ref)
 
 
-def test_maps_follow_the_activation_device(P, sd15, D):
+def test_maps_follow_the_activation_device_and_dtype(P, sd15, D):
     steering = D.MakeSteering.execute(sd15.hn, sd15.concept).args[0]
     w = P.SteeringWrapper([(steering, 1.0)])
     moved = w.on_device(torch.device("meta"))
     assert moved[0][0].w.device.type == "meta" and w.on_device(torch.device("meta")) is moved
+    prep = w.prepared(torch.device("meta"), torch.float16)
+    site, a, c = next(iter(prep.by_module.values()))[0]
+    assert a.device.type == "meta" and a.dtype == torch.float16 and w.prepared(torch.device("meta"), torch.float16) is prep
+    # an activation in another dtype/device than prepared still gets maps of its own dtype
+    z = torch.randn(2, site.channels, 3, 3) if site.channel_dim == 1 else torch.randn(2, 5, site.channels)
+    a32, c32 = w.prepared(torch.device("cpu"), torch.float32).by_module[site.module][0][1:]
+    out = P._apply(z.to(torch.bfloat16), site, a32, c32, None)
+    assert out.dtype == torch.bfloat16
+
+
+def test_clones_share_the_maps(sd15, D, P):
+    (m,) = D.ApplySteeringAdvanced.execute(sd15.model, D.MakeSteering.execute(sd15.hn, sd15.concept).args[0],
+                                           1.0, 0.0, 0.5, "hooks", "all", "").args
+    c1, c2 = m.clone(), m.clone().clone()
+    (w,) = P.wrappers_of(m)
+    assert P.wrappers_of(c1)[0] is w and P.wrappers_of(c2)[0] is w
+    import copy
+
+    assert copy.deepcopy(w) is w  # model_options deep copies would not duplicate the maps either
+    (f,) = D.ApplySteeringAdvanced.execute(sd15.model, D.MakeSteering.execute(sd15.hn, sd15.concept).args[0],
+                                           1.0, 0.0, 1.0, "folded", "all", "").args
+    k = next(iter(f.patches))
+    assert f.clone().patches[k][0][1] is f.patches[k][0][1]
 
 
 # ---------------------------------------------------------------------------- concepts, files ---
