@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,11 +34,14 @@ def _cfg(out: Path, **kw):
     return T.TrainConfig(**base)
 
 
-def _worker(rank: int, world: int, init: str, out: str, result: str):
-    import torch.distributed as dist
+def _worker(rank: int, world: int, port: int, out: str, result: str):
+    from trainer import distributed
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    # what torchrun sets; trainer.distributed.setup() reads it (gloo without CUDA)
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    assert distributed.setup() and distributed.world_size() == world
     try:
         from trainer import train as T
         from trainer.backends import WorldBackend
@@ -47,7 +51,7 @@ def _worker(rank: int, world: int, init: str, out: str, result: str):
         assert run.shard == (rank, world)
         torch.save({k: v.clone() for k, v in run.hypernet.state_dict().items()}, f"{result}.{rank}")
     finally:
-        dist.destroy_process_group()
+        distributed.cleanup()
 
 
 def test_concept_slices_cover_the_batch():
@@ -72,7 +76,10 @@ def test_two_processes_match_one(tmp_path):
     single = T.train(_cfg(tmp_path / "single"), WorldBackend.tiny_random(seed=0, steps=2, guidance=2.0), progress=False)
     assert single.shard is None
     result = str(tmp_path / "ddp.pt")
-    mp.spawn(_worker, args=(2, f"file://{tmp_path / 'pg'}", str(tmp_path / "ddp"), result), nprocs=2, join=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_worker, args=(2, port, str(tmp_path / "ddp"), result), nprocs=2, join=True)
     r0, r1 = torch.load(f"{result}.0"), torch.load(f"{result}.1")
     for k, v in single.hypernet.state_dict().items():
         torch.testing.assert_close(r0[k], v, rtol=0, atol=1e-5, msg=k)
