@@ -182,3 +182,13 @@ def test_odd_reference_images(comfy_server, image, ok):
 
 def test_nan_survives_json():
     assert math.isnan(json.loads(json.dumps({"s": float("nan")}))["s"])
+
+
+def test_generated_files_are_current(comfy):
+    """workflows/*.json, workflows/api/*.json and docs/NODES.md match workflows/build_workflows.py."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(WORKFLOWS / "build_workflows.py"), "--check"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, f"stale generated files; run `python workflows/build_workflows.py`:\n{r.stdout}{r.stderr[-2000:]}"

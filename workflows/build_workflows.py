@@ -3,6 +3,7 @@
 * ``workflows/<name>.json``: the UI (LiteGraph) form you drag into ComfyUI; ComfyUI's template
   browser lists this folder under the pack's name.
 * ``workflows/api/<name>.json``: the API form (``POST /prompt``), used by the end-to-end tests.
+* ``docs/NODES.md``: every node's inputs and outputs, from the node schemas.
 
 Regenerate after editing (needs a ComfyUI, found as ``tests/comfy_host.py`` finds it, to read the
 nodes' widget order)::
@@ -255,6 +256,30 @@ def to_ui(nodes: list[Node], object_info: dict) -> dict:
     }
 
 
+def nodes_doc(node_classes) -> str:
+    """``docs/NODES.md``: every node, its inputs and outputs, from the schemas themselves."""
+    lines = ["# Nodes", "", "Generated from the node schemas by `workflows/build_workflows.py`; do not edit by hand.", ""]
+    for cls in node_classes:
+        sch = cls.define_schema()
+        lines += [f"## {sch.display_name}", "", f"`{sch.node_id}` (category {sch.category})", "", sch.description, "",
+                  "| input | type | default / range | what it does |", "| --- | --- | --- | --- |"]
+        for i in sch.inputs:
+            d = i.as_dict()
+            typ = i.get_io_type()
+            rng = []
+            for key in ("default", "min", "max"):
+                if d.get(key) is not None:
+                    rng.append(f"{key} {d[key]!r}")
+            opt = " (optional)" if i.optional else ""
+            tip = (i.tooltip or "").replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| `{i.id}`{opt} | {typ} | {', '.join(rng)} | {tip} |")
+        lines += ["", "| output | type | what it is |", "| --- | --- | --- |"]
+        for o in sch.outputs:
+            lines.append(f"| {o.display_name or o.get_io_type()} | {o.get_io_type()} | {o.tooltip or ''} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def object_info_inprocess() -> dict:
     """``/object_info`` for the node types the workflows use, from an in-process ComfyUI."""
     import asyncio
@@ -271,7 +296,7 @@ def object_info_inprocess() -> dict:
     for cls in pack.nodes.NODES:
         nodes.NODE_CLASS_MAPPINGS[cls.GET_SCHEMA().node_id] = cls
     wanted = {n.type for f in WORKFLOWS.values() for n in f()} - UI_ONLY
-    info = {}
+    info = {"__nodes_doc__": nodes_doc(pack.nodes.NODES)}
     for t in sorted(wanted):
         cls = nodes.NODE_CLASS_MAPPINGS[t]
         it = cls.INPUT_TYPES()
@@ -282,7 +307,7 @@ def object_info_inprocess() -> dict:
 
 
 def render(object_info: dict) -> dict[Path, str]:
-    files = {}
+    files = {REPO / "docs" / "NODES.md": object_info["__nodes_doc__"]}
     for name, build in WORKFLOWS.items():
         nodes = build()
         files[HERE / f"{name}.json"] = json.dumps(to_ui(nodes, object_info), indent=1) + "\n"
