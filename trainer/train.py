@@ -559,7 +559,8 @@ def train(cfg: TrainConfig, backend=None, progress: bool = True) -> Run:
     ident = evaluate_loss(run, run.holdout, identity=True, batches=2)
     run.history.append({"step": run.step, "holdout_loss": held, "holdout_loss_unsteered": ident})
     path = save_final(run, time.perf_counter() - t0) if main else ""
-    log.info("held-out OT loss %.4g (unsteered %.4g); hypernet -> %s (%.0f s)", held, ident, path, time.perf_counter() - t0)
+    if main:
+        log.info("held-out OT loss %.4g (unsteered %.4g); hypernet -> %s (%.0f s)", held, ident, path, time.perf_counter() - t0)
     return run
 
 
