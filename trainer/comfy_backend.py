@@ -318,7 +318,8 @@ class ComfyBackend:
         resolution: image side in pixels (``None``: the family's default).
         form: site form for spatial sites ("pooled" or "elementwise").
         precision: "fp32", "bf16" or "fp16" autocast of the diffusion model's forward.
-        grad_checkpoint: recompute block activations in backward (saves memory, ~30% slower).
+        grad_checkpoint: recompute block activations in backward (less memory, one more forward per block);
+            the block forwards stay wrapped on the model (a no-op without gradients).
         vae: a ``comfy.sd.VAE`` for reference images (else a cheap latent→RGB preview is used).
         ref_cache: folder keeping each concept's reference images at the concept encoder's input size
             (``--backend comfy`` sets ``<out>/refs``): a resumed run does not sample them again.
