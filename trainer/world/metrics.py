@@ -8,8 +8,10 @@ tensor (3, H, W) in [0, 1] (what the sampler returns, one row at a time).
 - Colour: per-channel median of the object's interior (mask eroded by 1 px; patterns cover < 50%
   of it, so on ground truth this is the object colour exactly).
 - Shape: bounding-box fill ratio (square ~1.0, circle ~0.79, triangle ~0.5).
-- Pattern: the "ink" map (distance of each object pixel from the object colour) correlated with each
-  pattern's template at every lattice phase; the score is the best Pearson correlation, in [0, 1].
+- Pattern: the "ink" map (distance of each interior pixel from the object colour) correlated with
+  each pattern's template at every lattice phase; the score is the best Pearson correlation, in
+  [0, 1]. 'outlined' compares shade-coloured pixels on the border and inside; 'plain' is
+  ``1 - best other score``.
 
 Example::
 
@@ -27,7 +29,7 @@ from . import world as W
 
 COLOUR_TOLERANCE = 40.0  # RGB units: a colour "hit"
 MAX_RGB_DISTANCE = float(np.sqrt(3) * 255)
-PLAIN_INK = 12.0  # mean ink (RGB units) under which an object counts as plain
+PLAIN_MAX_SCORE = 0.3  # an object whose best non-plain pattern scores at most this is plain
 
 
 def as_rgb255(img) -> np.ndarray:
@@ -153,47 +155,82 @@ def _corrs(vals: np.ndarray, temps: np.ndarray) -> np.ndarray:
     return np.where(den > 1e-9, (t @ a) / np.maximum(den, 1e-9), 0.0)
 
 
+def _interior(m: np.ndarray) -> np.ndarray:
+    inner = ndimage.binary_erosion(m, structure=np.ones((3, 3)))
+    return inner if inner.sum() >= 4 else m
+
+
+def _outline_score(a: np.ndarray, m: np.ndarray, c: np.ndarray) -> float:
+    """Share of border pixels that look like the shade, minus the same share inside.
+
+    A border pixel counts as shade when it is within 80 RGB units of ``shade_of(c)`` and closer to
+    it than to the segment from the object colour to the background (which is what a blurred edge
+    looks like), so soft edges do not read as an outline.
+    """
+    sh = W.shade_of(c).astype(np.float64)
+    bg = np.array(W.BACKGROUND, dtype=np.float64)
+
+    def shade_like(px: np.ndarray) -> np.ndarray:
+        d_sh = np.linalg.norm(px - sh, axis=-1)
+        seg = bg - c
+        t = np.clip(((px - c) @ seg) / max(seg @ seg, 1e-9), 0, 1)
+        d_seg = np.linalg.norm(px - (c + t[:, None] * seg), axis=-1)
+        return (d_sh < 2 * COLOUR_TOLERANCE) & (d_sh < d_seg)
+
+    best = 0.0
+    for k in (1, 2):  # a crisp 1-px outline, or a soft one spread over the outer 2 px
+        core = ndimage.binary_erosion(m, structure=np.ones((3, 3)), iterations=k)
+        border = m & ~core
+        if core.sum() < 4 or not border.any():
+            continue
+        best = max(best, float(shade_like(a[border]).mean() - shade_like(a[core]).mean()))
+    return best
+
+
 def pattern_scores(img) -> dict[str, float]:
     """Score in [0, 1] of every pattern in ``W.PATTERNS`` for the image's object.
 
-    'plain' scores ``1 - mean_ink / 40``; every other pattern the best Pearson correlation (over the
-    pattern's lattice phases) between the ink map and the pattern's template, inside the object.
+    Lattice patterns, 'ringed' and 'gradient': the best Pearson correlation (over the pattern's
+    phases) between the ink map and the pattern's template on the object's interior (mask eroded
+    by one pixel, so soft edges do not count). 'outlined': see ``_outline_score``. 'plain':
+    ``1 - max(other scores)``.
     """
-    ink, m = ink_map(img)
+    a = as_rgb255(img)
+    m = object_mask(a)
     out = {p: 0.0 for p in W.PATTERNS}
     if m.sum() < 4:
         return out
-    vals = ink[m]
-    out["plain"] = float(np.clip(1.0 - vals.mean() / (PLAIN_INK * 10 / 3), 0.0, 1.0))
-    if vals.std() < 1e-6:
-        return out
-    names, temps = _lattice_templates()
-    c = _corrs(vals, temps[:, m].astype(np.float64))
-    for p, v in zip(names, c):
-        out[p] = max(out[p], float(v))
-    ys, xs = np.nonzero(m)
-    ring = np.floor(np.hypot(xs - xs.mean(), ys - ys.mean())).astype(np.int64)
-    extra = [("ringed", ring % 3 == k) for k in range(3)]
-    u = (xs - xs.min()) / max(xs.max() - xs.min(), 1)
-    extra.append(("gradient", np.clip(3 * u - 2, 0, 1)))
-    extra.append(("outlined", ~ndimage.binary_erosion(m, structure=np.ones((3, 3)))[m]))
-    t = np.stack([e for _, e in extra]).astype(np.float64)
-    for (p, _), v in zip(extra, _corrs(vals, t)):
-        out[p] = max(out[p], float(v))
-    return {p: min(max(v, 0.0), 1.0) for p, v in out.items()}
+    inner = _interior(m)
+    c = object_colour(a, m)
+    ink = np.linalg.norm(a - c, axis=-1)
+    vals = ink[inner]
+    if vals.std() > 1e-6:
+        names, temps = _lattice_templates()
+        for p, v in zip(names, _corrs(vals, temps[:, inner].astype(np.float64))):
+            out[p] = max(out[p], float(v))
+        ys, xs = np.nonzero(m)  # centroid and bbox of the whole object
+        iy, ix = np.nonzero(inner)
+        ring = np.floor(np.hypot(ix + 0.5 - (xs.mean() + 0.5), iy + 0.5 - (ys.mean() + 0.5))).astype(np.int64)
+        extra = [("ringed", ring % 3 == k) for k in range(3)]
+        u = (ix - xs.min()) / max(xs.max() - xs.min(), 1)
+        extra.append(("gradient", np.clip(3 * u - 2, 0, 1)))
+        t = np.stack([e for _, e in extra]).astype(np.float64)
+        for (p, _), v in zip(extra, _corrs(vals, t)):
+            out[p] = max(out[p], float(v))
+    out["outlined"] = _outline_score(a, m, c)
+    out = {p: min(max(v, 0.0), 1.0) for p, v in out.items()}
+    out["plain"] = 1.0 - max(v for p, v in out.items() if p != "plain")
+    return out
 
 
 def pattern_of(img) -> str | None:
-    """The detected pattern: 'plain' if the mean ink is under ``PLAIN_INK``, else the best score."""
-    a = as_rgb255(img)
-    ink, m = ink_map(a)
-    if m.sum() < 4:
+    """The detected pattern: the best-scoring one ('plain' when no other pattern scores above
+    ``PLAIN_MAX_SCORE``); None if there is no object."""
+    s = pattern_scores(img)
+    if all(v == 0.0 for v in s.values()):
         return None
-    if ink[m].mean() < PLAIN_INK:
-        return "plain"
-    s = pattern_scores(a)  # (recomputes the mask; cheap)
-    s.pop("plain")
-    return max(s, key=s.get)
+    best = max((p for p in s if p != "plain"), key=s.get)
+    return best if s[best] > PLAIN_MAX_SCORE else "plain"
 
 
 def pattern_score(img, pattern: str) -> float:
