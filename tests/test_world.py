@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.world import WEIGHTS_DIR, clip_model as C, diffusion as D, metrics as M, world as W
+from trainer.world import WEIGHTS_DIR
+from trainer.world import clip_model as C
+from trainer.world import diffusion as D
+from trainer.world import metrics as M
+from trainer.world import world as W
 
 
 def _gt(n=200, seed=1):
@@ -50,7 +54,10 @@ def test_captions_and_neutral_prompt():
     s.say_pattern = False
     assert W.caption(s) == "a square" == W.neutral_prompt("square")
     assert W.parse_caption("a dark slate blue vertical-striped triangle") == {
-        "colour": "dark slate blue", "pattern": "vertical-striped", "shape": "triangle"}
+        "colour": "dark slate blue",
+        "pattern": "vertical-striped",
+        "shape": "triangle",
+    }
 
 
 def test_metrics_on_ground_truth():
@@ -98,9 +105,11 @@ def test_batch_generation_fast():
 @pytest.fixture(scope="module")
 def tiny_models():
     torch.manual_seed(0)
-    cfg = {"embed_dim": 32,
-           "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
     clip = C.build_clip(cfg).eval()
     unet = D.WorldUNet(channels=(8, 16, 32), ctx_dim=32, temb_dim=32, heads=2, groups=4).eval()
     torch.nn.init.normal_(unet.conv_out.weight, std=0.1)

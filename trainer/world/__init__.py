@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import world
-from .world import CONCEPTS, COLOURS, PATTERNS, SHAPES
+from .world import COLOURS, CONCEPTS, PATTERNS, SHAPES
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
 CLIP_FILE = "world_clip.safetensors"

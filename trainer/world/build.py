@@ -28,15 +28,20 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0, help="seed of both trainings")
     p.add_argument("--out", default="trainer/world/weights", help="output folder")
-    p.add_argument("--stage", choices=["all", "clip", "unet", "eval"], default="all",
-                   help="what to (re)build; 'unet' loads the CLIP already in --out")
+    p.add_argument(
+        "--stage",
+        choices=["all", "clip", "unet", "eval"],
+        default="all",
+        help="what to (re)build; 'unet' loads the CLIP already in --out",
+    )
     p.add_argument("--clip-minutes", type=float, default=9.0, help="CLIP wall-clock budget")
     p.add_argument("--clip-steps", type=int, default=100000, help="CLIP max steps")
     p.add_argument("--clip-batch", type=int, default=128, help="CLIP images (and captions) per step")
     p.add_argument("--unet-minutes", type=float, default=40.0, help="UNet wall-clock budget")
     p.add_argument("--unet-steps", type=int, default=1_000_000, help="UNet max steps")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (1 is fastest when other jobs share 2 cores)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1 is fastest when other jobs share 2 cores)"
+    )
     p.add_argument("--no-eval", action="store_true", help="skip the quality evaluation at the end")
     p.add_argument("--eval-n", type=int, default=360, help="images in the final evaluation")
     a = p.parse_args(argv)
@@ -64,8 +69,9 @@ def main(argv=None) -> None:
 
     if a.stage in ("all", "clip"):
         log.info("training HT-World-CLIP for %.1f min", a.clip_minutes)
-        clip, stats = C.train_clip(C.ClipTrainConfig(seed=a.seed, minutes=a.clip_minutes, steps=a.clip_steps,
-                                                   batch=a.clip_batch))
+        clip, stats = C.train_clip(
+            C.ClipTrainConfig(seed=a.seed, minutes=a.clip_minutes, steps=a.clip_steps, batch=a.clip_batch)
+        )
         stats["zero_shot"] = C.zero_shot_accuracy(clip, C.get_tokenizer())
         log.info("clip: %s", stats)
         C.save_clip(clip, clip_path, stats)

@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import open_clip
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from . import world as W
@@ -30,10 +29,8 @@ log = logging.getLogger(__name__)
 MODEL_NAME = "HT-World-CLIP"
 CLIP_CONFIG: dict = {
     "embed_dim": 128,
-    "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 128, "layers": 3, "head_width": 32,
-                   "mlp_ratio": 2.0},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3,
-                 "mlp_ratio": 2.0},
+    "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 128, "layers": 3, "head_width": 32, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3, "mlp_ratio": 2.0},
 }
 
 
@@ -178,13 +175,17 @@ def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> tuple[open_clip.m
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{ema_loss:.3f}", T=f"{model.logit_scale.exp().item():.1f}")
         if step % 200 == 0:
-            log.info("clip step %d loss %.4f scale %.1f (%.1f min)", step, ema_loss,
-                     model.logit_scale.exp().item(), (time.time() - t0) / 60)
+            log.info(
+                "clip step %d loss %.4f scale %.1f (%.1f min)",
+                step,
+                ema_loss,
+                model.logit_scale.exp().item(),
+                (time.time() - t0) / 60,
+            )
     if bar is not None:
         bar.close()
     model.eval()
-    stats = {"steps": step, "minutes": round((time.time() - t0) / 60, 2), "final_loss": ema_loss,
-             "config": asdict(cfg)}
+    stats = {"steps": step, "minutes": round((time.time() - t0) / 60, 2), "final_loss": ema_loss, "config": asdict(cfg)}
     return model, stats
 
 
@@ -214,9 +215,13 @@ def zero_shot_accuracy(model, tokenizer, n: int = 512, seed: int = 123) -> dict[
 # --------------------------------------------------------------------------- save / load
 def save_clip(model, path: str, stats: dict | None = None, dtype=torch.float16) -> None:
     sd = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": "ht-world-clip/1", "model_name": MODEL_NAME, "config": json.dumps(CLIP_CONFIG),
-            "tokenizer": "open_clip SimpleTokenizer(context_length=16)",
-            "stats": json.dumps(stats or {})}
+    meta = {
+        "format": "ht-world-clip/1",
+        "model_name": MODEL_NAME,
+        "config": json.dumps(CLIP_CONFIG),
+        "tokenizer": "open_clip SimpleTokenizer(context_length=16)",
+        "stats": json.dumps(stats or {}),
+    }
     tmp = path + ".tmp"
     save_file(sd, tmp, metadata=meta)
     import os
@@ -231,8 +236,10 @@ def load_world_clip(path: str, device: str = "cpu"):
     with safe_open(path, "pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != "ht-world-clip/1":
-        raise ValueError(f"{path}: metadata 'format' is {meta.get('format')!r}, expected "
-                         "'ht-world-clip/1'; rebuild with `python -m trainer.world.build`")
+        raise ValueError(
+            f"{path}: metadata 'format' is {meta.get('format')!r}, expected "
+            "'ht-world-clip/1'; rebuild with `python -m trainer.world.build`"
+        )
     cfg = json.loads(meta["config"])
     model = build_clip(cfg)
     sd = {k: v.float() for k, v in load_file(path).items()}

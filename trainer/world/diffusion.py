@@ -37,8 +37,7 @@ from . import world as W
 
 log = logging.getLogger(__name__)
 
-UNET_CONFIG: dict = {"channels": [32, 64, 128], "ctx_dim": 128, "temb_dim": 128, "heads": 4,
-                     "groups": 8}
+UNET_CONFIG: dict = {"channels": [32, 64, 128], "ctx_dim": 128, "temb_dim": 128, "heads": 4, "groups": 8}
 
 
 # --------------------------------------------------------------------------- model
@@ -335,17 +334,19 @@ def train_unet(clip, tokenizer, cfg: UNetTrainConfig, progress: bool = True, on_
             on_eval(ema, step)
     if bar is not None:
         bar.close()
-    stats = {"steps": step, "minutes": round((time.time() - t0) / 60, 2), "final_loss": ema_loss,
-             "config": asdict(cfg)}
+    stats = {"steps": step, "minutes": round((time.time() - t0) / 60, 2), "final_loss": ema_loss, "config": asdict(cfg)}
     return ema, stats
 
 
 # --------------------------------------------------------------------------- save / load
 def save_unet(unet, path: str, stats: dict | None = None, dtype=torch.float16) -> None:
     sd = {k: v.detach().to(dtype).contiguous() for k, v in unet.state_dict().items()}
-    meta = {"format": "ht-world-unet/1", "config": json.dumps(UNET_CONFIG),
-            "flow": "rectified flow, x_t=(1-t)x0+t*noise, v=noise-x0, pixels in [-1,1]",
-            "stats": json.dumps(stats or {})}
+    meta = {
+        "format": "ht-world-unet/1",
+        "config": json.dumps(UNET_CONFIG),
+        "flow": "rectified flow, x_t=(1-t)x0+t*noise, v=noise-x0, pixels in [-1,1]",
+        "stats": json.dumps(stats or {}),
+    }
     tmp = path + ".tmp"
     save_file(sd, tmp, metadata=meta)
     os.replace(tmp, path)
@@ -357,8 +358,10 @@ def load_world_unet(path: str, device: str = "cpu") -> WorldUNet:
     with safe_open(path, "pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != "ht-world-unet/1":
-        raise ValueError(f"{path}: metadata 'format' is {meta.get('format')!r}, expected "
-                         "'ht-world-unet/1'; rebuild with `python -m trainer.world.build`")
+        raise ValueError(
+            f"{path}: metadata 'format' is {meta.get('format')!r}, expected "
+            "'ht-world-unet/1'; rebuild with `python -m trainer.world.build`"
+        )
     unet = build_unet(json.loads(meta["config"]))
     unet.load_state_dict({k: v.float() for k, v in load_file(path).items()})
     return unet.eval().to(device)

@@ -23,13 +23,14 @@ from . import world as W
 def _batched_sample(unet, clip, tok, prompts, seeds, steps, guidance, bs=120):
     out = []
     for i in range(0, len(prompts), bs):
-        out.append(D.sample(unet, clip, tok, prompts[i:i + bs], seeds[i:i + bs], steps=steps, guidance=guidance))
+        out.append(D.sample(unet, clip, tok, prompts[i : i + bs], seeds[i : i + bs], steps=steps, guidance=guidance))
     return torch.cat(out)
 
 
 @torch.no_grad()
-def evaluate_world(unet, clip, tok, n: int = 360, steps: int = 8, guidance: float = 2.0, seed: int = 0,
-                   n_pos: int = 48) -> dict:
+def evaluate_world(
+    unet, clip, tok, n: int = 360, steps: int = 8, guidance: float = 2.0, seed: int = 0, n_pos: int = 48
+) -> dict:
     """Quality of ``unet`` on ``n`` full captions 'a {colour} {pattern} {shape}' (plus n/3 colour-only).
 
     Returns a dict of rates in [0, 1] and errors in RGB units / pixels.
@@ -46,8 +47,11 @@ def evaluate_world(unet, clip, tok, n: int = 360, steps: int = 8, guidance: floa
     pats = [M.pattern_of(im) for im in imgs]
     pat_ok = [p == s.pattern for p, s in zip(pats, specs)]
     pat_score = [M.pattern_score(im, s.pattern) for im, s in zip(imgs, specs)]
-    per_pattern = {p: float(np.mean([ok for ok, s in zip(pat_ok, specs) if s.pattern == p]))
-                   for p in W.PATTERNS if any(s.pattern == p for s in specs)}
+    per_pattern = {
+        p: float(np.mean([ok for ok, s in zip(pat_ok, specs) if s.pattern == p]))
+        for p in W.PATTERNS
+        if any(s.pattern == p for s in specs)
+    }
     # colour-only prompts ("a red circle")
     m = max(n // 3, 1)
     cspecs = W.sample_specs(m, rng, p_colour=1.0, p_pattern=0.0)
@@ -67,7 +71,9 @@ def evaluate_world(unet, clip, tok, n: int = 360, steps: int = 8, guidance: floa
     same = [np.hypot(a[0] - b[0], a[1] - b[1]) for a, b in zip(pos_a, pos_b) if a and b]
     diff = [np.hypot(a[0] - b[0], a[1] - b[1]) for a, b in zip(pos_a, pos_b[1:] + pos_b[:1]) if a and b]
     return {
-        "n": n, "steps": steps, "guidance": guidance,
+        "n": n,
+        "steps": steps,
+        "guidance": guidance,
         "colour_within40": float((errs <= M.COLOUR_TOLERANCE).mean()),
         "colour_error_mean": float(errs.mean()),
         "colour_error_median": float(np.median(errs)),
@@ -94,7 +100,7 @@ def save_grid(imgs: torch.Tensor, path: str, titles: list[str] | None = None, co
     for k, ax in enumerate(np.atleast_1d(axes).flat):
         ax.axis("off")
         if k < len(imgs):
-            ax.imshow(W.to_uint8(imgs[k:k + 1])[0])
+            ax.imshow(W.to_uint8(imgs[k : k + 1])[0])
             if titles:
                 ax.set_title(titles[k], fontsize=4)
     fig.savefig(path, dpi=120, bbox_inches="tight")
