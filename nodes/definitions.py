@@ -30,8 +30,10 @@ ConceptType = io.Custom("HT_CONCEPT")
 SteeringType = io.Custom("HT_STEERING")
 
 _STRENGTH = dict(default=1.0, min=-10.0, max=10.0, step=0.05)
-_STRENGTH_TIP = ("How strongly the concept is applied: 0 leaves the model unchanged, 1 the full learned map, "
-                 "above 1 extrapolates, negative removes the concept (inverse map).")
+_STRENGTH_TIP = (
+    "How strongly the concept is applied: 0 leaves the model unchanged, 1 the full learned map, "
+    "above 1 extrapolates, negative removes the concept (inverse map)."
+)
 _START_TIP = "Fraction of the sampling at which steering starts (0 = first step)."
 _END_TIP = "Fraction of the sampling at which steering stops (1 = last step)."
 
@@ -104,13 +106,18 @@ class LoadHyperNet(io.ComfyNode):
             display_name="Load HyperNet",
             category=CATEGORY,
             description="Loads a HyperTransport hypernetwork (.safetensors from models/hypertransport), checks the "
-                        "file before reading its tensors, and tells which model family and CLIP encoder it needs.",
+            "file before reading its tensors, and tells which model family and CLIP encoder it needs.",
             inputs=[
-                io.Combo.Input("hypernet_name", options=mf.list_files(mf.HYPERNET_FOLDER),
-                               tooltip="Hypernet file in ComfyUI/models/hypertransport."),
+                io.Combo.Input(
+                    "hypernet_name",
+                    options=mf.list_files(mf.HYPERNET_FOLDER),
+                    tooltip="Hypernet file in ComfyUI/models/hypertransport.",
+                ),
             ],
             outputs=[
-                HyperNetType.Output(display_name="HYPERNET", tooltip="The hypernetwork: maps a concept to steering maps."),
+                HyperNetType.Output(
+                    display_name="HYPERNET", tooltip="The hypernetwork: maps a concept to steering maps."
+                ),
                 io.String.Output(display_name="info", tooltip="Model family, encoder and number of sites of the file."),
             ],
         )
@@ -132,14 +139,22 @@ class EncodeConcept(io.ComfyNode):
             display_name="Encode Concept",
             category=CATEGORY,
             description="Encodes a concept phrase with the CLIP text encoder the hypernet was trained with. Several "
-                        "concepts: one per line, weighted as '(text:weight)'; a negative weight subtracts.",
+            "concepts: one per line, weighted as '(text:weight)'; a negative weight subtracts.",
             inputs=[
                 HyperNetType.Input("hypernet", tooltip="The hypernet whose encoder to use (from Load HyperNet)."),
-                io.String.Input("text", multiline=True, default="watercolor painting",
-                                tooltip="The concept, e.g. 'watercolor'. One per line; '(text:0.5)' sets a weight."),
-                io.Combo.Input("clip_weights", options=mf.clip_weight_choices(), default=mf.AUTO,
-                               tooltip="open_clip weights file (models/clip, models/clip_vision or models/hypertransport);"
-                                       " 'auto' finds the file named after the hypernet's encoder."),
+                io.String.Input(
+                    "text",
+                    multiline=True,
+                    default="watercolor painting",
+                    tooltip="The concept, e.g. 'watercolor'. One per line; '(text:0.5)' sets a weight.",
+                ),
+                io.Combo.Input(
+                    "clip_weights",
+                    options=mf.clip_weight_choices(),
+                    default=mf.AUTO,
+                    tooltip="open_clip weights file (models/clip, models/clip_vision or models/hypertransport);"
+                    " 'auto' finds the file named after the hypernet's encoder.",
+                ),
             ],
             outputs=[ConceptType.Output(display_name="CONCEPT", tooltip="The concept embedding (unit norm).")],
         )
@@ -163,12 +178,16 @@ class EncodeReferenceImage(io.ComfyNode):
             display_name="Encode Reference Image",
             category=CATEGORY,
             description="Encodes reference image(s) with the CLIP image encoder of the hypernet; a batch is averaged. "
-                        "Any size; grayscale and alpha are handled (alpha composited on a neutral background).",
+            "Any size; grayscale and alpha are handled (alpha composited on a neutral background).",
             inputs=[
                 HyperNetType.Input("hypernet", tooltip="The hypernet whose encoder to use (from Load HyperNet)."),
                 io.Image.Input("image", tooltip="Reference image or batch of images (averaged into one concept)."),
-                io.Combo.Input("clip_weights", options=mf.clip_weight_choices(), default=mf.AUTO,
-                               tooltip="open_clip weights file; 'auto' finds the file named after the hypernet's encoder."),
+                io.Combo.Input(
+                    "clip_weights",
+                    options=mf.clip_weight_choices(),
+                    default=mf.AUTO,
+                    tooltip="open_clip weights file; 'auto' finds the file named after the hypernet's encoder.",
+                ),
             ],
             outputs=[ConceptType.Output(display_name="CONCEPT", tooltip="The image concept embedding (unit norm).")],
         )
@@ -192,13 +211,19 @@ class CombineConcepts(io.ComfyNode):
             display_name="Combine Concepts",
             category=CATEGORY,
             description="Weighted sum of up to three concepts (text or image), re-normalized. A negative weight "
-                        "subtracts: 'a' 1 and 'b' -1 steers towards the difference of a and b.",
+            "subtracts: 'a' 1 and 'b' -1 steers towards the difference of a and b.",
             inputs=[
                 ConceptType.Input("concept_a", tooltip="First concept."),
                 io.Float.Input("weight_a", default=1.0, min=-10.0, max=10.0, step=0.05, tooltip="Weight of concept_a."),
                 ConceptType.Input("concept_b", optional=True, tooltip="Second concept (optional)."),
-                io.Float.Input("weight_b", default=1.0, min=-10.0, max=10.0, step=0.05,
-                               tooltip="Weight of concept_b; -1 subtracts it."),
+                io.Float.Input(
+                    "weight_b",
+                    default=1.0,
+                    min=-10.0,
+                    max=10.0,
+                    step=0.05,
+                    tooltip="Weight of concept_b; -1 subtracts it.",
+                ),
                 ConceptType.Input("concept_c", optional=True, tooltip="Third concept (optional)."),
                 io.Float.Input("weight_c", default=1.0, min=-10.0, max=10.0, step=0.05, tooltip="Weight of concept_c."),
             ],
@@ -206,9 +231,14 @@ class CombineConcepts(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, concept_a, weight_a=1.0, concept_b=None, weight_b=1.0, concept_c=None, weight_c=1.0) -> io.NodeOutput:
-        parts = [(c, float(w)) for c, w in ((concept_a, weight_a), (concept_b, weight_b), (concept_c, weight_c))
-                 if c is not None and float(w) != 0.0]
+    def execute(
+        cls, concept_a, weight_a=1.0, concept_b=None, weight_b=1.0, concept_c=None, weight_c=1.0
+    ) -> io.NodeOutput:
+        parts = [
+            (c, float(w))
+            for c, w in ((concept_a, weight_a), (concept_b, weight_b), (concept_c, weight_c))
+            if c is not None and float(w) != 0.0
+        ]
         for _, w in parts:
             if not math.isfinite(w):
                 raise HyperTransportError("Combine Concepts: a weight is NaN/Inf. Fix: use finite weights.")
@@ -231,12 +261,14 @@ class ApplySteering(io.ComfyNode):
             display_name="Apply Steering",
             category=CATEGORY,
             description="Steers the model towards (strength > 0) or away from (strength < 0) a concept, with the "
-                        "maps the hypernet produces for it. Patches a clone only; strength 0 returns the model as is. "
-                        "Over the whole sampling the maps are folded into the norm weights where possible (free per step).",
+            "maps the hypernet produces for it. Patches a clone only; strength 0 returns the model as is. "
+            "Over the whole sampling the maps are folded into the norm weights where possible (free per step).",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to steer (stacks with LoRAs and other patches)."),
                 HyperNetType.Input("hypernet", tooltip="From Load HyperNet; must be trained for this model family."),
-                ConceptType.Input("concept", tooltip="From Encode Concept, Encode Reference Image or Combine Concepts."),
+                ConceptType.Input(
+                    "concept", tooltip="From Encode Concept, Encode Reference Image or Combine Concepts."
+                ),
                 io.Float.Input("strength", tooltip=_STRENGTH_TIP, **_STRENGTH),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001, tooltip=_START_TIP),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001, tooltip=_END_TIP),
@@ -252,8 +284,9 @@ class ApplySteering(io.ComfyNode):
             return io.NodeOutput(model)
         check_model(model, hypernet.family, hypernet.net.sites, f"hypernet {hypernet.name}")
         steering = _steering_for(hypernet, concept)
-        return io.NodeOutput(patching.attach(model, [(steering, lam)], start_percent=start_percent,
-                                             end_percent=end_percent, mode="auto"))
+        return io.NodeOutput(
+            patching.attach(model, [(steering, lam)], start_percent=start_percent, end_percent=end_percent, mode="auto")
+        )
 
 
 class MakeSteering(io.ComfyNode):
@@ -264,7 +297,7 @@ class MakeSteering(io.ComfyNode):
             display_name="Make Steering",
             category=CATEGORY,
             description="Runs the hypernet once on a concept and outputs its maps (STEERING), to save as a small "
-                        "file or apply with Apply Steering (Advanced).",
+            "file or apply with Apply Steering (Advanced).",
             inputs=[
                 HyperNetType.Input("hypernet", tooltip="From Load HyperNet."),
                 ConceptType.Input("concept", tooltip="The concept to make maps for."),
@@ -285,12 +318,15 @@ class SaveSteering(io.ComfyNode):
             display_name="Save Steering",
             category=CATEGORY,
             description="Saves a STEERING as a small .safetensors file in output/hypertransport_steerings; Load "
-                        "Steering lists it, and it works without the hypernet or the CLIP weights.",
+            "Steering lists it, and it works without the hypernet or the CLIP weights.",
             is_output_node=True,
             inputs=[
                 SteeringType.Input("steering", tooltip="From Make Steering or Load Steering."),
-                io.String.Input("filename_prefix", default="steering",
-                                tooltip="File name prefix; a counter is appended (steering_00001_.safetensors)."),
+                io.String.Input(
+                    "filename_prefix",
+                    default="steering",
+                    tooltip="File name prefix; a counter is appended (steering_00001_.safetensors).",
+                ),
             ],
             outputs=[io.String.Output(display_name="file", tooltip="The saved file name, as Load Steering lists it.")],
         )
@@ -322,8 +358,12 @@ def _save_checked(path: str, steering: Steering) -> None:
     except HyperTransportError as e:
         if "'label'" not in str(e):
             raise
-        fixed = Steering(steering.sites, steering.w, steering.b,
-                         {**steering.meta, "label": json.dumps(str(steering.meta.get("label", "")))})
+        fixed = Steering(
+            steering.sites,
+            steering.w,
+            steering.b,
+            {**steering.meta, "label": json.dumps(str(steering.meta.get("label", "")))},
+        )
         save_steering(path, fixed)
         read_header(path, expect="hypertransport.steering")
 
@@ -336,10 +376,13 @@ class LoadSteering(io.ComfyNode):
             display_name="Load Steering",
             category=CATEGORY,
             description="Loads a saved STEERING file (models/hypertransport_steerings or output/hypertransport_steerings);"
-                        " no hypernet or CLIP weights needed.",
+            " no hypernet or CLIP weights needed.",
             inputs=[
-                io.Combo.Input("steering_name", options=mf.list_files(mf.STEERING_FOLDER),
-                               tooltip="Steering file saved by Save Steering."),
+                io.Combo.Input(
+                    "steering_name",
+                    options=mf.list_files(mf.STEERING_FOLDER),
+                    tooltip="Steering file saved by Save Steering.",
+                ),
             ],
             outputs=[
                 SteeringType.Output(display_name="STEERING", tooltip="The saved per-site maps."),
@@ -352,8 +395,10 @@ class LoadSteering(io.ComfyNode):
         path = mf.full_path(mf.STEERING_FOLDER, steering_name, "Load Steering")
         s = load_steering(path)
         s.meta["file"] = steering_name
-        info = (f"{steering_name}: concept {s.meta.get('label', '')!r}, model family {s.meta.get('family')}, "
-                f"{len(s.sites)} sites")
+        info = (
+            f"{steering_name}: concept {s.meta.get('label', '')!r}, model family {s.meta.get('family')}, "
+            f"{len(s.sites)} sites"
+        )
         return io.NodeOutput(s, info, ui=ui.PreviewText(info))
 
 
@@ -365,31 +410,52 @@ class ApplySteeringAdvanced(io.ComfyNode):
             display_name="Apply Steering (Advanced)",
             category=CATEGORY,
             description="Applies a STEERING with per-block strengths, a choice of cond/uncond rows, and hooks or "
-                        "folded weights. Patches a clone only; strength 0 returns the model as is.",
+            "folded weights. Patches a clone only; strength 0 returns the model as is.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to steer."),
                 SteeringType.Input("steering", tooltip="From Make Steering or Load Steering."),
                 io.Float.Input("strength", tooltip=_STRENGTH_TIP, **_STRENGTH),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001, tooltip=_START_TIP),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001, tooltip=_END_TIP),
-                io.Combo.Input("mode", options=list(patching.MODES), default="auto",
-                               tooltip="hooks: forward hooks during the chosen steps; folded: maps written into the "
-                                       "norms' weights (whole sampling, all rows, free per step; pooled sites stay "
-                                       "hooks); auto: folded when the range is the whole sampling."),
-                io.Combo.Input("rows", options=list(patching.ROWS), default="all",
-                               tooltip="Which batch rows to steer: all (like a LoRA, default), only the positive "
-                                       "(cond) or only the negative (uncond) prompt's rows."),
-                io.String.Input("block_strengths", multiline=True, default="",
-                                tooltip="Per-block multipliers of strength, one 'site-name-prefix: number' per line, "
-                                        "longest prefix wins, '*' for the rest; e.g. 'input_blocks: 0.5' or "
-                                        "'blocks.2: 0'. Empty: 1 everywhere."),
+                io.Combo.Input(
+                    "mode",
+                    options=list(patching.MODES),
+                    default="auto",
+                    tooltip="hooks: forward hooks during the chosen steps; folded: maps written into the "
+                    "norms' weights (whole sampling, all rows, free per step; pooled sites stay "
+                    "hooks); auto: folded when the range is the whole sampling.",
+                ),
+                io.Combo.Input(
+                    "rows",
+                    options=list(patching.ROWS),
+                    default="all",
+                    tooltip="Which batch rows to steer: all (like a LoRA, default), only the positive "
+                    "(cond) or only the negative (uncond) prompt's rows.",
+                ),
+                io.String.Input(
+                    "block_strengths",
+                    multiline=True,
+                    default="",
+                    tooltip="Per-block multipliers of strength, one 'site-name-prefix: number' per line, "
+                    "longest prefix wins, '*' for the rest; e.g. 'input_blocks: 0.5' or "
+                    "'blocks.2: 0'. Empty: 1 everywhere.",
+                ),
             ],
             outputs=[io.Model.Output(tooltip="The steered model (a patched clone).")],
         )
 
     @classmethod
-    def execute(cls, model, steering, strength=1.0, start_percent=0.0, end_percent=1.0, mode="auto", rows="all",
-                block_strengths="") -> io.NodeOutput:
+    def execute(
+        cls,
+        model,
+        steering,
+        strength=1.0,
+        start_percent=0.0,
+        end_percent=1.0,
+        mode="auto",
+        rows="all",
+        block_strengths="",
+    ) -> io.NodeOutput:
         node = "Apply Steering (Advanced)"
         lam = _strength(strength, node)
         patching.check_range(start_percent, end_percent)
@@ -401,8 +467,11 @@ class ApplySteeringAdvanced(io.ComfyNode):
         what = f"steering {steering.meta.get('file') or steering.meta.get('label') or ''}".strip()
         check_model(model, steering.meta.get("family", "generic"), steering.sites, what)
         spec = lam if not mult else {k: lam * v for k, v in {"*": 1.0, **mult}.items()}
-        return io.NodeOutput(patching.attach(model, [(steering, spec)], start_percent=start_percent,
-                                             end_percent=end_percent, rows=rows, mode=mode))
+        return io.NodeOutput(
+            patching.attach(
+                model, [(steering, spec)], start_percent=start_percent, end_percent=end_percent, rows=rows, mode=mode
+            )
+        )
 
 
 NODES = [

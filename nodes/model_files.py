@@ -36,7 +36,9 @@ def register_folders() -> None:
     root = os.path.join(folder_paths.models_dir, HYPERNET_FOLDER)
     folder_paths.add_model_folder_path(HYPERNET_FOLDER, root, is_default=True)
     folder_paths.folder_names_and_paths[HYPERNET_FOLDER][1].update({".safetensors", ".json"})
-    folder_paths.add_model_folder_path(STEERING_FOLDER, os.path.join(folder_paths.models_dir, STEERING_FOLDER), is_default=True)
+    folder_paths.add_model_folder_path(
+        STEERING_FOLDER, os.path.join(folder_paths.models_dir, STEERING_FOLDER), is_default=True
+    )
     folder_paths.add_model_folder_path(STEERING_FOLDER, steering_output_dir())
     folder_paths.folder_names_and_paths[STEERING_FOLDER][1].update({".safetensors"})
 
@@ -62,7 +64,11 @@ def full_path(folder: str, name: str, node: str) -> str:
 
     path = folder_paths.get_full_path(folder, name)
     if path is None:
-        where = ", ".join(folder_paths.get_folder_paths(folder)) if folder in folder_paths.folder_names_and_paths else folder
+        where = (
+            ", ".join(folder_paths.get_folder_paths(folder))
+            if folder in folder_paths.folder_names_and_paths
+            else folder
+        )
         raise HyperTransportError(
             f"{node}: file {name!r} not found in the {folder!r} model folder ({where}). "
             "Fix: put the file there and press 'r' (refresh) in the UI, or pick another file."
@@ -111,9 +117,11 @@ class HyperNetHandle:
         enc = self.encoder
         n = len(self.net.sites)
         c = sum(s.channels for s in self.net.sites)
-        return (f"{self.name}: model family {self.family}, encoder {enc.get('arch', '?')} "
-                f"(fingerprint {str(enc.get('fingerprint', '?'))[:12]}, {enc.get('embed_dim', '?')}-d), "
-                f"{n} sites / {c:,} channels")
+        return (
+            f"{self.name}: model family {self.family}, encoder {enc.get('arch', '?')} "
+            f"(fingerprint {str(enc.get('fingerprint', '?'))[:12]}, {enc.get('embed_dim', '?')}-d), "
+            f"{n} sites / {c:,} channels"
+        )
 
 
 # ---------------------------------------------------------------------------------- encoders ---

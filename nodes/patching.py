@@ -74,14 +74,42 @@ def row_mask_for(transformer_options: Mapping, batch: int, rows: str) -> torch.T
     return flags.repeat_interleave(batch // len(cou))
 
 
+class SiteMap:
+    """One site's ``a ⊙ z + c`` in one device/dtype, with its broadcast views cached per activation rank."""
+
+    __slots__ = ("site", "a", "c", "pooled", "_views")
+
+    def __init__(self, site: Site, a: torch.Tensor, c: torch.Tensor):
+        self.site, self.a, self.c = site, a, c
+        self.pooled = site.form == "pooled"
+        self._views: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}
+
+    def views(self, ndim: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """``(a or a − 1, c, pooled)`` shaped to broadcast against a rank-``ndim`` activation."""
+        v = self._views.get(ndim)
+        if v is None:
+            cd = self.site.channel_dim
+            pooled = self.pooled and cd in (1, 1 - ndim) and ndim > 2  # spatial mean, as apply_map does
+            a = self.a - 1 if pooled else self.a
+            if cd in (-1, ndim - 1):
+                v = (a, self.c, pooled)
+            else:
+                shape = [1] * ndim
+                shape[cd] = -1
+                v = (a.view(shape), self.c.view(shape), pooled)
+            self._views[ndim] = v
+        return v
+
+
 class PreparedMaps:
     """The maps of some interventions as ready-to-use per-site ``(a, c)`` (``a ⊙ z + c``) in one
     device/dtype, grouped by module. Same arithmetic as :func:`hypertransport_core.apply_map`
     (maps composed in list order; pooled spatial sites map the spatial mean), but computed once
-    per sampling run instead of at every call: the per-step cost is one fused kernel per site."""
+    per sampling run instead of at every call: the per-step cost is one fused kernel per site
+    (two for pooled sites: the mean, then the shift)."""
 
     def __init__(self, interventions: Sequence[Intervention], device: torch.device, dtype: torch.dtype):
-        self.by_module: dict[str, list[tuple[Site, torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        self.by_module: dict[str, list[SiteMap]] = defaultdict(list)
         for steering, spec in interventions:
             parts = steering.split()
             for site in steering.sites:
@@ -91,26 +119,18 @@ class PreparedMaps:
                 w, b = parts[site.name]
                 a, c = effective_affine(w.float(), b.float(), lam)
                 self.by_module[site.module].append(
-                    (site, a.to(device=device, dtype=dtype), c.to(device=device, dtype=dtype)))
+                    SiteMap(site, a.to(device=device, dtype=dtype), c.to(device=device, dtype=dtype))
+                )
 
 
-def _channel_view(t: torch.Tensor, z: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    if channel_dim in (-1, z.ndim - 1):
-        return t
-    shape = [1] * z.ndim
-    shape[channel_dim] = -1
-    return t.view(shape)
-
-
-def _apply(z: torch.Tensor, site: Site, a: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    if a.dtype != z.dtype or a.device != z.device:  # a block that computes in another precision/device
-        a, c = a.to(device=z.device, dtype=z.dtype), c.to(device=z.device, dtype=z.dtype)
-    a_, c_ = _channel_view(a, z, site.channel_dim), _channel_view(c, z, site.channel_dim)
-    if site.form == "pooled" and site.channel_dim in (1, 1 - z.ndim) and z.ndim > 2:
-        m = z.mean(dim=tuple(range(2, z.ndim)), keepdim=True)
-        out = z + torch.addcmul(c_, a_ - 1, m)
+def _apply(z: torch.Tensor, sm: SiteMap, mask: torch.Tensor | None) -> torch.Tensor:
+    if sm.a.dtype != z.dtype or sm.a.device != z.device:  # a block computing in another precision/device
+        sm = SiteMap(sm.site, sm.a.to(device=z.device, dtype=z.dtype), sm.c.to(device=z.device, dtype=z.dtype))
+    a, c, pooled = sm.views(z.ndim)
+    if pooled:  # a holds a − 1 here
+        out = z + torch.addcmul(c, a, z.mean(dim=tuple(range(2, z.ndim)), keepdim=True))
     else:
-        out = torch.addcmul(c_, z, a_)
+        out = torch.addcmul(c, z, a)
     if mask is not None:
         out = torch.where(mask.to(z.device).view([-1] + [1] * (z.ndim - 1)), out, z)
     return out
@@ -132,12 +152,13 @@ def steer_prepared(root: torch.nn.Module, maps: PreparedMaps, row_mask: torch.Te
 
     def make_hook(entries):
         def hook(_module, _inputs, output):
-            for site, a, c in entries:
-                if site.output_index is None:
-                    output = _apply(output, site, a, c, row_mask)
+            for sm in entries:
+                i = sm.site.output_index
+                if i is None:
+                    output = _apply(output, sm, row_mask)
                 else:
                     items = list(output)
-                    items[site.output_index] = _apply(items[site.output_index], site, a, c, row_mask)
+                    items[i] = _apply(items[i], sm, row_mask)
                     output = type(output)(items) if isinstance(output, tuple) else items
             return output
 
@@ -161,8 +182,14 @@ class SteeringWrapper:
     object, so the maps are never duplicated per clone.
     """
 
-    def __init__(self, interventions: Sequence[Intervention], start_percent=0.0, end_percent=1.0, rows="all",
-                 engine: str = "prepared"):
+    def __init__(
+        self,
+        interventions: Sequence[Intervention],
+        start_percent=0.0,
+        end_percent=1.0,
+        rows="all",
+        engine: str = "prepared",
+    ):
         if engine not in ("prepared", "core"):
             raise HyperTransportError(f"engine {engine!r} is not 'prepared' or 'core'.")
         self.engine = engine
@@ -238,8 +265,11 @@ def _foldable(site: Site, module: torch.nn.Module | None) -> bool:
         return False
     w, b = getattr(module, "weight", None), getattr(module, "bias", None)
     return (
-        isinstance(w, torch.Tensor) and isinstance(b, torch.Tensor)
-        and w.ndim == 1 and b.ndim == 1 and w.shape[0] == site.channels == b.shape[0]
+        isinstance(w, torch.Tensor)
+        and isinstance(b, torch.Tensor)
+        and w.ndim == 1
+        and b.ndim == 1
+        and w.shape[0] == site.channels == b.shape[0]
     )
 
 
@@ -259,8 +289,17 @@ def make_folded_map(scale: torch.Tensor, shift: torch.Tensor | None):
             self.loaded_keys = set()
             self.weights = [scale] if shift is None else [scale, shift]
 
-        def calculate_weight(self, weight, key, strength, strength_model, offset, function,
-                             intermediate_dtype=torch.float32, original_weights=None):
+        def calculate_weight(
+            self,
+            weight,
+            key,
+            strength,
+            strength_model,
+            offset,
+            function,
+            intermediate_dtype=torch.float32,
+            original_weights=None,
+        ):
             a = scale.to(device=weight.device, dtype=weight.dtype)
             out = weight * a.view([-1] + [1] * (weight.ndim - 1))
             if shift is not None:
@@ -308,8 +347,9 @@ def fold_plan(diffusion_model: torch.nn.Module, interventions: Sequence[Interven
     return patches, hooked
 
 
-def attach(model, interventions: Sequence[Intervention], *, start_percent=0.0, end_percent=1.0,
-           rows="all", mode="auto"):
+def attach(
+    model, interventions: Sequence[Intervention], *, start_percent=0.0, end_percent=1.0, rows="all", mode="auto"
+):
     """A clone of ``model`` (a ComfyUI ``ModelPatcher``) steered by ``interventions``.
 
     ``mode``: ``"hooks"``; ``"folded"`` (needs the full step range and all rows); ``"auto"`` folds

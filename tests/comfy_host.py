@@ -116,14 +116,18 @@ def patcher_for(model_config, seed: int = 0, dtype=None, device=None):
     model = model_config.get_model({}, "", device=device)
     if device is None or str(device) != "meta":
         init_random_(model.diffusion_model, seed)
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=torch.device("cpu"))
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=mm.get_torch_device(), offload_device=torch.device("cpu")
+    )
 
 
 def unet_config(family: str, model_channels: int, context_dim: int, *, full: bool = False) -> dict:
     """UNet config for SD1.5 / SDXL; ``full=True`` gives the released model's layout."""
     if family == "sd15":
         cfg = {
-            "adm_in_channels": None, "use_linear_in_transformer": False, "context_dim": context_dim,
+            "adm_in_channels": None,
+            "use_linear_in_transformer": False,
+            "context_dim": context_dim,
             "model_channels": model_channels,
             "channel_mult": [1, 2, 4, 4] if full else [1, 2],
             "num_res_blocks": [2, 2, 2, 2] if full else [1, 1],
@@ -133,8 +137,11 @@ def unet_config(family: str, model_channels: int, context_dim: int, *, full: boo
         }
     elif family == "sdxl":
         cfg = {
-            "num_classes": "sequential", "adm_in_channels": 2816, "use_linear_in_transformer": True,
-            "context_dim": context_dim, "model_channels": model_channels,
+            "num_classes": "sequential",
+            "adm_in_channels": 2816,
+            "use_linear_in_transformer": True,
+            "context_dim": context_dim,
+            "model_channels": model_channels,
             "channel_mult": [1, 2, 4] if full else [1, 2],
             "num_res_blocks": [2, 2, 2] if full else [1, 1],
             "transformer_depth": [0, 0, 2, 2, 10, 10] if full else [0, 1],
@@ -143,8 +150,18 @@ def unet_config(family: str, model_channels: int, context_dim: int, *, full: boo
         }
     else:
         raise ValueError(family)
-    cfg.update({"use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
-                "in_channels": 4, "out_channels": 4, "use_temporal_resblock": False, "use_temporal_attention": False})
+    cfg.update(
+        {
+            "use_checkpoint": False,
+            "image_size": 32,
+            "use_spatial_transformer": True,
+            "legacy": False,
+            "in_channels": 4,
+            "out_channels": 4,
+            "use_temporal_resblock": False,
+            "use_temporal_attention": False,
+        }
+    )
     return cfg
 
 
@@ -164,10 +181,17 @@ def tiny_sdxl(seed=0, context_dim=64, model_channels=64, dtype=None):
 
 def pixart_config(sigma=True, hidden_size=96, depth=2, caption_channels=32, num_heads=4):
     return {
-        "image_model": "pixart_sigma" if sigma else "pixart_alpha", "num_heads": num_heads, "patch_size": 2,
-        "hidden_size": hidden_size, "in_channels": 4, "depth": depth, "caption_channels": caption_channels,
-        "model_max_length": 16 if hidden_size < 1152 else 300, "input_size": 16 if hidden_size < 1152 else 128,
-        "pe_interpolation": 0.25 if hidden_size < 1152 else 2.0, "micro_condition": not sigma,
+        "image_model": "pixart_sigma" if sigma else "pixart_alpha",
+        "num_heads": num_heads,
+        "patch_size": 2,
+        "hidden_size": hidden_size,
+        "in_channels": 4,
+        "depth": depth,
+        "caption_channels": caption_channels,
+        "model_max_length": 16 if hidden_size < 1152 else 300,
+        "input_size": 16 if hidden_size < 1152 else 128,
+        "pe_interpolation": 0.25 if hidden_size < 1152 else 2.0,
+        "micro_condition": not sigma,
     }
 
 
@@ -183,10 +207,21 @@ def flux_config(hidden_size=64, num_heads=2, depth=1, depth_single_blocks=1, con
     pe = hidden_size // num_heads
     axes = [pe - 2 * (pe * 3 // 8), pe * 3 // 8, pe * 3 // 8] if hidden_size < 3072 else [16, 56, 56]
     return {
-        "image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16, "patch_size": 2,
-        "vec_in_dim": vec_in_dim, "context_in_dim": context_in_dim, "hidden_size": hidden_size, "mlp_ratio": 4.0,
-        "num_heads": num_heads, "depth": depth, "depth_single_blocks": depth_single_blocks, "axes_dim": axes,
-        "theta": 10000, "qkv_bias": True,
+        "image_model": "flux",
+        "guidance_embed": True,
+        "in_channels": 16,
+        "out_channels": 16,
+        "patch_size": 2,
+        "vec_in_dim": vec_in_dim,
+        "context_in_dim": context_in_dim,
+        "hidden_size": hidden_size,
+        "mlp_ratio": 4.0,
+        "num_heads": num_heads,
+        "depth": depth,
+        "depth_single_blocks": depth_single_blocks,
+        "axes_dim": axes,
+        "theta": 10000,
+        "qkv_bias": True,
     }
 
 
@@ -216,23 +251,51 @@ def random_cond(kind, seed=1, batch=1, tokens=8, dim=64, latent_hw=(8, 8)):
     extra = {}
     if kind == "sdxl":
         h, w = latent_hw[0] * 8, latent_hw[1] * 8
-        extra = {"pooled_output": torch.randn((batch, 1280), generator=g), "width": w, "height": h,
-                 "target_width": w, "target_height": h, "crop_w": 0, "crop_h": 0}
+        extra = {
+            "pooled_output": torch.randn((batch, 1280), generator=g),
+            "width": w,
+            "height": h,
+            "target_width": w,
+            "target_height": h,
+            "crop_w": 0,
+            "crop_h": 0,
+        }
     elif kind == "flux":
         extra = {"pooled_output": torch.randn((batch, 32), generator=g), "guidance": 3.5}
     return [[c, extra]]
 
 
-def sample(patcher, positive, negative, seed=42, steps=2, cfg=2.0, latent_shape=(1, 4, 8, 8),
-           sampler_name="euler", scheduler="normal"):
+def sample(
+    patcher,
+    positive,
+    negative,
+    seed=42,
+    steps=2,
+    cfg=2.0,
+    latent_shape=(1, 4, 8, 8),
+    sampler_name="euler",
+    scheduler="normal",
+):
     """``comfy.sample.sample`` as KSampler calls it; returns the latent."""
     import comfy.sample
     import torch
 
     latent = torch.zeros(latent_shape)
     noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(patcher, noise, steps, cfg, sampler_name, scheduler, positive, negative,
-                               latent, denoise=1.0, disable_pbar=True, seed=seed)
+    return comfy.sample.sample(
+        patcher,
+        noise,
+        steps,
+        cfg,
+        sampler_name,
+        scheduler,
+        positive,
+        negative,
+        latent,
+        denoise=1.0,
+        disable_pbar=True,
+        seed=seed,
+    )
 
 
 def timed(fn, *a, **kw):
@@ -279,16 +342,33 @@ def write_model_files(base: str | os.PathLike) -> dict:
         safetensors.torch.save_file(sd, str(path))
 
     sd15 = base / "models" / "diffusion_models" / "tiny_sd15_unet.safetensors"
-    save_unet(sd15, sm.SD15({**unet_config("sd15", 320, 768), "channel_mult": [1], "num_res_blocks": [1],
-                             "transformer_depth": [1], "transformer_depth_output": [1, 1]}), "SD15", 0)
+    save_unet(
+        sd15,
+        sm.SD15(
+            {
+                **unet_config("sd15", 320, 768),
+                "channel_mult": [1],
+                "num_res_blocks": [1],
+                "transformer_depth": [1],
+                "transformer_depth_output": [1, 1],
+            }
+        ),
+        "SD15",
+        0,
+    )
     pixart = base / "models" / "diffusion_models" / "tiny_pixart_sigma.safetensors"
     save_unet(pixart, sm.PixArtSigma(pixart_config(True, 1152, 1, 4096, 16)), "PixArtSigma", 4)
     lora = base / "models" / "loras" / "tiny_sd15_lora.safetensors"
     if not lora.exists():
         g = torch.Generator().manual_seed(5)
         k = "diffusion_model.input_blocks.1.1.proj_in"
-        safetensors.torch.save_file({f"{k}.lora_down.weight": torch.randn(2, 320, 1, 1, generator=g) * 0.1,
-                                     f"{k}.lora_up.weight": torch.randn(320, 2, 1, 1, generator=g) * 0.1}, str(lora))
+        safetensors.torch.save_file(
+            {
+                f"{k}.lora_down.weight": torch.randn(2, 320, 1, 1, generator=g) * 0.1,
+                f"{k}.lora_up.weight": torch.randn(320, 2, 1, 1, generator=g) * 0.1,
+            },
+            str(lora),
+        )
     for prefix in ("taesd", "taesdxl"):
         for part, ctor, seed in (("encoder", taesd.Encoder, 2), ("decoder", taesd.Decoder, 3)):
             p = base / "models" / "vae_approx" / f"{prefix}_{part}.safetensors"
@@ -351,8 +431,15 @@ def write_tiny_encoder(base: str | os.PathLike, seed: int = 0):
     return ConceptEncoder.from_open_clip(TINY_CLIP_ARCH, weights=str(weights))
 
 
-def random_hypernet(diffusion_model, encoder_identity: dict, *, family: str | None = None, form: str | None = None,
-                    seed: int = 0, scale: float = 0.2):
+def random_hypernet(
+    diffusion_model,
+    encoder_identity: dict,
+    *,
+    family: str | None = None,
+    form: str | None = None,
+    seed: int = 0,
+    scale: float = 0.2,
+):
     """A :class:`HyperNet` for ``diffusion_model``'s sites with random, non-zero heads (not the identity)."""
     import torch
 
@@ -362,8 +449,12 @@ def random_hypernet(diffusion_model, encoder_identity: dict, *, family: str | No
     family = family or detect_family(diffusion_model)
     sites = list_sites(diffusion_model, family, form=form)
     torch.manual_seed(seed)
-    hn = HyperNet(HyperNetConfig(embed_dim=int(encoder_identity["embed_dim"]), hidden=16, depth=1, rank=2), sites,
-                  family=family, encoder=dict(encoder_identity))
+    hn = HyperNet(
+        HyperNetConfig(embed_dim=int(encoder_identity["embed_dim"]), hidden=16, depth=1, rank=2),
+        sites,
+        family=family,
+        encoder=dict(encoder_identity),
+    )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in (hn.channel_w, hn.channel_b, hn.offset_w, hn.offset_b):
@@ -465,9 +556,24 @@ class Server:
         self._log = open(self.log_path, "w")
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("HT_TEST_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
         self.proc = subprocess.Popen(
-            [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory",
-             str(self.base), "--disable-auto-launch", "--disable-api-nodes"],
-            cwd=root, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+            [
+                python,
+                "main.py",
+                "--cpu",
+                "--listen",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--base-directory",
+                str(self.base),
+                "--disable-auto-launch",
+                "--disable-api-nodes",
+            ],
+            cwd=root,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         deadline = time.time() + 180
         while True:
             try:

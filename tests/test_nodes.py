@@ -88,8 +88,12 @@ def test_every_node_documented(D):
             assert i.tooltip, f"{s.node_id}.{i.id} has no tooltip"
         for o in s.outputs:
             assert o.tooltip, f"{s.node_id} output {o.display_name} has no tooltip"
-    assert {"HyperTransportLoadHyperNet", "HyperTransportEncodeConcept", "HyperTransportEncodeReferenceImage",
-            "HyperTransportApplySteering"} <= ids
+    assert {
+        "HyperTransportLoadHyperNet",
+        "HyperTransportEncodeConcept",
+        "HyperTransportEncodeReferenceImage",
+        "HyperTransportApplySteering",
+    } <= ids
 
 
 def test_load_hypernet_reports_family_encoder_sites(sd15):
@@ -213,8 +217,9 @@ def test_stacks_with_lora_patch_and_other_wrapper(sd15, D):
 def test_hooks_removed_when_sampling_raises(sd15, D):
     import comfy.patcher_extension as pe
 
-    (m,) = D.ApplySteeringAdvanced.execute(sd15.model, D.MakeSteering.execute(sd15.hn, sd15.concept).args[0],
-                                           1.0, 0.0, 1.0, "hooks", "all", "").args
+    (m,) = D.ApplySteeringAdvanced.execute(
+        sd15.model, D.MakeSteering.execute(sd15.hn, sd15.concept).args[0], 1.0, 0.0, 1.0, "hooks", "all", ""
+    ).args
     m = m.clone()
     seen = []
 
@@ -267,8 +272,9 @@ def test_per_block_strength(sd15, D):
     steering = D.MakeSteering.execute(sd15.hn, sd15.concept).args[0]
     ref = sd15.sample(sd15.model)
     (full,) = D.ApplySteeringAdvanced.execute(sd15.model, steering, 1.0, 0.0, 1.0, "hooks", "all", "").args
-    (part,) = D.ApplySteeringAdvanced.execute(sd15.model, steering, 1.0, 0.0, 1.0, "hooks", "all",
-                                              "*: 0\ninput_blocks: 1.0  # only the encoder half").args
+    (part,) = D.ApplySteeringAdvanced.execute(
+        sd15.model, steering, 1.0, 0.0, 1.0, "hooks", "all", "*: 0\ninput_blocks: 1.0  # only the encoder half"
+    ).args
     (same,) = D.ApplySteeringAdvanced.execute(sd15.model, steering, 1.0, 0.0, 1.0, "hooks", "all", "*: 1").args
     o_full, o_part = sd15.sample(full), sd15.sample(part)
     assert not torch.equal(o_part, ref) and not torch.equal(o_part, o_full)
@@ -297,26 +303,30 @@ def test_maps_follow_the_activation_device_and_dtype(P, sd15, D):
     moved = w.on_device(torch.device("meta"))
     assert moved[0][0].w.device.type == "meta" and w.on_device(torch.device("meta")) is moved
     prep = w.prepared(torch.device("meta"), torch.float16)
-    site, a, c = next(iter(prep.by_module.values()))[0]
-    assert a.device.type == "meta" and a.dtype == torch.float16 and w.prepared(torch.device("meta"), torch.float16) is prep
+    sm = next(iter(prep.by_module.values()))[0]
+    assert sm.a.device.type == "meta" and sm.a.dtype == torch.float16
+    assert w.prepared(torch.device("meta"), torch.float16) is prep
     # an activation in another dtype/device than prepared still gets maps of its own dtype
+    site = sm.site
     z = torch.randn(2, site.channels, 3, 3) if site.channel_dim == 1 else torch.randn(2, 5, site.channels)
-    a32, c32 = w.prepared(torch.device("cpu"), torch.float32).by_module[site.module][0][1:]
-    out = P._apply(z.to(torch.bfloat16), site, a32, c32, None)
+    sm32 = w.prepared(torch.device("cpu"), torch.float32).by_module[site.module][0]
+    out = P._apply(z.to(torch.bfloat16), sm32, None)
     assert out.dtype == torch.bfloat16
 
 
 def test_clones_share_the_maps(sd15, D, P):
-    (m,) = D.ApplySteeringAdvanced.execute(sd15.model, D.MakeSteering.execute(sd15.hn, sd15.concept).args[0],
-                                           1.0, 0.0, 0.5, "hooks", "all", "").args
+    (m,) = D.ApplySteeringAdvanced.execute(
+        sd15.model, D.MakeSteering.execute(sd15.hn, sd15.concept).args[0], 1.0, 0.0, 0.5, "hooks", "all", ""
+    ).args
     c1, c2 = m.clone(), m.clone().clone()
     (w,) = P.wrappers_of(m)
     assert P.wrappers_of(c1)[0] is w and P.wrappers_of(c2)[0] is w
     import copy
 
     assert copy.deepcopy(w) is w  # model_options deep copies would not duplicate the maps either
-    (f,) = D.ApplySteeringAdvanced.execute(sd15.model, D.MakeSteering.execute(sd15.hn, sd15.concept).args[0],
-                                           1.0, 0.0, 1.0, "folded", "all", "").args
+    (f,) = D.ApplySteeringAdvanced.execute(
+        sd15.model, D.MakeSteering.execute(sd15.hn, sd15.concept).args[0], 1.0, 0.0, 1.0, "folded", "all", ""
+    ).args
     k = next(iter(f.patches))
     assert f.clone().patches[k][0][1] is f.patches[k][0][1]
 
@@ -382,8 +392,12 @@ def test_wrong_family_is_refused_before_sampling(comfy, D, make_hypernet, sd15):
 def test_other_encoder_is_refused(sd15, D):
     from hypertransport_core.concepts import Concept
 
-    alien = Concept(torch.nn.functional.normalize(torch.randn(32), dim=0), "text",
-                    {"arch": "ViT-L-14", "fingerprint": "0123456789abcdef", "embed_dim": 32}, "alien")
+    alien = Concept(
+        torch.nn.functional.normalize(torch.randn(32), dim=0),
+        "text",
+        {"arch": "ViT-L-14", "fingerprint": "0123456789abcdef", "embed_dim": 32},
+        "alien",
+    )
     with pytest.raises(ValueError, match="ViT-L-14"):
         D.ApplySteering.execute(sd15.model, sd15.hn, alien, 1.0, 0.0, 1.0)
 

@@ -89,8 +89,9 @@ def graph(comfy, comfy_base, encoder, make_hypernet):
     (comfy_base / "input").mkdir(exist_ok=True)
     rng = np.random.default_rng(1)
     Image.fromarray(rng.integers(0, 255, (48, 80, 4), dtype=np.uint8), "RGBA").save(comfy_base / "input" / "ref.png")
-    ex = execution.PromptExecutor(DummyServer(), cache_type=execution.CacheType.CLASSIC,
-                                  cache_args={"lru": 0, "ram": 0})
+    ex = execution.PromptExecutor(
+        DummyServer(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0}
+    )
 
     def run(prompt: dict):
         pid = str(uuid.uuid4())
@@ -107,10 +108,21 @@ def sampler(model_ref, key):
         "20": {"class_type": "HTTestConditioning", "inputs": {"seed": 1}},
         "21": {"class_type": "HTTestConditioning", "inputs": {"seed": 2}},
         "22": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "23": {"class_type": "KSampler", "inputs": {"model": model_ref, "seed": 5, "steps": 2, "cfg": 2.0,
-                                                   "sampler_name": "euler", "scheduler": "normal",
-                                                   "positive": ["20", 0], "negative": ["21", 0],
-                                                   "latent_image": ["22", 0], "denoise": 1.0}},
+        "23": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": model_ref,
+                "seed": 5,
+                "steps": 2,
+                "cfg": 2.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "positive": ["20", 0],
+                "negative": ["21", 0],
+                "latent_image": ["22", 0],
+                "denoise": 1.0,
+            },
+        },
         "24": {"class_type": "HTTestSink", "inputs": {"samples": ["23", 0], "key": key}},
     }
 
@@ -121,17 +133,30 @@ def test_all_nodes_in_the_real_executor(graph, comfy_base):
     first = {
         "1": {"class_type": "HTTestTinyModel", "inputs": {}},
         "2": {"class_type": "HyperTransportLoadHyperNet", "inputs": {"hypernet_name": "exec_sd15.safetensors"}},
-        "3": {"class_type": "HyperTransportEncodeConcept", "inputs": {"hypernet": ["2", 0], "text": "watercolor",
-                                                                     "clip_weights": "ht-tiny-clip.safetensors"}},
+        "3": {
+            "class_type": "HyperTransportEncodeConcept",
+            "inputs": {"hypernet": ["2", 0], "text": "watercolor", "clip_weights": "ht-tiny-clip.safetensors"},
+        },
         "4": {"class_type": "LoadImage", "inputs": {"image": "ref.png"}},
-        "5": {"class_type": "HyperTransportEncodeReferenceImage",
-              "inputs": {"hypernet": ["2", 0], "image": ["4", 0], "clip_weights": "auto (match the hypernet's encoder)"}},
-        "6": {"class_type": "HyperTransportCombineConcepts",
-              "inputs": {"concept_a": ["3", 0], "weight_a": 1.0, "concept_b": ["5", 0], "weight_b": 0.5,
-                         "weight_c": 1.0}},
-        "7": {"class_type": "HyperTransportApplySteering",
-              "inputs": {"model": ["1", 0], "hypernet": ["2", 0], "concept": ["6", 0], "strength": 1.0,
-                         "start_percent": 0.0, "end_percent": 1.0}},
+        "5": {
+            "class_type": "HyperTransportEncodeReferenceImage",
+            "inputs": {"hypernet": ["2", 0], "image": ["4", 0], "clip_weights": "auto (match the hypernet's encoder)"},
+        },
+        "6": {
+            "class_type": "HyperTransportCombineConcepts",
+            "inputs": {"concept_a": ["3", 0], "weight_a": 1.0, "concept_b": ["5", 0], "weight_b": 0.5, "weight_c": 1.0},
+        },
+        "7": {
+            "class_type": "HyperTransportApplySteering",
+            "inputs": {
+                "model": ["1", 0],
+                "hypernet": ["2", 0],
+                "concept": ["6", 0],
+                "strength": 1.0,
+                "start_percent": 0.0,
+                "end_percent": 1.0,
+            },
+        },
         "8": {"class_type": "HyperTransportMakeSteering", "inputs": {"hypernet": ["2", 0], "concept": ["3", 0]}},
         "9": {"class_type": "HyperTransportSaveSteering", "inputs": {"steering": ["8", 0], "filename_prefix": "exec"}},
         **sampler(["7", 0], "steered"),
@@ -144,9 +169,19 @@ def test_all_nodes_in_the_real_executor(graph, comfy_base):
     second = {
         "1": {"class_type": "HTTestTinyModel", "inputs": {}},
         "10": {"class_type": "HyperTransportLoadSteering", "inputs": {"steering_name": saved[-1].name}},
-        "11": {"class_type": "HyperTransportApplySteeringAdvanced",
-               "inputs": {"model": ["1", 0], "steering": ["10", 0], "strength": -0.5, "start_percent": 0.2,
-                          "end_percent": 1.0, "mode": "auto", "rows": "cond", "block_strengths": "output_blocks: 2"}},
+        "11": {
+            "class_type": "HyperTransportApplySteeringAdvanced",
+            "inputs": {
+                "model": ["1", 0],
+                "steering": ["10", 0],
+                "strength": -0.5,
+                "start_percent": 0.2,
+                "end_percent": 1.0,
+                "mode": "auto",
+                "rows": "cond",
+                "block_strengths": "output_blocks: 2",
+            },
+        },
         **sampler(["11", 0], "advanced"),
     }
     assert graph(second).success
@@ -164,11 +199,21 @@ def test_executor_reports_node_errors(graph):
     bad = {
         "1": {"class_type": "HTTestTinyModel", "inputs": {}},
         "2": {"class_type": "HyperTransportLoadHyperNet", "inputs": {"hypernet_name": "exec_sd15.safetensors"}},
-        "3": {"class_type": "HyperTransportEncodeConcept", "inputs": {"hypernet": ["2", 0], "text": " ",
-                                                                     "clip_weights": "auto (match the hypernet's encoder)"}},
-        "7": {"class_type": "HyperTransportApplySteering",
-              "inputs": {"model": ["1", 0], "hypernet": ["2", 0], "concept": ["3", 0], "strength": 1.0,
-                         "start_percent": 0.0, "end_percent": 1.0}},
+        "3": {
+            "class_type": "HyperTransportEncodeConcept",
+            "inputs": {"hypernet": ["2", 0], "text": " ", "clip_weights": "auto (match the hypernet's encoder)"},
+        },
+        "7": {
+            "class_type": "HyperTransportApplySteering",
+            "inputs": {
+                "model": ["1", 0],
+                "hypernet": ["2", 0],
+                "concept": ["3", 0],
+                "strength": 1.0,
+                "start_percent": 0.0,
+                "end_percent": 1.0,
+            },
+        },
         **sampler(["7", 0], "bad"),
     }
     ex = graph(bad)

@@ -23,9 +23,15 @@ pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 API = sorted((WORKFLOWS / "api").glob("*.json"))
 HT_NODES = {
-    "HyperTransportLoadHyperNet", "HyperTransportEncodeConcept", "HyperTransportEncodeReferenceImage",
-    "HyperTransportCombineConcepts", "HyperTransportApplySteering", "HyperTransportMakeSteering",
-    "HyperTransportSaveSteering", "HyperTransportLoadSteering", "HyperTransportApplySteeringAdvanced",
+    "HyperTransportLoadHyperNet",
+    "HyperTransportEncodeConcept",
+    "HyperTransportEncodeReferenceImage",
+    "HyperTransportCombineConcepts",
+    "HyperTransportApplySteering",
+    "HyperTransportMakeSteering",
+    "HyperTransportSaveSteering",
+    "HyperTransportLoadSteering",
+    "HyperTransportApplySteeringAdvanced",
 }
 
 
@@ -100,7 +106,8 @@ def test_workflow_files_are_current():
     for p in WORKFLOWS.glob("*.json"):
         wf = json.loads(p.read_text())
         assert any(n["type"] == "Note" and "models/" in n["widgets_values"][0] for n in wf["nodes"]), (
-            f"{p.name} must name its model files in a Note")
+            f"{p.name} must name its model files in a Note"
+        )
 
 
 @pytest.mark.parametrize("path", API, ids=[p.stem for p in API])
@@ -134,9 +141,19 @@ def test_saved_steering_loads_without_hypernet(comfy_server):
     for nid in ("4", "5"):
         del p2[nid]
     p2["60"] = {"class_type": "HyperTransportLoadSteering", "inputs": {"steering_name": name}}
-    p2["11"] = {"class_type": "HyperTransportApplySteeringAdvanced",
-                "inputs": {"model": ["3", 0], "steering": ["60", 0], "strength": 1.0, "start_percent": 0.0,
-                           "end_percent": 1.0, "mode": "folded", "rows": "all", "block_strengths": ""}}
+    p2["11"] = {
+        "class_type": "HyperTransportApplySteeringAdvanced",
+        "inputs": {
+            "model": ["3", 0],
+            "steering": ["60", 0],
+            "strength": 1.0,
+            "start_percent": 0.0,
+            "end_percent": 1.0,
+            "mode": "folded",
+            "rows": "all",
+            "block_strengths": "",
+        },
+    }
     entry = comfy_server.run(p2)
     assert entry["status"]["status_str"] == "success", error_text(entry)
 
@@ -189,6 +206,9 @@ def test_generated_files_are_current(comfy):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, str(WORKFLOWS / "build_workflows.py"), "--check"], capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, f"stale generated files; run `python workflows/build_workflows.py`:\n{r.stdout}{r.stderr[-2000:]}"
+    r = subprocess.run(
+        [sys.executable, str(WORKFLOWS / "build_workflows.py"), "--check"], capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, (
+        f"stale generated files; run `python workflows/build_workflows.py`:\n{r.stdout}{r.stderr[-2000:]}"
+    )

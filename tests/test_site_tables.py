@@ -29,11 +29,14 @@ def full_size(comfy, family: str):
     return cfg.get_model({}, "", device=torch.device("meta")).diffusion_model
 
 
-@pytest.mark.parametrize("family,sites,channels", [
-    ("sdxl", 256, 294_080),
-    ("sd15", 109, 100_160),
-    ("pixart", 57, 65_664),
-])
+@pytest.mark.parametrize(
+    "family,sites,channels",
+    [
+        ("sdxl", 256, 294_080),
+        ("sd15", 109, 100_160),
+        ("pixart", 57, 65_664),
+    ],
+)
 def test_reference_counts(comfy, family, sites, channels):
     from hypertransport_core.sites import SITE_TABLES, detect_family, list_sites, site_summary
 

@@ -24,8 +24,16 @@ pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage", "--window-size=1920,1080"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+    "--window-size=1920,1080",
+]
 
 
 def find_chromium() -> str | None:
@@ -78,9 +86,18 @@ def chromium(comfy_server, tmp_path_factory):
         pytest.skip("no Chromium found; install it with `apt-get update && apt-get install -y chromium`")
     port = comfy_server.__class__.__module__ and __import__("comfy_host").free_port()
     profile = tmp_path_factory.mktemp("chromium_profile")
-    proc = subprocess.Popen([exe, *FLAGS, f"--remote-debugging-port={port}", "--remote-debugging-address=127.0.0.1",
-                             f"--user-data-dir={profile}", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            exe,
+            *FLAGS,
+            f"--remote-debugging-port={port}",
+            "--remote-debugging-address=127.0.0.1",
+            f"--user-data-dir={profile}",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 60
     while True:
         try:
@@ -104,8 +121,12 @@ def test_web_ui_lists_nodes_and_loads_workflows(comfy_server, chromium, tmp_path
     import aiohttp
 
     # no first-run template dialog over the canvas
-    req = urllib.request.Request(comfy_server.url + "/settings/Comfy.TutorialCompleted", data=b"true",
-                                 headers={"Content-Type": "application/json"}, method="POST")
+    req = urllib.request.Request(
+        comfy_server.url + "/settings/Comfy.TutorialCompleted",
+        data=b"true",
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     urllib.request.urlopen(req, timeout=10).read()
 
     async def session():
@@ -114,28 +135,37 @@ def test_web_ui_lists_nodes_and_loads_workflows(comfy_server, chromium, tmp_path
             await cdp.call("Page.enable")
             await cdp.call("Runtime.enable")
             await cdp.call("Page.navigate", url=comfy_server.url + "/")
-            await cdp.wait_for("!!(window.app && window.app.graph && window.LiteGraph "
-                               "&& Object.keys(window.LiteGraph.registered_node_types).length > 100)")
-            registered = await cdp.js("Object.keys(LiteGraph.registered_node_types)"
-                                      ".filter(k => k.startsWith('HyperTransport'))")
+            await cdp.wait_for(
+                "!!(window.app && window.app.graph && window.LiteGraph "
+                "&& Object.keys(window.LiteGraph.registered_node_types).length > 100)"
+            )
+            registered = await cdp.js(
+                "Object.keys(LiteGraph.registered_node_types).filter(k => k.startsWith('HyperTransport'))"
+            )
             results = {}
             for wf in WORKFLOWS:
                 data = json.loads(wf.read_text())
-                await cdp.js(f"app.loadGraphData({json.dumps(data)}, true, true, {json.dumps(wf.stem)})"
-                             ".then(() => true)")
+                await cdp.js(
+                    f"app.loadGraphData({json.dumps(data)}, true, true, {json.dumps(wf.stem)}).then(() => true)"
+                )
                 await asyncio.sleep(1.0)
                 results[wf.stem] = await cdp.js(
                     "(() => { const nodes = app.graph._nodes || app.graph.nodes;"
                     " return {count: nodes.length,"
                     " missing: nodes.filter(n => !LiteGraph.registered_node_types[n.type]).map(n => n.type),"
-                    " errors: nodes.filter(n => n.has_errors).map(n => n.type)}; })()")
+                    " errors: nodes.filter(n => n.has_errors).map(n => n.type)}; })()"
+                )
                 shot = await cdp.call("Page.captureScreenshot", format="png")
                 (tmp_path / f"{wf.stem}.png").write_bytes(base64.b64decode(shot["data"]))
             return registered, results
 
     registered, results = asyncio.run(session())
-    assert {"HyperTransportLoadHyperNet", "HyperTransportEncodeConcept", "HyperTransportEncodeReferenceImage",
-            "HyperTransportApplySteering"} <= set(registered), registered
+    assert {
+        "HyperTransportLoadHyperNet",
+        "HyperTransportEncodeConcept",
+        "HyperTransportEncodeReferenceImage",
+        "HyperTransportApplySteering",
+    } <= set(registered), registered
     for name, r in results.items():
         wf = json.loads((REPO / "workflows" / f"{name}.json").read_text())
         assert r["count"] == len(wf["nodes"]), (name, r)

@@ -60,30 +60,79 @@ def _sdxl_base(note: str = SDXL_NOTE) -> list[Node]:
     return [
         Node(1, "Note", {"text": note}, (1300, 420), "Model files", (640, 260)),
         Node(2, "CheckpointLoaderSimple", {"ckpt_name": "sd_xl_base_1.0.safetensors"}, (0, 0)),
-        Node(3, "LoraLoaderModelOnly", {"model": L(2, 0), "lora_name": "dmd2_sdxl_4step_lora_fp16.safetensors",
-                                        "strength_model": 1.0}, (0, 200)),
+        Node(
+            3,
+            "LoraLoaderModelOnly",
+            {"model": L(2, 0), "lora_name": "dmd2_sdxl_4step_lora_fp16.safetensors", "strength_model": 1.0},
+            (0, 200),
+        ),
         Node(4, "HyperTransportLoadHyperNet", {"hypernet_name": "hypertransport_sdxl_dmd2.safetensors"}, (0, 400)),
-        Node(6, "CLIPTextEncode", {"text": "a photo of a lighthouse on a cliff at sunset", "clip": L(2, 1)},
-             (860, 300), "Positive"),
+        Node(
+            6,
+            "CLIPTextEncode",
+            {"text": "a photo of a lighthouse on a cliff at sunset", "clip": L(2, 1)},
+            (860, 300),
+            "Positive",
+        ),
         Node(7, "CLIPTextEncode", {"text": "", "clip": L(2, 1)}, (860, 540), "Negative"),
         Node(8, "EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, (860, 780)),
         Node(10, "VAEDecode", {"samples": L(9, 0), "vae": L(2, 2)}, (1740, 0)),
     ]
 
 
-def _ksampler(id_, model, pos=(1300, 0), seed=1, steps=4, cfg=1.0, sampler="lcm", scheduler="sgm_uniform",
-              positive=L(6), negative=L(7), latent=L(8)) -> Node:
-    return Node(id_, "KSampler", {"model": model, "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler,
-                                  "scheduler": scheduler, "positive": positive, "negative": negative,
-                                  "latent_image": latent, "denoise": 1.0}, pos)
+def _ksampler(
+    id_,
+    model,
+    pos=(1300, 0),
+    seed=1,
+    steps=4,
+    cfg=1.0,
+    sampler="lcm",
+    scheduler="sgm_uniform",
+    positive=L(6),
+    negative=L(7),
+    latent=L(8),
+) -> Node:
+    return Node(
+        id_,
+        "KSampler",
+        {
+            "model": model,
+            "seed": seed,
+            "steps": steps,
+            "cfg": cfg,
+            "sampler_name": sampler,
+            "scheduler": scheduler,
+            "positive": positive,
+            "negative": negative,
+            "latent_image": latent,
+            "denoise": 1.0,
+        },
+        pos,
+    )
 
 
 def text_steering_sdxl_dmd2() -> list[Node]:
     return _sdxl_base() + [
-        Node(5, "HyperTransportEncodeConcept", {"hypernet": L(4), "text": "watercolor painting",
-                                                 "clip_weights": "auto (match the hypernet's encoder)"}, (420, 400)),
-        Node(11, "HyperTransportApplySteering", {"model": L(3), "hypernet": L(4), "concept": L(5), "strength": 1.0,
-                                                 "start_percent": 0.0, "end_percent": 1.0}, (420, 0)),
+        Node(
+            5,
+            "HyperTransportEncodeConcept",
+            {"hypernet": L(4), "text": "watercolor painting", "clip_weights": "auto (match the hypernet's encoder)"},
+            (420, 400),
+        ),
+        Node(
+            11,
+            "HyperTransportApplySteering",
+            {
+                "model": L(3),
+                "hypernet": L(4),
+                "concept": L(5),
+                "strength": 1.0,
+                "start_percent": 0.0,
+                "end_percent": 1.0,
+            },
+            (420, 0),
+        ),
         _ksampler(9, L(11)),
         Node(12, "SaveImage", {"images": L(10), "filename_prefix": "hypertransport_text"}, (1740, 140)),
     ]
@@ -92,10 +141,25 @@ def text_steering_sdxl_dmd2() -> list[Node]:
 def reference_image_steering() -> list[Node]:
     return _sdxl_base() + [
         Node(13, "LoadImage", {"image": "example.png"}, (0, 600), "Reference image"),
-        Node(5, "HyperTransportEncodeReferenceImage", {"hypernet": L(4), "image": L(13, 0),
-                                                        "clip_weights": "auto (match the hypernet's encoder)"}, (420, 400)),
-        Node(11, "HyperTransportApplySteering", {"model": L(3), "hypernet": L(4), "concept": L(5), "strength": 1.0,
-                                                 "start_percent": 0.0, "end_percent": 1.0}, (420, 0)),
+        Node(
+            5,
+            "HyperTransportEncodeReferenceImage",
+            {"hypernet": L(4), "image": L(13, 0), "clip_weights": "auto (match the hypernet's encoder)"},
+            (420, 400),
+        ),
+        Node(
+            11,
+            "HyperTransportApplySteering",
+            {
+                "model": L(3),
+                "hypernet": L(4),
+                "concept": L(5),
+                "strength": 1.0,
+                "start_percent": 0.0,
+                "end_percent": 1.0,
+            },
+            (420, 0),
+        ),
         _ksampler(9, L(11)),
         Node(12, "SaveImage", {"images": L(10), "filename_prefix": "hypertransport_image"}, (1740, 140)),
     ]
@@ -106,16 +170,34 @@ STRENGTHS = (-1.0, 0.0, 0.5, 1.0, 1.5)
 
 def strength_sweep() -> list[Node]:
     nodes = [n for n in _sdxl_base() if n.id != 10]
-    nodes.append(Node(5, "HyperTransportEncodeConcept", {"hypernet": L(4), "text": "watercolor painting",
-                                                          "clip_weights": "auto (match the hypernet's encoder)"},
-                      (420, 400)))
+    nodes.append(
+        Node(
+            5,
+            "HyperTransportEncodeConcept",
+            {"hypernet": L(4), "text": "watercolor painting", "clip_weights": "auto (match the hypernet's encoder)"},
+            (420, 400),
+        )
+    )
     decoded = []
     for i, s in enumerate(STRENGTHS):
         a, k, d = 20 + i, 30 + i, 40 + i
         y = i * 260
-        nodes.append(Node(a, "HyperTransportApplySteering", {"model": L(3), "hypernet": L(4), "concept": L(5),
-                                                             "strength": s, "start_percent": 0.0, "end_percent": 1.0},
-                          (1300, y), f"strength {s:+g}"))
+        nodes.append(
+            Node(
+                a,
+                "HyperTransportApplySteering",
+                {
+                    "model": L(3),
+                    "hypernet": L(4),
+                    "concept": L(5),
+                    "strength": s,
+                    "start_percent": 0.0,
+                    "end_percent": 1.0,
+                },
+                (1300, y),
+                f"strength {s:+g}",
+            )
+        )
         nodes.append(_ksampler(k, L(a), pos=(1700, y)))
         nodes.append(Node(d, "VAEDecode", {"samples": L(k), "vae": L(2, 2)}, (2100, y)))
         decoded.append(d)
@@ -130,18 +212,45 @@ def strength_sweep() -> list[Node]:
 
 def combine_concepts() -> list[Node]:
     return _sdxl_base() + [
-        Node(5, "HyperTransportEncodeConcept", {"hypernet": L(4), "text": "watercolor painting",
-                                                 "clip_weights": "auto (match the hypernet's encoder)"}, (420, 400)),
-        Node(14, "HyperTransportEncodeConcept", {"hypernet": L(4), "text": "autumn colors",
-                                                  "clip_weights": "auto (match the hypernet's encoder)"}, (420, 640)),
-        Node(15, "HyperTransportCombineConcepts", {"concept_a": L(5), "weight_a": 1.0, "concept_b": L(14),
-                                                   "weight_b": -0.5, "weight_c": 1.0}, (420, 880),
-             "watercolor minus autumn"),
-        Node(11, "HyperTransportApplySteering", {"model": L(3), "hypernet": L(4), "concept": L(15), "strength": 1.0,
-                                                 "start_percent": 0.0, "end_percent": 1.0}, (420, 0)),
+        Node(
+            5,
+            "HyperTransportEncodeConcept",
+            {"hypernet": L(4), "text": "watercolor painting", "clip_weights": "auto (match the hypernet's encoder)"},
+            (420, 400),
+        ),
+        Node(
+            14,
+            "HyperTransportEncodeConcept",
+            {"hypernet": L(4), "text": "autumn colors", "clip_weights": "auto (match the hypernet's encoder)"},
+            (420, 640),
+        ),
+        Node(
+            15,
+            "HyperTransportCombineConcepts",
+            {"concept_a": L(5), "weight_a": 1.0, "concept_b": L(14), "weight_b": -0.5, "weight_c": 1.0},
+            (420, 880),
+            "watercolor minus autumn",
+        ),
+        Node(
+            11,
+            "HyperTransportApplySteering",
+            {
+                "model": L(3),
+                "hypernet": L(4),
+                "concept": L(15),
+                "strength": 1.0,
+                "start_percent": 0.0,
+                "end_percent": 1.0,
+            },
+            (420, 0),
+        ),
         Node(16, "HyperTransportMakeSteering", {"hypernet": L(4), "concept": L(15)}, (860, 1020)),
-        Node(17, "HyperTransportSaveSteering", {"steering": L(16), "filename_prefix": "watercolor_minus_autumn"},
-             (1300, 1020)),
+        Node(
+            17,
+            "HyperTransportSaveSteering",
+            {"steering": L(16), "filename_prefix": "watercolor_minus_autumn"},
+            (1300, 1020),
+        ),
         _ksampler(9, L(11)),
         Node(12, "SaveImage", {"images": L(10), "filename_prefix": "hypertransport_combined"}, (1740, 140)),
     ]
@@ -151,14 +260,28 @@ def pixart_nitro() -> list[Node]:
     return [
         Node(1, "Note", {"text": PIXART_NOTE}, (1300, 420), "Model files", (640, 260)),
         Node(2, "UNETLoader", {"unet_name": "nitro_1_pixart.safetensors", "weight_dtype": "default"}, (0, 0)),
-        Node(3, "CLIPLoader", {"clip_name": "t5xxl_fp16.safetensors", "type": "pixart", "device": "default"},
-             (0, 200)),
+        Node(3, "CLIPLoader", {"clip_name": "t5xxl_fp16.safetensors", "type": "pixart", "device": "default"}, (0, 200)),
         Node(18, "VAELoader", {"vae_name": "sdxl_vae.safetensors"}, (0, 600)),
         Node(4, "HyperTransportLoadHyperNet", {"hypernet_name": "hypertransport_pixart.safetensors"}, (0, 330)),
-        Node(5, "HyperTransportEncodeConcept", {"hypernet": L(4), "text": "pixel art",
-                                                 "clip_weights": "auto (match the hypernet's encoder)"}, (420, 400)),
-        Node(11, "HyperTransportApplySteering", {"model": L(2), "hypernet": L(4), "concept": L(5), "strength": 1.0,
-                                                 "start_percent": 0.0, "end_percent": 1.0}, (420, 0)),
+        Node(
+            5,
+            "HyperTransportEncodeConcept",
+            {"hypernet": L(4), "text": "pixel art", "clip_weights": "auto (match the hypernet's encoder)"},
+            (420, 400),
+        ),
+        Node(
+            11,
+            "HyperTransportApplySteering",
+            {
+                "model": L(2),
+                "hypernet": L(4),
+                "concept": L(5),
+                "strength": 1.0,
+                "start_percent": 0.0,
+                "end_percent": 1.0,
+            },
+            (420, 0),
+        ),
         Node(6, "CLIPTextEncode", {"text": "a cozy cabin in a snowy forest", "clip": L(3)}, (860, 300), "Positive"),
         Node(7, "CLIPTextEncode", {"text": "", "clip": L(3)}, (860, 540), "Negative"),
         Node(8, "EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, (860, 780)),
@@ -218,9 +341,19 @@ def to_ui(nodes: list[Node], object_info: dict) -> dict:
                 out_links.setdefault(v, []).append(link_id)
                 pending.append(links[-1])
     for order, n in enumerate(nodes):
-        entry = {"id": n.id, "type": n.type, "pos": list(n.pos), "size": list(n.size or (340, 130)), "flags": {},
-                 "order": order, "mode": 0, "inputs": [], "outputs": [],
-                 "properties": {"Node name for S&R": n.type}, "widgets_values": []}
+        entry = {
+            "id": n.id,
+            "type": n.type,
+            "pos": list(n.pos),
+            "size": list(n.size or (340, 130)),
+            "flags": {},
+            "order": order,
+            "mode": 0,
+            "inputs": [],
+            "outputs": [],
+            "properties": {"Node name for S&R": n.type},
+            "widgets_values": [],
+        }
         if n.title:
             entry["title"] = n.title
         if n.type in UI_ONLY:
@@ -246,23 +379,47 @@ def to_ui(nodes: list[Node], object_info: dict) -> dict:
                     link[4] = slot
                 entry["inputs"].append({"name": name, "type": spec[0], "link": link[0] if link else None})
         for slot, typ in enumerate(info["output"]):
-            entry["outputs"].append({"name": info["output_name"][slot], "type": typ,
-                                     "links": out_links.get((n.id, slot), []), "slot_index": slot})
+            entry["outputs"].append(
+                {
+                    "name": info["output_name"][slot],
+                    "type": typ,
+                    "links": out_links.get((n.id, slot), []),
+                    "slot_index": slot,
+                }
+            )
         ui_nodes.append(entry)
     return {
-        "last_node_id": max(n.id for n in nodes), "last_link_id": link_id, "nodes": ui_nodes,
-        "links": [lk[:6] for lk in links], "groups": [], "config": {}, "extra": {"ds": {"scale": 0.65, "offset": [120, 400]}},
+        "last_node_id": max(n.id for n in nodes),
+        "last_link_id": link_id,
+        "nodes": ui_nodes,
+        "links": [lk[:6] for lk in links],
+        "groups": [],
+        "config": {},
+        "extra": {"ds": {"scale": 0.65, "offset": [120, 400]}},
         "version": 0.4,
     }
 
 
 def nodes_doc(node_classes) -> str:
     """``docs/NODES.md``: every node, its inputs and outputs, from the schemas themselves."""
-    lines = ["# Nodes", "", "Generated from the node schemas by `workflows/build_workflows.py`; do not edit by hand.", ""]
+    lines = [
+        "# Nodes",
+        "",
+        "Generated from the node schemas by `workflows/build_workflows.py`; do not edit by hand.",
+        "",
+    ]
     for cls in node_classes:
         sch = cls.define_schema()
-        lines += [f"## {sch.display_name}", "", f"`{sch.node_id}` (category {sch.category})", "", sch.description, "",
-                  "| input | type | default / range | what it does |", "| --- | --- | --- | --- |"]
+        lines += [
+            f"## {sch.display_name}",
+            "",
+            f"`{sch.node_id}` (category {sch.category})",
+            "",
+            sch.description,
+            "",
+            "| input | type | default / range | what it does |",
+            "| --- | --- | --- | --- |",
+        ]
         for i in sch.inputs:
             d = i.as_dict()
             typ = i.get_io_type()
@@ -291,7 +448,13 @@ def object_info_inprocess() -> dict:
     comfy_host.setup_comfy(base_directory=tempfile.mkdtemp(prefix="ht_wf_"))
     import nodes
 
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    import logging
+
+    logging.disable(logging.WARNING)  # ComfyUI's notes on optional extras (torchaudio, ...) are not ours
+    try:
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    finally:
+        logging.disable(logging.NOTSET)
     pack = comfy_host.load_pack()
     for cls in pack.nodes.NODES:
         nodes.NODE_CLASS_MAPPINGS[cls.GET_SCHEMA().node_id] = cls
@@ -301,8 +464,11 @@ def object_info_inprocess() -> dict:
         cls = nodes.NODE_CLASS_MAPPINGS[t]
         it = cls.INPUT_TYPES()
         names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
-        info[t] = {"input": {k: it.get(k, {}) for k in ("required", "optional")},
-                   "output": list(cls.RETURN_TYPES), "output_name": list(names)}
+        info[t] = {
+            "input": {k: it.get(k, {}) for k in ("required", "optional")},
+            "output": list(cls.RETURN_TYPES),
+            "output_name": list(names),
+        }
     return info
 
 
