@@ -93,6 +93,15 @@ def parse_block_strengths(text: str) -> dict[str, float]:
     return out
 
 
+def _check_widgets(check) -> bool | str:
+    """For ``validate_inputs``: True, or the error message (the prompt is refused before it runs)."""
+    try:
+        check()
+    except HyperTransportError as e:
+        return str(e)
+    return True
+
+
 def _strength(strength: float, node: str) -> float:
     return patching.check_strength(strength, f"{node}: strength")
 
@@ -158,6 +167,10 @@ class EncodeConcept(io.ComfyNode):
             ],
             outputs=[ConceptType.Output(display_name="CONCEPT", tooltip="The concept embedding (unit norm).")],
         )
+
+    @classmethod
+    def validate_inputs(cls, text=None) -> bool | str:
+        return True if text is None else _check_widgets(lambda: parse_concepts(text))
 
     @classmethod
     def execute(cls, hypernet, text, clip_weights=mf.AUTO) -> io.NodeOutput:
@@ -275,6 +288,16 @@ class ApplySteering(io.ComfyNode):
             ],
             outputs=[io.Model.Output(tooltip="The steered model (a patched clone).")],
         )
+
+    @classmethod
+    def validate_inputs(cls, strength=None, start_percent=None, end_percent=None) -> bool | str:
+        def check():
+            if strength is not None:
+                _strength(strength, "Apply Steering")
+            if start_percent is not None and end_percent is not None:
+                patching.check_range(start_percent, end_percent)
+
+        return _check_widgets(check)
 
     @classmethod
     def execute(cls, model, hypernet, concept, strength=1.0, start_percent=0.0, end_percent=1.0) -> io.NodeOutput:
@@ -443,6 +466,18 @@ class ApplySteeringAdvanced(io.ComfyNode):
             ],
             outputs=[io.Model.Output(tooltip="The steered model (a patched clone).")],
         )
+
+    @classmethod
+    def validate_inputs(cls, strength=None, start_percent=None, end_percent=None, block_strengths=None) -> bool | str:
+        def check():
+            if strength is not None:
+                _strength(strength, "Apply Steering (Advanced)")
+            if start_percent is not None and end_percent is not None:
+                patching.check_range(start_percent, end_percent)
+            if block_strengths is not None:
+                parse_block_strengths(block_strengths)
+
+        return _check_widgets(check)
 
     @classmethod
     def execute(

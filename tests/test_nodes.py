@@ -435,3 +435,13 @@ def test_prepared_hooks_match_core_steer(comfy, D, P, make_hypernet, family):
             outs[engine, lam] = f.sample(m)
     for lam in (0.7, -0.6):
         torch.testing.assert_close(outs["prepared", lam], outs["core", lam], rtol=1e-3, atol=1e-3)
+
+
+def test_validate_inputs_refuses_before_running(D):
+    assert D.ApplySteering.validate_inputs(strength=1.0, start_percent=0.0, end_percent=1.0) is True
+    assert "finite" in D.ApplySteering.validate_inputs(strength=float("nan"), start_percent=0.0, end_percent=1.0)
+    assert "start_percent" in D.ApplySteering.validate_inputs(strength=1.0, start_percent=0.8, end_percent=0.2)
+    assert D.ApplySteering.validate_inputs(strength=None) is True  # a widget fed by a link: checked at run time
+    assert "empty" in D.EncodeConcept.validate_inputs(text=" ")
+    assert D.EncodeConcept.validate_inputs(text="(watercolor:0.5)") is True
+    assert "block_strengths" in D.ApplySteeringAdvanced.validate_inputs(strength=1.0, block_strengths="oops")

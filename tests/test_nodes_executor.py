@@ -45,6 +45,7 @@ def graph(comfy, comfy_base, encoder, make_hypernet):
     assert ok and "HyperTransportApplySteering" in nodes.NODE_CLASS_MAPPINGS
     model = comfy.tiny_sd15(seed=3)
     make_hypernet(model, "exec_sd15.safetensors", seed=4)
+    make_hypernet(comfy.tiny_sdxl(), "exec_sdxl.safetensors", seed=4)
 
     class HTTestTinyModel:
         RETURN_TYPES = ("MODEL",)
@@ -216,8 +217,19 @@ def test_executor_reports_node_errors(graph):
         },
         **sampler(["7", 0], "bad"),
     }
+    import execution
+
+    valid = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), bad, None))
+    assert not valid[0]  # refused before anything runs: a node error on Encode Concept
+    (err,) = valid[3]["3"]["errors"]
+    assert valid[3]["3"]["class_type"] == "HyperTransportEncodeConcept" and "empty" in err["details"]
+    # a hypernet for another family passes validation (the model is only known at run time) and fails
+    # in Apply Steering, before sampling starts
+    bad["3"]["inputs"]["text"] = "watercolor"
+    bad["2"]["inputs"]["hypernet_name"] = "exec_sdxl.safetensors"
+    SINK.pop("bad", None)
     ex = graph(bad)
-    assert not ex.success
+    assert not ex.success and "bad" not in SINK
     errors = [m for m in ex.status_messages if m[0] == "execution_error"]
-    assert errors and errors[0][1]["node_type"] == "HyperTransportEncodeConcept"
-    assert "empty" in errors[0][1]["exception_message"]
+    assert errors[0][1]["node_type"] == "HyperTransportApplySteering"
+    assert "'sdxl'" in errors[0][1]["exception_message"] and "'sd15'" in errors[0][1]["exception_message"]
