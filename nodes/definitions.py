@@ -6,7 +6,6 @@ Node ids are permanent. A breaking change gets a new id; the old class stays in
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -373,22 +372,13 @@ class SaveSteering(io.ComfyNode):
 
 
 def _save_checked(path: str, steering: Steering) -> None:
-    """Save, then read the header back (the file must load). hypertransport_core 0.1.0 writes a plain-text
-    label that its own reader parses as JSON; then the label is re-saved JSON-encoded."""
+    """Save, then read the header back: a file Load Steering cannot read is never left behind."""
     save_steering(path, steering)
     try:
         read_header(path, expect="hypertransport.steering")
-    except HyperTransportError as e:
-        if "'label'" not in str(e):
-            raise
-        fixed = Steering(
-            steering.sites,
-            steering.w,
-            steering.b,
-            {**steering.meta, "label": json.dumps(str(steering.meta.get("label", "")))},
-        )
-        save_steering(path, fixed)
-        read_header(path, expect="hypertransport.steering")
+    except HyperTransportError:
+        os.remove(path)
+        raise
 
 
 class LoadSteering(io.ComfyNode):
