@@ -3,15 +3,22 @@
 Two mechanisms, both undone by ComfyUI itself:
 
 * **hooks** — an ``APPLY_MODEL`` wrapper (:class:`SteeringWrapper`, key ``"hypertransport"``) that
-  enters :func:`hypertransport_core.hooks.steer` around each model call whose sigma lies inside the
-  start/end range. The hooks live only for that call (removed also when sampling raises). Works for
-  every model family, because every family goes through ``BaseModel.apply_model``.
+  registers forward hooks on the sites around each model call whose sigma lies inside the start/end
+  range. The hooks live only for that call (removed also when sampling raises). Works for every model
+  family, because every family goes through ``BaseModel.apply_model``. By default the hooks are
+  :func:`steer_prepared`'s: the arithmetic of :func:`hypertransport_core.hooks.steer`, with each
+  site's ``(a, c)`` computed once per device/dtype instead of at every call (``engine="core"`` uses
+  the core's ``steer`` itself; the tests check both give the same images).
 * **folded** — for sites whose map is applied at every position of a norm's output and whose norm
   has affine weights, the map is written into the norm's ``weight``/``bias`` as weight patches
   (:class:`FoldedMap`, through ``ModelPatcher.add_patches``), like a LoRA: free at sampling time,
   restored by ComfyUI when another model is loaded. Patches are *relative* (``a ⊙ γ'``,
   ``a ⊙ β' + c`` of the weight as earlier patches left it), so they compose with LoRAs and with
   each other, and do not depend on what another clone left in the shared weights.
+
+Stacking: steerings compose in node order, except that a folded map acts inside its norm, i.e.
+before any hooked map on the same site, whatever the order of the nodes (the maps' scales commute;
+their shifts do not, exactly).
 
 Default rows: every batch row is steered (cond and uncond alike), as a LoRA changes the model for
 both; ``rows="cond"``/``"uncond"`` restrict it using ``transformer_options["cond_or_uncond"]``.
