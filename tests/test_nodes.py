@@ -445,3 +445,34 @@ def test_validate_inputs_refuses_before_running(D):
     assert "empty" in D.EncodeConcept.validate_inputs(text=" ")
     assert D.EncodeConcept.validate_inputs(text="(watercolor:0.5)") is True
     assert "block_strengths" in D.ApplySteeringAdvanced.validate_inputs(strength=1.0, block_strengths="oops")
+
+
+def test_folded_maps_in_a_partially_loaded_model(comfy, D, P, make_hypernet):
+    """ComfyUI's low-VRAM path (weights patched per layer at run time by LowVramPatch, as for models
+    offloaded between devices) applies the folded maps exactly like a full load, and unpatching
+    restores the model."""
+    f = Fam(comfy, D, make_hypernet, "sd15", form="elementwise")
+    steering = D.MakeSteering.execute(f.hn, f.concept).args[0]
+    (m,) = D.ApplySteeringAdvanced.execute(f.model, steering, 1.0, 0.0, 1.0, "folded", "all", "").args
+    g = torch.Generator().manual_seed(0)
+    x, t, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([5.0, 5.0]), torch.randn(2, 8, 64, generator=g)
+    cpu = torch.device("cpu")
+
+    def fwd():
+        with torch.no_grad():
+            return m.model.apply_model(x, t, c_crossattn=ctx)
+
+    with torch.no_grad():
+        ref = f.model.model.apply_model(x, t, c_crossattn=ctx)
+    m.load(cpu, lowvram_model_memory=0, force_patch_weights=False, full_load=True)
+    full = fwd()
+    m.unpatch_model(cpu)
+    m.load(cpu, lowvram_model_memory=1, force_patch_weights=False, full_load=False)
+    dm = m.model.diffusion_model
+    assert any(getattr(mod, "weight_function", None) for mod in dm.modules()), "not partially loaded"
+    low = fwd()
+    m.unpatch_model(cpu)
+    assert not torch.equal(full, ref)
+    torch.testing.assert_close(low, full, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(f.model.model.apply_model(x, t, c_crossattn=ctx), ref)
