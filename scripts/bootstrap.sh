@@ -17,6 +17,11 @@ if [ "$(cat .venv/.requirements.sha 2>/dev/null)" != "$want" ]; then
     || { echo "bootstrap: the install failed (see above)" >&2; exit 1; }
   echo "$want" > .venv/.requirements.sha
 fi
+# CI (CI=true, as root) also gets Debian's Chromium so the web-UI test runs instead of skipping.
+if [ "${CI:-}" = "true" ] && [ "$(id -u)" = 0 ] && ! command -v chromium >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "bootstrap: could not install chromium; the web-UI test will skip" >&2
+fi
 if [ -n "${COMFYUI_DIR:-}" ]; then
   [ -f "$COMFYUI_DIR/main.py" ] || { echo "bootstrap: COMFYUI_DIR=$COMFYUI_DIR has no main.py" >&2; exit 1; }
 elif [ -f ../../main.py ] && [ -d ../../comfy ]; then

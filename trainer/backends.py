@@ -45,18 +45,23 @@ class WorldBackend:
         steps: sampler steps.
         guidance: classifier-free guidance (1.0: one conditional forward per step).
         form: site form for spatial (GroupNorm) sites, "pooled" or "elementwise".
+        precision: "bf16"/"fp16" run the UNet under autocast (bf16 is 2x faster on CPUs with AMX; norms, and
+            so the steered sites, stay fp32 under autocast), "fp32" runs it in full precision.
     """
 
     family = "world"
 
-    def __init__(self, clip: nn.Module, tokenizer, unet: nn.Module, steps: int = 4, guidance: float = 2.0, form: str = "pooled"):
+    def __init__(self, clip: nn.Module, tokenizer, unet: nn.Module, steps: int = 4, guidance: float = 2.0, form: str = "pooled",
+                 precision: str = "fp32"):
         from trainer.world import world as W
 
         self.W = W
         self.clip, self.tokenizer, self.unet = clip.eval(), tokenizer, unet.eval()
         for p in list(clip.parameters()) + list(unet.parameters()):
             p.requires_grad_(False)
-        self.steps, self.guidance = steps, guidance
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision {precision!r}: use fp32, bf16 or fp16")
+        self.steps, self.guidance, self.precision = steps, guidance, precision
         self.root = unet
         self.sites: list[Site] = list_sites(unet, "world", form=form)
         self.encoder = ConceptEncoder.from_model(clip, tokenizer, "HT-World-CLIP", mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -126,5 +131,9 @@ class WorldBackend:
         """Sample images ``(B, 3, 32, 32)`` in [0, 1]; hooks the caller set on ``root`` are active."""
         from trainer.world.diffusion import sample
 
-        return sample(self.unet, self.clip, self.tokenizer, list(prompts), list(seeds), steps=self.steps,
-                      guidance=self.guidance, grad=grad, detach_between_steps=True)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        dev = next(self.unet.parameters()).device
+        with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = sample(self.unet, self.clip, self.tokenizer, list(prompts), list(seeds), steps=self.steps,
+                         guidance=self.guidance, grad=grad, detach_between_steps=True)
+        return out.float()

@@ -38,7 +38,7 @@ from scipy.stats import spearmanr
 from hypertransport_core import LinEASConfig, Steering, load_hypernet, steer
 from trainer.backends import WORLD_WEIGHTS, WorldBackend
 from trainer.config import build_parser, resolve
-from trainer.train import TrainConfig, _concept_seed, compute_targets, fit_concept_lineas, read_list
+from trainer.train import _concept_seed, compute_targets, fit_concept_lineas, make_backend, read_list, train_config_of
 
 log = logging.getLogger("hypertransport.evaluate")
 
@@ -77,12 +77,6 @@ class EvalConfig:
         return [float(x) for x in self.strengths.split(",") if x.strip()]
 
 
-def _train_cfg(hn) -> TrainConfig:
-    saved = dict(getattr(hn, "training_summary", {}).get("config", {}))
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in saved.items() if k in known})
-
-
 def image_metrics(backend: WorldBackend, imgs: torch.Tensor, concept: str, ref: torch.Tensor, concept_emb: torch.Tensor) -> dict:
     """Per-image inducement, CLIP score, and content kept relative to ``ref`` (the unsteered images)."""
     from trainer.world import metrics as M
@@ -109,8 +103,8 @@ def evaluate(cfg: EvalConfig, backend: WorldBackend | None = None, progress: boo
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     hn = load_hypernet(cfg.hypernet)
-    tcfg = _train_cfg(hn)
-    backend = backend or WorldBackend.load(cfg.world_weights, steps=tcfg.sampler_steps, guidance=tcfg.guidance, form=tcfg.form)
+    tcfg = train_config_of(hn)
+    backend = backend or make_backend(dataclasses.replace(tcfg, backend="world", world_weights=cfg.world_weights))
     hn.check_concept(backend.encoder.concept("red"))  # refuses a hypernet trained with another encoder
     concepts = read_list(cfg.concepts) if cfg.concepts else list(hn.training_summary.get("holdout_concepts", []))
     if not concepts:

@@ -11,6 +11,7 @@ not the concept was in its training set.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -22,7 +23,8 @@ import torch
 from PIL import Image
 
 from hypertransport_core import HyperTransportError, load_hypernet, steer
-from trainer.backends import WORLD_WEIGHTS, WorldBackend
+from trainer.backends import WORLD_WEIGHTS
+from trainer.train import make_backend, train_config_of
 
 
 def load_image(path: str) -> torch.Tensor:
@@ -69,9 +71,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"--hypernet {a.hypernet!r} does not exist. Fix: run `python trainer/train.py` first, or pass a hypernet file.")
     try:
         hn = load_hypernet(a.hypernet)
-        cfg = hn.training_summary.get("config", {})
-        backend = WorldBackend.load(a.world_weights, steps=cfg.get("sampler_steps", 4), guidance=cfg.get("guidance", 2.0),
-                                    form=cfg.get("form", "pooled"))
+        tcfg = dataclasses.replace(train_config_of(hn), backend="world", world_weights=a.world_weights)
+        backend = make_backend(tcfg)
         concept = backend.encoder.concept(a.concept) if a.concept else backend.encoder.image_concept(load_image(a.image), os.path.basename(a.image))
         steering = hn.steering(concept)
     except HyperTransportError as e:

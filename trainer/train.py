@@ -92,7 +92,7 @@ class TrainConfig:
     neutral_prompts: str = ""  # --backend comfy: neutral prompts, one a line (default trainer/data/neutral_prompts.txt)
     resolution: int = 0  # --backend comfy: image side in pixels (0: the family's default)
     timesteps: str = ""  # --backend comfy: comma-separated fixed timesteps, one per step (default: the family's, DMD2 999,749,499,249)
-    precision: str = "fp32"  # --backend comfy: "fp32", "bf16" or "fp16" (weights and autocast of the diffusion model)
+    precision: str = "auto"  # "fp32", "bf16" or "fp16" autocast of the diffusion model ("auto": bf16 for the world on CPU, fp32 for comfy)
     grad_checkpoint: bool = False  # --backend comfy: recompute block activations in backward (less memory, slower)
     cache: str = "memory"  # target cache: "memory" (<out>/targets.safetensors, loaded whole) or "disk" (<out>/targets/ shards, read per batch)
     cache_chunk: int = 4  # --cache disk: concepts per target shard
@@ -106,8 +106,8 @@ class TrainConfig:
             bad("backend", "must be 'world' (the embedded model) or 'comfy' (a ComfyUI model file, with --model).")
         if self.cache not in ("memory", "disk"):
             bad("cache", "must be 'memory' or 'disk'.")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            bad("precision", "must be 'fp32', 'bf16' or 'fp16'.")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            bad("precision", "must be auto, fp32, bf16 or fp16.")
         if self.cache_chunk < 1:
             bad("cache_chunk", "must be at least 1.")
         if not 0 < self.holdout_frac < 1:
@@ -268,9 +268,17 @@ def load_or_compute_targets(backend, concepts: list[str], cfg: TrainConfig, prog
 
 
 # --------------------------------------------------------------------------------------- build
+def train_config_of(hypernet) -> TrainConfig:
+    """The training config a hypernet file records (unknown keys from other versions are ignored)."""
+    saved = dict(getattr(hypernet, "training_summary", {}).get("config", {}))
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in saved.items() if k in known})
+
+
 def make_backend(cfg: TrainConfig):
     if cfg.backend == "world":
-        return WorldBackend.load(cfg.world_weights, steps=cfg.sampler_steps, guidance=cfg.guidance, form=cfg.form)
+        return WorldBackend.load(cfg.world_weights, steps=cfg.sampler_steps, guidance=cfg.guidance, form=cfg.form,
+                                 precision="bf16" if cfg.precision == "auto" else cfg.precision)
     if cfg.backend == "comfy":
         from trainer.comfy_backend import CONCEPTS_TSV, NEUTRAL_PROMPTS, ComfyBackend
 
@@ -284,7 +292,7 @@ def make_backend(cfg: TrainConfig):
             cfg.model, clip_arch=cfg.clip_arch, clip_weights=cfg.clip_weights,
             text_encoders=[p for p in cfg.text_encoders.split(",") if p], clip_type=cfg.clip_type,
             concept_list=cfg.concept_list or CONCEPTS_TSV, neutral_prompts=cfg.neutral_prompts or NEUTRAL_PROMPTS,
-            precision=cfg.precision, steps=cfg.sampler_steps, guidance=cfg.guidance, form=cfg.form,
+            precision="fp32" if cfg.precision == "auto" else cfg.precision, steps=cfg.sampler_steps, guidance=cfg.guidance, form=cfg.form,
             resolution=cfg.resolution or None, grad_checkpoint=cfg.grad_checkpoint,
             timesteps=[int(t) for t in cfg.timesteps.split(",") if t.strip()] or None, ref_cache=os.path.join(cfg.out, "refs"),
         )

@@ -1,0 +1,63 @@
+"""Time to a new concept's intervention: HyperTransport (encode + one hypernet pass) vs a LinEAS fit.
+
+    python benchmarks/bench_world.py [--hypernet runs/world/hypernet.safetensors] [--concepts 3] [--lineas-steps 60]
+
+Both on the embedded world's model, in the same run and process, for concepts the hypernet never
+saw. LinEAS time includes computing its concept's target activations (a new concept has none
+cached) and the fit; HyperTransport time is text encoding plus the hypernet's forward pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from hypertransport_core import LinEASConfig, load_hypernet  # noqa: E402
+from trainer.train import compute_targets, fit_concept_lineas, make_backend, train_config_of  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hypernet", default="runs/world/hypernet.safetensors")
+    p.add_argument("--concepts", type=int, default=3, help="held-out concepts to time LinEAS on")
+    p.add_argument("--lineas-steps", type=int, default=60, help="LinEAS steps (the evaluator's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if not os.path.isfile(a.hypernet):
+        raise SystemExit(f"{a.hypernet} does not exist. Fix: run `python trainer/train.py` first.")
+    hn = load_hypernet(a.hypernet)
+    tcfg = train_config_of(hn)
+    backend = make_backend(tcfg)
+    concepts = hn.training_summary["holdout_concepts"][: a.concepts]
+    hn.steering(backend.encoder.concept("warm up"))
+    ht, lin = [], []
+    for c in concepts:
+        reps = []
+        for _ in range(20):
+            t = time.perf_counter()
+            hn.steering(backend.encoder.concept(c))
+            reps.append(time.perf_counter() - t)
+        ht.append(statistics.median(reps))
+        t = time.perf_counter()
+        tgt = compute_targets(backend, [c], tcfg, progress=False)
+        with torch.enable_grad():
+            fit_concept_lineas(backend, c, {k: v[0] for k, v in tgt.items()}, tcfg, LinEASConfig(steps=a.lineas_steps))
+        lin.append(time.perf_counter() - t)
+        print(f"{c:>24}: HyperTransport {1000 * ht[-1]:.2f} ms | LinEAS ({a.lineas_steps} steps + targets) {lin[-1]:.1f} s")
+    h, l_ = statistics.median(ht), statistics.median(lin)
+    print(f"median: HyperTransport {1000 * h:.2f} ms, LinEAS {l_:.1f} s, ratio {l_ / h:,.0f}x "
+          f"(torch threads {torch.get_num_threads()}, {len(backend.sites)} sites, {sum(s.channels for s in backend.sites)} channels)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
