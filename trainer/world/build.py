@@ -1,7 +1,7 @@
 """Rebuild the embedded world's models from a seed: HT-World-CLIP first, then the UNet.
 
     python -m trainer.world.build --seed 0 --out trainer/world/weights
-    python -m trainer.world.build --stage unet --unet-minutes 40   # reuse the saved CLIP
+    python -m trainer.world.build --stage unet --unet-minutes 60   # reuse the saved CLIP
 
 Writes ``world_clip.safetensors`` and ``world_unet.safetensors`` (fp16, config JSON in the
 safetensors metadata) and ``build_stats.json``; the UNet's EMA weights are also saved every
@@ -34,10 +34,10 @@ def parse_args(argv=None):
         default="all",
         help="what to (re)build; 'unet' loads the CLIP already in --out",
     )
-    p.add_argument("--clip-minutes", type=float, default=9.0, help="CLIP wall-clock budget")
+    p.add_argument("--clip-minutes", type=float, default=10.0, help="CLIP wall-clock budget")
     p.add_argument("--clip-steps", type=int, default=100000, help="CLIP max steps")
     p.add_argument("--clip-batch", type=int, default=128, help="CLIP images (and captions) per step")
-    p.add_argument("--unet-minutes", type=float, default=40.0, help="UNet wall-clock budget")
+    p.add_argument("--unet-minutes", type=float, default=60.0, help="UNet wall-clock budget")
     p.add_argument("--unet-steps", type=int, default=1_000_000, help="UNet max steps")
     p.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1 is fastest when other jobs share 2 cores)"
@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-n", type=int, default=360, help="images in the final evaluation")
     a = p.parse_args(argv)
     if a.clip_minutes <= 0 or a.unet_minutes <= 0:
-        p.error("--clip-minutes and --unet-minutes must be > 0 (e.g. 9 and 40)")
+        p.error("--clip-minutes and --unet-minutes must be > 0 (e.g. 10 and 60)")
     return a
 
 

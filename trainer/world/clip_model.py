@@ -127,7 +127,7 @@ def contrastive_loss(img_f, txt_f, logit_scale, match):
 @dataclass
 class ClipTrainConfig:
     seed: int = 0  # seeds the model init and the data stream
-    minutes: float = 9.0  # wall-clock budget; training stops at whichever of minutes/steps first
+    minutes: float = 10.0  # wall-clock budget; training stops at whichever of minutes/steps first
     steps: int = 100000  # maximum optimizer steps
     batch: int = 128  # images per step (captions per step too)
     lr: float = 1e-3  # AdamW peak learning rate (cosine decay over the time budget)

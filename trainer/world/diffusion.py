@@ -264,7 +264,7 @@ def sample(
 @dataclass
 class UNetTrainConfig:
     seed: int = 0  # seeds init, data and timesteps
-    minutes: float = 35.0  # wall-clock budget (stops at whichever of minutes/steps comes first)
+    minutes: float = 60.0  # wall-clock budget (stops at whichever of minutes/steps comes first)
     steps: int = 1_000_000  # maximum optimizer steps
     batch: int = 64  # images per step
     lr: float = 1e-3  # AdamW learning rate (constant after warm-up, cosine over the last 30%)
