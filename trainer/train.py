@@ -65,8 +65,8 @@ class TrainConfig:
     concepts: str = ""  # file restricting the concept list, one per line (default: all of the backend's)
     n_target: int = 24  # target prompts per concept whose activations are cached
     concepts_per_step: int = 8  # concepts in one batch
-    prompts_per_concept: int = 8  # source prompts per concept in one batch
-    steps: int = 300  # optimizer steps
+    prompts_per_concept: int = 6  # source prompts per concept in one batch
+    steps: int = 200  # optimizer steps
     lr: float = 3e-3  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     hidden: int = 256  # hypernet trunk width
@@ -81,7 +81,7 @@ class TrainConfig:
     ckpt_every: int = 50  # steps between checkpoints (0: only at the end)
     eval_every: int = 100  # steps between held-out loss evaluations (0: only at the end)
     threads: int = 0  # torch CPU threads (0: torch's default)
-    max_minutes: float = 0.0  # stop early (with a checkpoint) after this long (0: no limit)
+    max_minutes: float = 14.0  # stop early (checkpoint + hypernet saved) after this long, a guard for slow machines (0: no limit)
     resume: bool = False  # continue from <out>/checkpoint.safetensors
     model: str = ""  # --backend comfy: checkpoint or diffusion-model .safetensors, loaded with ComfyUI's own loaders
     text_encoders: str = ""  # --backend comfy: comma-separated text encoder files, when --model holds none
@@ -553,6 +553,7 @@ def train(cfg: TrainConfig, backend=None, progress: bool = True) -> Run:
                 rec["holdout_loss"] = evaluate_loss(run, run.holdout)
             run.history.append(rec)
             logf.write(json.dumps(rec) + "\n")
+            logf.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4g}")
             if cfg.ckpt_every and run.step % cfg.ckpt_every == 0 and main:
