@@ -20,18 +20,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from hypertransport_core import LinEASConfig, load_hypernet  # noqa: E402
+from trainer.backends import default_hypernet  # noqa: E402
 from trainer.train import compute_targets, fit_concept_lineas, make_backend, train_config_of  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hypernet", default="runs/world/hypernet.safetensors")
+    p.add_argument("--hypernet", default="", help="default: runs/world/hypernet.safetensors, else the shipped one")
     p.add_argument("--concepts", type=int, default=3, help="held-out concepts to time LinEAS on")
     p.add_argument("--lineas-steps", type=int, default=60, help="LinEAS steps (the evaluator's default)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    a.hypernet = a.hypernet or default_hypernet()
     if not os.path.isfile(a.hypernet):
         raise SystemExit(f"{a.hypernet} does not exist. Fix: run `python trainer/train.py` first.")
     hn = load_hypernet(a.hypernet)

@@ -20,6 +20,14 @@ from hypertransport_core import ConceptEncoder, Site, SiteRule, SiteTable, list_
 from hypertransport_core.sites import NORM_TYPES, SITE_TABLES
 
 WORLD_WEIGHTS = os.path.join(os.path.dirname(__file__), "world", "weights")
+#: the hypernet a default `python trainer/train.py` run writes, and the copy of one shipped with the world
+RUN_HYPERNET = os.path.join("runs", "world", "hypernet.safetensors")
+SHIPPED_HYPERNET = os.path.join(WORLD_WEIGHTS, "world_hypernet.safetensors")
+
+
+def default_hypernet() -> str:
+    """``runs/world/hypernet.safetensors`` when a default training run made one, else the shipped hypernet."""
+    return RUN_HYPERNET if os.path.isfile(RUN_HYPERNET) else SHIPPED_HYPERNET
 
 if "world" not in SITE_TABLES:
     register_table(

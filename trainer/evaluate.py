@@ -36,7 +36,7 @@ import torch
 from scipy.stats import spearmanr
 
 from hypertransport_core import LinEASConfig, Steering, load_hypernet, steer
-from trainer.backends import WORLD_WEIGHTS, WorldBackend
+from trainer.backends import WORLD_WEIGHTS, WorldBackend, default_hypernet
 from trainer.config import build_parser, resolve
 from trainer.train import _concept_seed, compute_targets, fit_concept_lineas, make_backend, read_list, train_config_of
 
@@ -47,7 +47,7 @@ METHODS = ("none", "prompt", "lineas", "ht_text", "ht_image")
 
 @dataclass
 class EvalConfig:
-    hypernet: str = "runs/world/hypernet.safetensors"  # the hypernet file to evaluate
+    hypernet: str = ""  # the hypernet file to evaluate (default: runs/world/hypernet.safetensors, else the shipped one)
     world_weights: str = WORLD_WEIGHTS  # folder with the world's models
     concepts: str = ""  # file of concepts to evaluate, one per line (default: the hypernet's held-out list)
     out: str = "reports/world"  # report folder
@@ -61,6 +61,7 @@ class EvalConfig:
     threads: int = 0  # torch CPU threads (0 = default)
 
     def check(self) -> None:
+        self.hypernet = self.hypernet or default_hypernet()
         if not os.path.isfile(self.hypernet):
             raise SystemExit(f"--hypernet {self.hypernet!r} does not exist. Fix: train one with `python trainer/train.py` "
                              "or pass the path of a hypernet file.")

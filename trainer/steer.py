@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from hypertransport_core import HyperTransportError, load_hypernet, steer
-from trainer.backends import WORLD_WEIGHTS
+from trainer.backends import WORLD_WEIGHTS, default_hypernet
 from trainer.train import make_backend, train_config_of
 
 
@@ -60,13 +60,15 @@ def main(argv=None) -> int:
     p.add_argument("--strength", type=float, default=1.0, help="λ: 0 none, 1 full, >1 more, <0 removes the concept")
     p.add_argument("--prompt", default="a circle", help="the text prompt of the generation")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
-    p.add_argument("--hypernet", default="runs/world/hypernet.safetensors", help="hypernet file (train one with trainer/train.py)")
+    p.add_argument("--hypernet", default="", help="hypernet file (default: runs/world/hypernet.safetensors from "
+                   "trainer/train.py, else the one shipped in trainer/world/weights)")
     p.add_argument("--world-weights", default=WORLD_WEIGHTS, help="folder with the world's models")
     p.add_argument("--out", default="steered.png", help="output PNG")
     p.add_argument("--single", action="store_true", help="write only the steered image")
     a = p.parse_args(argv)
     if not np.isfinite(a.strength):
         raise SystemExit(f"--strength {a.strength}: use a finite number, e.g. 1.0")
+    a.hypernet = a.hypernet or default_hypernet()
     if not os.path.isfile(a.hypernet):
         raise SystemExit(f"--hypernet {a.hypernet!r} does not exist. Fix: run `python trainer/train.py` first, or pass a hypernet file.")
     try:
