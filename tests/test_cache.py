@@ -8,12 +8,11 @@ import os
 
 import pytest
 import torch
+from world_helpers import CONCEPTS, tiny_config
 
 from trainer import train as T
 from trainer.backends import WorldBackend
 from trainer.cache import ShardedTargets
-
-CONCEPTS = ["red", "blue", "green", "navy", "white", "gold", "striped", "checkered", "dotted", "crimson"]
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +22,7 @@ def backend():
 
 
 def _cfg(tmp_path, **kw) -> T.TrainConfig:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    lst = tmp_path / "concepts.txt"
-    lst.write_text("\n".join(CONCEPTS) + "\n")
-    base = dict(out=str(tmp_path / "run"), steps=6, n_target=4, concepts_per_step=3, prompts_per_concept=3, n_refs=2,
-                sampler_steps=2, ckpt_every=3, eval_every=0, hidden=32, rank=4, lr=1e-2, concepts=str(lst),
-                holdout_frac=0.3, cache="disk", cache_chunk=3)
-    base.update(kw)
-    return T.TrainConfig(**base)
+    return tiny_config(tmp_path, **{"cache": "disk", "cache_chunk": 3, **kw})
 
 
 def _count_calls(monkeypatch):

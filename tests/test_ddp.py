@@ -17,21 +17,16 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-CONCEPTS = ["red", "blue", "green", "navy", "white", "gold", "striped", "checkered", "dotted", "crimson"]
+sys.path.insert(0, str(REPO / "tests"))
+from world_helpers import CONCEPTS  # noqa: E402
 
 
 def _cfg(out: Path, **kw):
-    from trainer import train as T
-
-    out.mkdir(parents=True, exist_ok=True)
-    lst = out / "concepts.txt"
-    lst.write_text("\n".join(CONCEPTS) + "\n")
-    base = dict(out=str(out / "run"), steps=4, n_target=4, concepts_per_step=5, prompts_per_concept=3, n_refs=2,
-                sampler_steps=2, ckpt_every=2, eval_every=2, hidden=32, rank=4, lr=1e-3, concepts=str(lst), holdout_frac=0.3)
     # lr 1e-3: Adam divides by sqrt(v), so float-rounding differences in near-zero gradients (the ranks run
     # smaller batches through the model) grow with lr; at 1e-2 one entry of 13k drifted 2e-5 in 4 steps.
-    base.update(kw)
-    return T.TrainConfig(**base)
+    from world_helpers import tiny_config
+
+    return tiny_config(out, **{"steps": 4, "concepts_per_step": 5, "ckpt_every": 2, "eval_every": 2, "lr": 1e-3, **kw})
 
 
 def _worker(rank: int, world: int, port: int, out: str, result: str):
