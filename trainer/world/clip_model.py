@@ -213,8 +213,17 @@ def zero_shot_accuracy(model, tokenizer, n: int = 512, seed: int = 123) -> dict[
 
 
 # --------------------------------------------------------------------------- save / load
+def save_module(module: torch.nn.Module, path: str, meta: dict[str, str], dtype=torch.float16) -> None:
+    """Write ``module``'s weights in ``dtype`` with ``meta`` as safetensors, atomically (temp file, then rename)."""
+    import os
+
+    sd = {k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()}
+    tmp = path + ".tmp"
+    save_file(sd, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
 def save_clip(model, path: str, stats: dict | None = None, dtype=torch.float16) -> None:
-    sd = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     meta = {
         "format": "ht-world-clip/1",
         "model_name": MODEL_NAME,
@@ -222,11 +231,7 @@ def save_clip(model, path: str, stats: dict | None = None, dtype=torch.float16) 
         "tokenizer": "open_clip SimpleTokenizer(context_length=16)",
         "stats": json.dumps(stats or {}),
     }
-    tmp = path + ".tmp"
-    save_file(sd, tmp, metadata=meta)
-    import os
-
-    os.replace(tmp, path)
+    save_module(model, path, meta, dtype)
 
 
 def load_world_clip(path: str, device: str = "cpu"):

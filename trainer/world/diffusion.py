@@ -22,7 +22,6 @@ import copy
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import clip_model as C
 from . import world as W
@@ -340,16 +339,13 @@ def train_unet(clip, tokenizer, cfg: UNetTrainConfig, progress: bool = True, on_
 
 # --------------------------------------------------------------------------- save / load
 def save_unet(unet, path: str, stats: dict | None = None, dtype=torch.float16) -> None:
-    sd = {k: v.detach().to(dtype).contiguous() for k, v in unet.state_dict().items()}
     meta = {
         "format": "ht-world-unet/1",
         "config": json.dumps(UNET_CONFIG),
         "flow": "rectified flow, x_t=(1-t)x0+t*noise, v=noise-x0, pixels in [-1,1]",
         "stats": json.dumps(stats or {}),
     }
-    tmp = path + ".tmp"
-    save_file(sd, tmp, metadata=meta)
-    os.replace(tmp, path)
+    C.save_module(unet, path, meta, dtype)
 
 
 def load_world_unet(path: str, device: str = "cpu") -> WorldUNet:
