@@ -31,18 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 PACK_MODULE = "hypertransport_pack"
 
 
-def find_comfyui() -> Path | None:
-    """The ComfyUI tree to use, or None."""
-    env = os.environ.get("COMFYUI_DIR")
-    candidates = [Path(env)] if env else []
-    if REPO.parent.name == "custom_nodes":
-        candidates.append(REPO.parent.parent)
-    candidates.append(REPO / ".comfyui" / "ComfyUI")
-    for c in candidates:
-        if (c / "main.py").is_file() and (c / "comfy").is_dir():
-            return c.resolve()
-    return None
-
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))  # appended: ComfyUI's own `nodes` module keeps precedence over our `nodes/`
+from trainer.comfy_backend import find_comfyui  # noqa: E402  (one search order for the trainer and the tests)
 
 MISSING_REASON = (
     "ComfyUI not found (looked at $COMFYUI_DIR, the ComfyUI holding this repo in custom_nodes/, and "
