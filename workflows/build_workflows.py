@@ -446,9 +446,9 @@ def object_info_inprocess() -> dict:
     import comfy_host
 
     comfy_host.setup_comfy(base_directory=tempfile.mkdtemp(prefix="ht_wf_"))
-    import nodes
-
     import logging
+
+    import nodes
 
     logging.disable(logging.WARNING)  # ComfyUI's notes on optional extras (torchaudio, ...) are not ours
     try:
