@@ -16,13 +16,15 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .clip_layouts import IMAGE, TEXT, open_clip_image_spec, open_clip_text_spec, open_clip_tower
 from .concepts import Concept
 from .errors import HyperTransportError
 
@@ -30,19 +32,46 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def weights_fingerprint(module: nn.Module, sample: int = 4096) -> str:
-    """A short hash of a model's weights: names, shapes and ``sample`` values spread evenly over every
-    tensor (rounded to fp16, so fp16 and fp32 copies of one checkpoint agree; a fine-tune that changes
-    any part of a tensor changes the sampled values with high probability)."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
+def _hash_tensors(h, items, sample: int) -> None:
+    for name, t in sorted(items):
         if not torch.is_tensor(t) or not t.is_floating_point():
             continue
         h.update(f"{name}:{tuple(t.shape)};".encode())
         flat = t.detach().reshape(-1)
         stride = max(1, flat.numel() // sample)
         h.update(flat[::stride][:sample].to("cpu", torch.float16).numpy().tobytes())
+
+
+def weights_fingerprint(module: nn.Module, sample: int = 4096) -> str:
+    """A short hash of a model's weights: names, shapes and ``sample`` values spread evenly over every
+    tensor (rounded to fp16, so fp16 and fp32 copies of one checkpoint agree; a fine-tune that changes
+    any part of a tensor changes the sampled values with high probability)."""
+    h = hashlib.sha256()
+    _hash_tensors(h, module.state_dict().items(), sample)
     return h.hexdigest()[:16]
+
+
+def tower_fingerprint(state_dict: Mapping[str, torch.Tensor], spec: Mapping, sample: int = 4096) -> str:
+    """A short hash of ONE tower: ``spec`` (heads, activation, pooling, image normalization: what the
+    weights do not fix, see :mod:`~hypertransport_core.clip_layouts`) plus the tower's weights, hashed as
+    :func:`weights_fingerprint` does. ``state_dict`` must be in the canonical (open_clip) layout: map other
+    layouts first (:func:`~hypertransport_core.clip_layouts.hf_text_to_open_clip`), so that ComfyUI's copy
+    of a tower and open_clip's get one fingerprint."""
+    h = hashlib.sha256()
+    h.update(json.dumps(dict(spec), sort_keys=True).encode())
+    _hash_tensors(h, state_dict.items(), sample)
+    return h.hexdigest()[:16]
+
+
+def open_clip_tower_fingerprints(model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> dict:
+    """``{"text_fingerprint", "image_fingerprint"}`` of an open_clip ``CLIP`` (``None`` for a tower that
+    is not a standard CLIP transformer tower, e.g. a Hugging Face text model or a ResNet image tower)."""
+    sd = model.state_dict()
+    out = {}
+    for tower, spec in ((TEXT, open_clip_text_spec(model)), (IMAGE, open_clip_image_spec(model, mean, std))):
+        part = open_clip_tower(sd, tower) if spec is not None else {}
+        out[f"{tower}_fingerprint"] = tower_fingerprint(part, spec) if part else None
+    return out
 
 
 def _image_size(model: nn.Module) -> int:
@@ -144,11 +173,20 @@ class ConceptEncoder:
 
     @property
     def identity(self) -> dict:
-        """``{"arch", "fingerprint", "embed_dim"}``: what hypernet files record and check."""
+        """What hypernet files record and check: ``{"arch", "fingerprint", "embed_dim", "text_fingerprint",
+        "image_fingerprint"}``. ``fingerprint`` covers the whole model (checked by
+        :meth:`~hypertransport_core.hypernet.HyperNet.check_concept`); the tower fingerprints cover one tower
+        each, in open_clip's layout, so the nodes can tell whether ComfyUI's own CLIP / CLIP_VISION holds the
+        same text or image tower (:func:`tower_fingerprint`)."""
         if self._identity is None:
             with torch.no_grad():
                 d = self.encode_text(["a"]).shape[-1]
-            self._identity = {"arch": self.arch, "fingerprint": weights_fingerprint(self.model), "embed_dim": int(d)}
+            self._identity = {
+                "arch": self.arch,
+                "fingerprint": weights_fingerprint(self.model),
+                "embed_dim": int(d),
+                **open_clip_tower_fingerprints(self.model, self.mean, self.std),
+            }
         return self._identity
 
     @torch.no_grad()

@@ -129,3 +129,24 @@ def test_from_open_clip_loads_a_local_safetensors_file(tmp_path):
     torch.testing.assert_close(enc.encode_text(["a red cube"]), direct.encode_text(["a red cube"]))
     img = _images((1, 32, 32, 3))
     torch.testing.assert_close(enc.encode_image(img), direct.encode_image(img), atol=1e-5, rtol=1e-5)
+
+
+def test_tower_fingerprints_per_tower_and_what_weights_do_not_fix():
+    """text_/image_fingerprint cover one tower each; the same weights run with another activation differ."""
+    a = ConceptEncoder.from_model(_model(), SimpleTokenizer(context_length=16), "ht-tiny").identity
+    assert len(a["text_fingerprint"]) == 16 and len(a["image_fingerprint"]) == 16
+    assert a["text_fingerprint"] != a["image_fingerprint"]
+    text_changed, image_changed = _model(), _model()
+    with torch.no_grad():
+        text_changed.ln_final.weight[0] += 0.5
+        image_changed.visual.ln_post.weight[0] += 0.5
+    t = ConceptEncoder.from_model(text_changed, SimpleTokenizer(context_length=16), "ht-tiny").identity
+    i = ConceptEncoder.from_model(image_changed, SimpleTokenizer(context_length=16), "ht-tiny").identity
+    assert t["text_fingerprint"] != a["text_fingerprint"] and t["image_fingerprint"] == a["image_fingerprint"]
+    assert i["image_fingerprint"] != a["image_fingerprint"] and i["text_fingerprint"] == a["text_fingerprint"]
+    torch.manual_seed(0)
+    quick = open_clip.model.CLIP(**copy.deepcopy(TINY_CFG), quick_gelu=True).eval()
+    quick.load_state_dict(_model().state_dict())
+    q = ConceptEncoder.from_model(quick, SimpleTokenizer(context_length=16), "ht-tiny").identity
+    assert q["fingerprint"] == a["fingerprint"]  # the whole-model fingerprint sees only weights
+    assert q["text_fingerprint"] != a["text_fingerprint"] and q["image_fingerprint"] != a["image_fingerprint"]
