@@ -19,8 +19,8 @@ from hypertransport_core.files import load_hypernet, load_steering, read_header,
 from hypertransport_core.interventions import Steering
 from hypertransport_core.sites import check_sites, detect_family
 
+from . import comfy_clip, patching
 from . import model_files as mf
-from . import patching
 
 CATEGORY = "HyperTransport"
 
@@ -146,7 +146,8 @@ class EncodeConcept(io.ComfyNode):
             node_id="HyperTransportEncodeConcept",
             display_name="Encode Concept",
             category=CATEGORY,
-            description="Encodes a concept phrase with the CLIP text encoder the hypernet was trained with. Several "
+            description="Encodes a concept phrase with the CLIP text encoder the hypernet was trained with: the "
+            "connected CLIP when it holds that encoder, else open_clip weights from the model folders. Several "
             "concepts: one per line, weighted as '(text:weight)'; a negative weight subtracts.",
             inputs=[
                 HyperNetType.Input("hypernet", tooltip="The hypernet whose encoder to use (from Load HyperNet)."),
@@ -161,7 +162,16 @@ class EncodeConcept(io.ComfyNode):
                     options=mf.clip_weight_choices(),
                     default=mf.AUTO,
                     tooltip="open_clip weights file (models/clip, models/clip_vision or models/hypertransport);"
-                    " 'auto' finds the file named after the hypernet's encoder.",
+                    " 'auto' finds the file named after the hypernet's encoder. Not loaded when the connected "
+                    "clip holds the hypernet's text tower.",
+                ),
+                io.Clip.Input(
+                    "clip",
+                    optional=True,
+                    tooltip="Optional: ComfyUI's CLIP (e.g. the checkpoint's). When one of its towers (clip_l, "
+                    "clip_g) is the hypernet's text encoder (same weights, checked by fingerprint), it encodes the "
+                    "concept itself and no open_clip weights are loaded; otherwise a warning is logged and "
+                    "clip_weights is used.",
                 ),
             ],
             outputs=[ConceptType.Output(display_name="CONCEPT", tooltip="The concept embedding (unit norm).")],
@@ -172,9 +182,9 @@ class EncodeConcept(io.ComfyNode):
         return True if text is None else _check_widgets(lambda: parse_concepts(text))
 
     @classmethod
-    def execute(cls, hypernet, text, clip_weights=mf.AUTO) -> io.NodeOutput:
+    def execute(cls, hypernet, text, clip_weights=mf.AUTO, clip=None) -> io.NodeOutput:
         parts = parse_concepts(text)
-        enc = mf.encoder_for(hypernet, clip_weights, "Encode Concept")
+        enc = comfy_clip.text_encoder_for(hypernet, clip, clip_weights, "Encode Concept")
         e = enc.encode_text([t for t, _ in parts]).cpu()
         concepts = [(Concept(e[i], "text", enc.identity, t), w) for i, (t, w) in enumerate(parts)]
         if len(concepts) == 1 and concepts[0][1] == 1.0:
@@ -189,7 +199,8 @@ class EncodeReferenceImage(io.ComfyNode):
             node_id="HyperTransportEncodeReferenceImage",
             display_name="Encode Reference Image",
             category=CATEGORY,
-            description="Encodes reference image(s) with the CLIP image encoder of the hypernet; a batch is averaged. "
+            description="Encodes reference image(s) with the CLIP image encoder of the hypernet (the connected "
+            "CLIP_VISION when it is that encoder, else open_clip weights); a batch is averaged. "
             "Any size; grayscale and alpha are handled (alpha composited on a neutral background).",
             inputs=[
                 HyperNetType.Input("hypernet", tooltip="The hypernet whose encoder to use (from Load HyperNet)."),
@@ -198,19 +209,27 @@ class EncodeReferenceImage(io.ComfyNode):
                     "clip_weights",
                     options=mf.clip_weight_choices(),
                     default=mf.AUTO,
-                    tooltip="open_clip weights file; 'auto' finds the file named after the hypernet's encoder.",
+                    tooltip="open_clip weights file; 'auto' finds the file named after the hypernet's encoder. "
+                    "Not loaded when the connected clip_vision is the hypernet's image tower.",
+                ),
+                io.ClipVision.Input(
+                    "clip_vision",
+                    optional=True,
+                    tooltip="Optional: ComfyUI's CLIP_VISION (Load CLIP Vision). When it is the hypernet's image "
+                    "encoder (same weights, checked by fingerprint), it encodes the image itself and no open_clip "
+                    "weights are loaded; otherwise a warning is logged and clip_weights is used.",
                 ),
             ],
             outputs=[ConceptType.Output(display_name="CONCEPT", tooltip="The image concept embedding (unit norm).")],
         )
 
     @classmethod
-    def execute(cls, hypernet, image, clip_weights=mf.AUTO) -> io.NodeOutput:
+    def execute(cls, hypernet, image, clip_weights=mf.AUTO, clip_vision=None) -> io.NodeOutput:
         if not isinstance(image, torch.Tensor) or image.ndim not in (3, 4):
             raise HyperTransportError(
                 "Encode Reference Image: expected an IMAGE (B, H, W, C). Fix: connect a Load Image node."
             )
-        enc = mf.encoder_for(hypernet, clip_weights, "Encode Reference Image")
+        enc = comfy_clip.image_encoder_for(hypernet, clip_vision, clip_weights, "Encode Reference Image")
         n = image.shape[0] if image.ndim == 4 else 1
         return io.NodeOutput(enc.image_concept(image, label=f"reference image x{n}"))
 
