@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-CONCEPTS = ["red", "blue", "green", "navy", "white", "gold", "striped", "checkered", "dotted", "crimson"]
+CONCEPTS = ["red", "blue", "green", "navy", "white", "gold", "horizontal-striped", "coarse-checkered", "fine-dotted", "crimson"]
 
 
 def tiny_config(folder: Path, **overrides):

@@ -41,7 +41,7 @@ if "world" not in SITE_TABLES:
 
 @dataclass(frozen=True)
 class ConceptInfo:
-    name: str  # the concept's words, what the user types ("dark slate blue", "checkered")
+    name: str  # the concept's words, what the user types ("dark slate blue", "coarse-checkered")
     kind: str  # "colour" or "pattern" in the world; free text elsewhere
 
 

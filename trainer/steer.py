@@ -55,7 +55,7 @@ def to_png(imgs: list[torch.Tensor], path: str, scale: int = 8) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--concept", help="the concept in words, e.g. 'crimson' or 'checkered'")
+    src.add_argument("--concept", help="the concept in words, e.g. 'crimson' or 'coarse-checkered'")
     src.add_argument("--image", help="a reference image (PNG/JPEG) showing the concept")
     p.add_argument("--strength", type=float, default=1.0, help="λ: 0 none, 1 full, >1 more, <0 removes the concept")
     p.add_argument("--prompt", default="a circle", help="the text prompt of the generation")

@@ -1,6 +1,6 @@
 """The embedded world: a tiny text-to-image world the project builds and ships itself.
 
-One coloured, patterned shape on a fixed background, 32x32 pixels; 139 CSS colours and 14 patterns
+One coloured, patterned shape on a fixed background, 32x32 pixels; 139 CSS colours and 26 patterns
 as concepts; a tiny open_clip CLIP ("HT-World-CLIP") and a tiny rectified-flow UNet conditioned on
 its token features. Whether steering induced a concept is measured from pixels (``metrics``).
 
@@ -8,7 +8,7 @@ Example::
 
     from trainer.world import load_world, metrics
     w = load_world()
-    imgs = w.sample(["a red circle", "a checkered square"], seeds=[0, 1])   # (2, 3, 32, 32) in [0, 1]
+    imgs = w.sample(["a red circle", "a coarse-checkered square"], seeds=[0, 1])   # (2, 3, 32, 32) in [0, 1]
     metrics.inducement(imgs[0], "red")
 """
 

@@ -5,7 +5,7 @@ tokenizer (vocab 49408) with context length 16, width 128, 3 layers. Shared embe
 
 Training is InfoNCE with a learned temperature, with *multi-positive* targets: caption j is a
 positive for image i whenever image i has every attribute caption j names ("red" matches every red
-object), so single-word captions ("dark slate blue", "checkered") can be mixed in without
+object), so single-word captions ("dark slate blue", "coarse-checkered") can be mixed in without
 false negatives.
 """
 
@@ -127,20 +127,21 @@ def contrastive_loss(img_f, txt_f, logit_scale, match):
 @dataclass
 class ClipTrainConfig:
     seed: int = 0  # seeds the model init and the data stream
-    minutes: float = 10.0  # wall-clock budget; training stops at whichever of minutes/steps first
-    steps: int = 100000  # maximum optimizer steps
+    minutes: float = 60.0  # wall-clock guard; training stops at whichever of minutes/steps comes first
+    steps: int = 2000  # optimizer steps (the schedule runs over these, so a rebuild is the same recipe on any device)
     batch: int = 128  # images per step (captions per step too)
-    lr: float = 1e-3  # AdamW peak learning rate (cosine decay over the time budget)
+    lr: float = 1e-3  # AdamW peak learning rate (cosine decay over the steps)
     weight_decay: float = 0.05  # AdamW weight decay
     p_single: float = 0.3  # fraction of captions that are one concept word alone
     warmup: int = 100  # linear warm-up steps
+    device: str = "cpu"  # "cpu" or "cuda"
 
 
 def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> tuple[open_clip.model.CLIP, dict]:
     """Train HT-World-CLIP from scratch; returns the model (eval mode) and a stats dict."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model = build_clip()
+    model = build_clip().to(cfg.device)
     tok = get_tokenizer()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     budget = cfg.minutes * 60
@@ -154,13 +155,14 @@ def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> tuple[open_clip.m
     except ImportError:  # pragma: no cover
         bar = None
     while step < cfg.steps and time.time() - t0 < budget:
-        frac = (time.time() - t0) / budget
+        frac = max(step / cfg.steps, (time.time() - t0) / budget)  # the steps, or the guard if it comes first
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(frac, 1)))
         for g in opt.param_groups:
             g["lr"] = lr
         imgs, caps, match = make_batch(cfg.batch, rng, cfg.p_single)
+        imgs, match = imgs.to(cfg.device), match.to(cfg.device)
         img_f = model.encode_image(preprocess(imgs), normalize=True)
-        txt_f = model.encode_text(tok(caps), normalize=True)
+        txt_f = model.encode_text(tok(caps).to(cfg.device), normalize=True)
         loss = contrastive_loss(img_f, txt_f, model.logit_scale, match)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -184,7 +186,7 @@ def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> tuple[open_clip.m
             )
     if bar is not None:
         bar.close()
-    model.eval()
+    model.eval().cpu()
     stats = {"steps": step, "minutes": round((time.time() - t0) / 60, 2), "final_loss": ema_loss, "config": asdict(cfg)}
     return model, stats
 
@@ -217,7 +219,7 @@ def save_module(module: torch.nn.Module, path: str, meta: dict[str, str], dtype=
     """Write ``module``'s weights in ``dtype`` with ``meta`` as safetensors, atomically (temp file, then rename)."""
     import os
 
-    sd = {k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()}
+    sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in module.state_dict().items()}
     tmp = path + ".tmp"
     save_file(sd, tmp, metadata=meta)
     os.replace(tmp, path)

@@ -263,24 +263,27 @@ def sample(
 @dataclass
 class UNetTrainConfig:
     seed: int = 0  # seeds init, data and timesteps
-    minutes: float = 60.0  # wall-clock budget (stops at whichever of minutes/steps comes first)
-    steps: int = 1_000_000  # maximum optimizer steps
+    minutes: float = 90.0  # wall-clock guard (stops at whichever of minutes/steps comes first)
+    steps: int = 4000  # optimizer steps (the schedule runs over these, so a rebuild is the same recipe on any device)
     batch: int = 64  # images per step
     lr: float = 1e-3  # AdamW learning rate (constant after warm-up, cosine over the last 30%)
     weight_decay: float = 0.01  # AdamW weight decay
     warmup: int = 200  # linear warm-up steps
     cond_drop: float = 0.1  # fraction of empty captions (for classifier-free guidance)
     ema: float = 0.999  # EMA decay of the shipped weights
-    bf16: bool = True  # bf16 autocast on CPU
+    bf16: bool = True  # bf16 autocast (CPU or CUDA)
     p_colour: float = 0.8  # fraction of captions naming the colour
     p_pattern: float = 0.7  # fraction of captions naming the pattern
+    device: str = "cpu"  # "cpu" or "cuda"; the frozen CLIP is moved there too
 
 
 def train_unet(clip, tokenizer, cfg: UNetTrainConfig, progress: bool = True, on_eval=None):
     """Rectified-flow training of a fresh WorldUNet against frozen CLIP; returns (ema_unet, stats)."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed + 1)
-    unet = build_unet()
+    dev = cfg.device
+    unet = build_unet().to(dev)
+    clip = clip.to(dev)
     ema = copy.deepcopy(unet).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -298,19 +301,19 @@ def train_unet(clip, tokenizer, cfg: UNetTrainConfig, progress: bool = True, on_
     except ImportError:  # pragma: no cover
         bar = None
     while step < cfg.steps and time.time() - t0 < budget:
-        frac = (time.time() - t0) / budget
+        frac = max(step / cfg.steps, (time.time() - t0) / budget)  # the steps, or the guard if it comes first
         decay = 1.0 if frac < 0.7 else 0.5 * (1 + math.cos(math.pi * (frac - 0.7) / 0.3))
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * max(decay, 0.05)
         for g in opt.param_groups:
             g["lr"] = lr
         specs = W.sample_specs(cfg.batch, rng, p_colour=cfg.p_colour, p_pattern=cfg.p_pattern)
-        x0 = W.render_batch(specs) * 2 - 1
+        x0 = W.render_batch(specs).to(dev) * 2 - 1
         caps = [W.caption(s) if rng.random() >= cfg.cond_drop else "" for s in specs]
         ctx = encode_prompts(clip, tokenizer, caps)
         noise = torch.randn_like(x0)
-        t = torch.sigmoid(torch.randn(cfg.batch) * 1.0)  # logit-normal timesteps
+        t = torch.sigmoid(torch.randn(cfg.batch) * 1.0).to(dev)  # logit-normal timesteps (drawn on the CPU: same stream on any device)
         xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * noise
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=cfg.bf16):
             v = unet(xt, t, ctx)
         loss = F.mse_loss(v.float(), noise - x0)
         opt.zero_grad(set_to_none=True)
@@ -334,7 +337,8 @@ def train_unet(clip, tokenizer, cfg: UNetTrainConfig, progress: bool = True, on_
     if bar is not None:
         bar.close()
     stats = {"steps": step, "minutes": round((time.time() - t0) / 60, 2), "final_loss": ema_loss, "config": asdict(cfg)}
-    return ema, stats
+    clip.to("cpu")
+    return ema.cpu(), stats
 
 
 # --------------------------------------------------------------------------- save / load

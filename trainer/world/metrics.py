@@ -135,10 +135,7 @@ def _lattice_templates() -> tuple[list[str], np.ndarray]:
     if _LATTICE is None:
         yy, xx = torch.meshgrid(torch.arange(W.SIZE), torch.arange(W.SIZE), indexing="ij")
         names, temps = [], []
-        for p in W.PATTERNS:
-            per = W.PATTERN_PERIODS.get(p)
-            if per is None or p == "ringed":
-                continue
+        for p, per in W.PATTERN_PERIODS.items():
             for dx in range(per):
                 for dy in range(per):
                     names.append(p)
@@ -190,7 +187,7 @@ def _outline_score(a: np.ndarray, m: np.ndarray, c: np.ndarray) -> float:
 def pattern_scores(img) -> dict[str, float]:
     """Score in [0, 1] of every pattern in ``W.PATTERNS`` for the image's object.
 
-    Lattice patterns, 'ringed' and 'gradient': the best Pearson correlation (over the pattern's
+    Lattice patterns and gradients: the best Pearson correlation (over a lattice pattern's
     phases) between the ink map and the pattern's template on the object's interior (mask eroded
     by one pixel, so soft edges do not count). 'outlined': see ``_outline_score``. 'plain':
     ``1 - max(other scores)``.
@@ -208,12 +205,8 @@ def pattern_scores(img) -> dict[str, float]:
         names, temps = _lattice_templates()
         for p, v in zip(names, _corrs(vals, temps[:, inner].astype(np.float64))):
             out[p] = max(out[p], float(v))
-        ys, xs = np.nonzero(m)  # centroid and bbox of the whole object
-        iy, ix = np.nonzero(inner)
-        ring = np.floor(np.hypot(ix + 0.5 - (xs.mean() + 0.5), iy + 0.5 - (ys.mean() + 0.5))).astype(np.int64)
-        extra = [("ringed", ring % 3 == k) for k in range(3)]
-        u = (ix - xs.min()) / max(xs.max() - xs.min(), 1)
-        extra.append(("gradient", np.clip(3 * u - 2, 0, 1)))
+        mt = torch.from_numpy(m)[None]  # gradients: the renderer's own template on this object's mask
+        extra = [(g, W.ink_template(g, mt)[0].numpy()[inner]) for g in W.PATTERNS if g.endswith("-gradient")]
         t = np.stack([e for _, e in extra]).astype(np.float64)
         for (p, _), v in zip(extra, _corrs(vals, t)):
             out[p] = max(out[p], float(v))

@@ -1,7 +1,8 @@
 """The embedded world: 32x32 images of one coloured, patterned shape, and their captions.
 
 Concepts come in two kinds: the 139 CSS named colours (exact RGB, aliases removed) and
-14 fill patterns that a 32x32 image can show. Every pattern is drawn in the object's colour with
+26 fill patterns that a 32x32 image can show, built from shared parts (line kind x orientation,
+lattice kind x scale, gradient x side) so a held-out pattern has relatives among the trained ones. Every pattern is drawn in the object's colour with
 a *shade* of it (darker for light colours, lighter for dark ones) covering at most ~45% of the
 object, so the per-channel median of the object's pixels is the object colour exactly.
 
@@ -242,71 +243,94 @@ def shade_of(rgb) -> np.ndarray:
 _SHADE = shade_of(_RGB)
 
 # --------------------------------------------------------------------------- patterns
-# name -> one-line description of the "ink" (shade) pixels; see _ink_maps for the exact rule.
-PATTERN_RULES: dict[str, str] = {
-    "plain": "no ink: the whole object in its colour",
-    "striped": "horizontal 1-px lines, period 3 (y % 3 == 0)",
-    "vertical-striped": "vertical 1-px lines, period 3 (x % 3 == 0)",
-    "diagonal-striped": "1-px diagonal lines, period 3 ((x + y) % 3 == 0)",
-    "banded": "horizontal 2-px bands, period 6 (y % 6 < 2)",
-    "pinstriped": "vertical 1-px lines, period 5 (x % 5 == 0)",
-    "dotted": "1-px dots on a 3-px lattice",
-    "spotted": "2x2 spots on a 5-px lattice",
-    "grid": "1-px lines both ways, period 5",
-    "checkered": "2x2 squares in alternate 3x3 cells",
-    "ringed": "1-px rings around the object's centroid, radii 2-3, 5-6, ...",
-    "gradient": "shade rising over the right third of the object",
-    "outlined": "a 1-px outline of the object",
-    "crosshatched": "both diagonals, period 4",
+# Patterns are built from parts a held-out pattern can share with the training ones: a line kind
+# (striped / banded / pinstriped) in one of four orientations, a gradient towards one of four
+# sides, a lattice kind (dotted / grid / checkered / crosshatched) at a fine or a coarse scale,
+# plus "plain" and "outlined". The line coordinate of each orientation, on integer pixels:
+ORIENTATIONS: dict[str, str] = {
+    "horizontal": "y",
+    "vertical": "x",
+    "diagonal": "x + y",  # lines running from bottom-left to top-right
+    "reverse-diagonal": "x - y",  # lines running from top-left to bottom-right
 }
+LINE_KINDS: dict[str, tuple[int, int, str]] = {  # kind -> (period, ink width, description)
+    "striped": (3, 1, "1-px lines, period 3"),
+    "banded": (6, 2, "2-px bands, period 6"),
+    "pinstriped": (5, 1, "1-px lines, period 5"),
+}
+GRADIENT_SIDES: tuple[str, ...] = ("right", "left", "top", "bottom")
+LATTICE_KINDS: dict[str, dict[str, tuple[int, str]]] = {  # kind -> scale -> (period, description)
+    "dotted": {"fine": (3, "1-px dots on a 3-px lattice"), "coarse": (5, "2x2 spots on a 5-px lattice")},
+    "grid": {"fine": (4, "1-px lines both ways, period 4"), "coarse": (6, "1-px lines both ways, period 6")},
+    "checkered": {"fine": (6, "2x2 squares in alternate 3x3 cells"), "coarse": (8, "3x3 squares in alternate 4x4 cells")},
+    "crosshatched": {"fine": (4, "both diagonals, period 4"), "coarse": (6, "both diagonals, period 6")},
+}
+
+# name -> one-line description of the "ink" (shade) pixels; see periodic_ink / ink_template for the rule.
+PATTERN_RULES: dict[str, str] = {"plain": "no ink: the whole object in its colour"}
+PATTERN_PERIODS: dict[str, int] = {}  # lattice patterns: period of the ink in x and y (for the detector's phases)
+for _kind, (_per, _width, _desc) in LINE_KINDS.items():
+    for _o, _u in ORIENTATIONS.items():
+        PATTERN_RULES[f"{_o}-{_kind}"] = f"{_desc} along {_o} lines ({_u} % {_per} < {_width})"
+        PATTERN_PERIODS[f"{_o}-{_kind}"] = _per
+for _kind, _scales in LATTICE_KINDS.items():
+    for _scale, (_per, _desc) in _scales.items():
+        PATTERN_RULES[f"{_scale}-{_kind}"] = _desc
+        PATTERN_PERIODS[f"{_scale}-{_kind}"] = _per
+for _side in GRADIENT_SIDES:
+    PATTERN_RULES[f"{_side}-gradient"] = f"shade rising over the {_side} third of the object"
+PATTERN_RULES["outlined"] = "a 1-px outline of the object"
 PATTERNS: list[str] = list(PATTERN_RULES)
-PATTERN_PERIODS: dict[str, int] = {
-    "striped": 3,
-    "vertical-striped": 3,
-    "diagonal-striped": 3,
-    "banded": 6,
-    "pinstriped": 5,
-    "dotted": 3,
-    "spotted": 5,
-    "grid": 5,
-    "checkered": 6,
-    "ringed": 3,
-    "crosshatched": 4,
-}
 
 CONCEPTS: list[dict[str, str]] = [{"name": n, "kind": "colour"} for n in COLOUR_NAMES] + [
     {"name": p, "kind": "pattern"} for p in PATTERNS
 ]
 
 
-def periodic_ink(pattern: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Ink (bool) of a lattice pattern on integer coordinates ``x, y`` (any broadcastable shape).
+def _line_coord(orientation: str, x, y):
+    return {"horizontal": y, "vertical": x, "diagonal": x + y, "reverse-diagonal": x - y}[orientation]
 
-    ``ringed`` takes ``x`` as the integer ring radius and ignores ``y``.
-    """
-    if pattern == "striped":
-        return y % 3 == 0
-    if pattern == "vertical-striped":
-        return x % 3 == 0
-    if pattern == "diagonal-striped":
-        return (x + y) % 3 == 0
-    if pattern == "banded":
-        return y % 6 < 2
-    if pattern == "pinstriped":
-        return x % 5 == 0
-    if pattern == "dotted":
-        return (x % 3 == 0) & (y % 3 == 0)
-    if pattern == "spotted":
-        return (x % 5 < 2) & (y % 5 < 2)
-    if pattern == "grid":
-        return (x % 5 == 0) | (y % 5 == 0)
-    if pattern == "checkered":
-        return (((x // 3) + (y // 3)) % 2 == 1) & (x % 3 < 2) & (y % 3 < 2)
-    if pattern == "ringed":
-        return x % 3 == 2
-    if pattern == "crosshatched":
-        return ((x + y) % 4 == 0) | ((x - y) % 4 == 0)
-    raise KeyError(pattern)
+
+def periodic_ink(pattern: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Ink (bool) of a lattice pattern (one of ``PATTERN_PERIODS``) on integer coordinates ``x, y``
+    (any broadcastable shape)."""
+    head, _, kind = pattern.rpartition("-")
+    if kind in LINE_KINDS and head in ORIENTATIONS:
+        per, width, _ = LINE_KINDS[kind]
+        return _line_coord(head, x, y) % per < width
+    if kind in LATTICE_KINDS and head in LATTICE_KINDS[kind]:
+        per = LATTICE_KINDS[kind][head][0]
+        if kind == "dotted":
+            size = 1 if head == "fine" else 2
+            return (x % per < size) & (y % per < size)
+        if kind == "grid":
+            return (x % per == 0) | (y % per == 0)
+        if kind == "checkered":
+            cell = per // 2
+            return (((x // cell) + (y // cell)) % 2 == 1) & (x % cell < cell - 1) & (y % cell < cell - 1)
+        if kind == "crosshatched":
+            return ((x + y) % per == 0) | ((x - y) % per == 0)
+    raise KeyError(f"{pattern!r} is not a lattice pattern (known: {sorted(PATTERN_PERIODS)})")
+
+
+def gradient_coord(side: str, xx: torch.Tensor, yy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Float (B, H, W): 0 at the object's bounding-box edge opposite ``side``, 1 at ``side``'s edge."""
+    H, W = mask.shape[-2:]
+    cols, rows = mask.any(1), mask.any(2)  # (B, W), (B, H)
+    x0 = torch.where(cols, xx[0], W).min(1).values.float()[:, None, None]
+    x1 = torch.where(cols, xx[0], -1).max(1).values.float()[:, None, None]
+    y0 = torch.where(rows, yy[:, 0], H).min(1).values.float()[:, None, None]
+    y1 = torch.where(rows, yy[:, 0], -1).max(1).values.float()[:, None, None]
+    x, y = xx[None].float(), yy[None].float()
+    if side == "right":
+        return (x - x0) / (x1 - x0).clamp_min(1)
+    if side == "left":
+        return (x1 - x) / (x1 - x0).clamp_min(1)
+    if side == "bottom":
+        return (y - y0) / (y1 - y0).clamp_min(1)
+    if side == "top":
+        return (y1 - y) / (y1 - y0).clamp_min(1)
+    raise KeyError(f"gradient side {side!r}: expected one of {GRADIENT_SIDES}")
 
 
 def erode(mask: torch.Tensor) -> torch.Tensor:
@@ -322,19 +346,10 @@ def ink_template(pattern: str, mask: torch.Tensor, phase: tuple[int, int] = (0, 
     dev = mask.device
     yy, xx = torch.meshgrid(torch.arange(H, device=dev), torch.arange(W, device=dev), indexing="ij")
     fm = mask.float()
-    area = fm.sum((1, 2)).clamp_min(1)
     if pattern == "plain":
         return torch.zeros_like(fm)
-    if pattern == "ringed":
-        cx = (fm * (xx + 0.5)).sum((1, 2)) / area
-        cy = (fm * (yy + 0.5)).sum((1, 2)) / area
-        d = torch.sqrt((xx + 0.5 - cx[:, None, None]) ** 2 + (yy + 0.5 - cy[:, None, None]) ** 2)
-        return periodic_ink("ringed", d.floor().long() + phase[0], None).float() * fm
-    if pattern == "gradient":
-        cols = mask.any(1)  # (B, W)
-        x0 = torch.where(cols, xx[0], W).min(1).values.float()
-        x1 = torch.where(cols, xx[0], -1).max(1).values.float()
-        u = (xx[None].float() - x0[:, None, None]) / (x1 - x0).clamp_min(1)[:, None, None]
+    if pattern.endswith("-gradient"):
+        u = gradient_coord(pattern[: -len("-gradient")], xx, yy, mask)
         return (3 * u - 2).clamp(0, 1) * fm
     if pattern == "outlined":
         return (mask & ~erode(mask)).float()
