@@ -37,6 +37,30 @@ def test_training_reduces_the_transport_loss(backend, tmp_path):
     assert after < 0.7 * before, (before, after)
 
 
+def test_batches_balance_concept_kinds(backend, tmp_path):
+    # tiny config: 7 colours and 3 patterns; train on all of them (a --holdout file naming one colour)
+    held = tmp_path / "held.txt"
+    held.write_text("navy\n")
+    shares = {}
+    for alpha in (0.0, 0.5, 1.0):
+        run = T.build(_cfg(tmp_path, holdout=str(held), balance_kinds=alpha, concepts_per_step=4), backend, progress=False)
+        kinds = [backend.concept_info(c).kind for c in run.train]
+        n_pat, n_col = kinds.count("pattern"), kinds.count("colour")
+        p = T._kind_balanced_probs(run)
+        if alpha == 1.0:
+            assert p is None  # uniform over concepts = proportional to each kind's size
+        else:
+            want = n_pat**alpha / (n_pat**alpha + n_col**alpha)
+            assert sum(pi for pi, k in zip(p, kinds) if k == "pattern") == pytest.approx(want)
+        drawn = [backend.concept_info(c).kind for step in range(300) for c in T._batch_for(run, step)[0]]
+        shares[alpha] = drawn.count("pattern") / len(drawn)
+        assert T._batch_for(run, 7)[0] == T._batch_for(run, 7)[0]  # still a pure function of (seed, step)
+    assert shares[0.0] > shares[0.5] > shares[1.0]
+    assert shares[1.0] == pytest.approx(3 / 9, abs=0.05)
+    with pytest.raises(SystemExit, match="balance-kinds"):
+        _cfg(tmp_path, balance_kinds=2.0).check()
+
+
 def test_split_holds_out_concepts_and_file_format(backend, tmp_path):
     cfg = _cfg(tmp_path, steps=2)
     run = T.train(cfg, backend, progress=False)
@@ -51,9 +75,9 @@ def test_split_holds_out_concepts_and_file_format(backend, tmp_path):
 
 def test_holdout_file_is_respected(backend, tmp_path):
     held = tmp_path / "held.txt"
-    held.write_text("navy\nchecked\n".replace("checked", "checkered"))
+    held.write_text("navy\ncoarse-checkered\n")
     run = T.build(_cfg(tmp_path, holdout=str(held)), backend, progress=False)
-    assert run.holdout == ["navy", "checkered"]
+    assert run.holdout == ["navy", "coarse-checkered"]
     assert "navy" not in run.train
 
 

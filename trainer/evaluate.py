@@ -104,6 +104,17 @@ def _mean(xs) -> float:
     return float(np.mean(xs)) if xs else float("nan")
 
 
+def _grid_concepts(concepts: list[str], backend, n: int) -> set[str]:
+    """The concepts shown in the strength grid: the first ``n``, with up to 3 of each kind the first ``n``
+    would leave out (so a grid of a mostly-colour list still shows its patterns)."""
+    first = list(concepts[:n])
+    kind = {c: backend.concept_info(c).kind for c in concepts}
+    missing = [c for k in dict.fromkeys(kind.values()) if k not in {kind[x] for x in first}
+               for c in [x for x in concepts if kind[x] == k][:3]]
+    keep = first[: max(0, n - len(missing))] + missing[:n]
+    return set(keep)
+
+
 def evaluate(cfg: EvalConfig, backend: WorldBackend | None = None, progress: bool = True) -> dict:
     cfg.check()
     if cfg.threads:
@@ -126,6 +137,7 @@ def evaluate(cfg: EvalConfig, backend: WorldBackend | None = None, progress: boo
     if cfg.max_concepts:
         concepts = concepts[: cfg.max_concepts]
     seen = set(hn.training_summary.get("train_concepts", []))
+    grid_set = _grid_concepts(concepts, backend, cfg.grid_concepts)
     n_lineas = len(concepts) if cfg.lineas_concepts == 0 else min(cfg.lineas_concepts, len(concepts))
     shapes = [s for s in backend.W.SHAPES for _ in range(cfg.seeds_per_shape)]
     seeds = [1000 + i for i in range(len(shapes))]
@@ -180,7 +192,7 @@ def evaluate(cfg: EvalConfig, backend: WorldBackend | None = None, progress: boo
                 grid.append(im[0])
         rho = spearmanr(lam_list, sweep).statistic if np.std(sweep) > 0 else 0.0
         entry["sweep"] = {"inducement": sweep, "spearman": float(rho)}
-        if ci < cfg.grid_concepts:
+        if concept in grid_set:
             grid_rows.append((concept, grid, imgs["prompt"][0], steerings.get("lineas", (None,))[0] and imgs["lineas"][0]))
         results["concepts"][concept] = entry
         log.info("[%d/%d] %s: ind none %.3f prompt %.3f lineas %s text %.3f image %.3f | spearman %.2f (%.1f s)",

@@ -64,14 +64,15 @@ class TrainConfig:
     holdout: str = ""  # file of held-out concept names, one per line (replaces holdout_frac)
     concepts: str = ""  # file restricting the concept list, one per line (default: all of the backend's)
     n_target: int = 24  # target prompts per concept whose activations are cached
-    concepts_per_step: int = 8  # concepts in one batch
-    prompts_per_concept: int = 6  # source prompts per concept in one batch
+    concepts_per_step: int = 16  # concepts in one batch
+    prompts_per_concept: int = 3  # source prompts per concept in one batch
+    balance_kinds: float = 1.0  # a kind's share of each batch ~ (its training concepts)^this: 1 = proportional (uniform over concepts), 0 = equal shares
     steps: int = 200  # optimizer steps
     lr: float = 3e-3  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
-    hidden: int = 256  # hypernet trunk width
+    hidden: int = 512  # hypernet trunk width
     depth: int = 2  # hypernet trunk layers
-    rank: int = 8  # rank of each site's head
+    rank: int = 16  # rank of each site's head
     image_frac: float = 0.25  # share of training concepts given as a reference-image embedding
     n_refs: int = 8  # reference images rendered per concept (image-embedding inputs)
     loss: str = "w2_channels"  # "w2_channels" (per-channel W2, quantile-interpolated) or "sliced"
@@ -121,6 +122,8 @@ class TrainConfig:
             bad("lr", "must be > 0 (e.g. 3e-3).")
         if not 0 <= self.image_frac <= 1:
             bad("image_frac", "must be in [0, 1].")
+        if not 0 <= self.balance_kinds <= 1:
+            bad("balance_kinds", "must be in [0, 1] (1: batches proportional to each kind's size, 0: equal shares).")
         if self.loss not in ("w2_channels", "sliced"):
             bad("loss", "must be 'w2_channels' or 'sliced'.")
         if self.form not in ("pooled", "elementwise"):
@@ -134,7 +137,7 @@ class TrainConfig:
 
 # Fields that change what a checkpoint means; a resume with other values is refused.
 _RESUME_KEYS = ("backend", "seed", "holdout_frac", "holdout", "concepts", "n_target", "concepts_per_step",
-                "prompts_per_concept", "lr", "weight_decay", "hidden", "depth", "rank", "image_frac", "n_refs",
+                "prompts_per_concept", "balance_kinds", "lr", "weight_decay", "hidden", "depth", "rank", "image_frac", "n_refs",
                 "loss", "sampler_steps", "guidance", "form", "model", "concept_list", "neutral_prompts", "resolution",
                 "timesteps")
 
@@ -390,9 +393,25 @@ def _batch_for(run: Run, step: int) -> tuple[list[str], list[str], np.random.Gen
     """Concepts, modalities and the RNG of step ``step``: a pure function of (seed, step), so resuming
     replays the same batches."""
     rng = np.random.default_rng([run.cfg.seed, step])
-    concepts = [run.train[i] for i in rng.choice(len(run.train), run.cfg.concepts_per_step, replace=False)]
+    p = _kind_balanced_probs(run)
+    concepts = [run.train[i] for i in rng.choice(len(run.train), run.cfg.concepts_per_step, replace=False, p=p)]
     modalities = ["image" if rng.random() < run.cfg.image_frac else "text" for _ in concepts]
     return concepts, modalities, rng
+
+
+def _kind_balanced_probs(run: Run) -> np.ndarray | None:
+    """Sampling probability of each training concept: kind k gets a share ~ n_k^balance_kinds of a batch,
+    split evenly among its concepts (None: uniform, when there is one kind or balance_kinds = 1)."""
+    alpha = run.cfg.balance_kinds
+    info = getattr(run.backend, "concept_info", None)
+    if alpha == 1.0 or info is None:
+        return None
+    kinds = [getattr(info(c), "kind", "") for c in run.train]
+    count = {k: kinds.count(k) for k in set(kinds)}
+    if len(count) < 2:
+        return None
+    p = np.array([count[k] ** alpha / count[k] for k in kinds])
+    return p / p.sum()
 
 
 def train_step(run: Run) -> float:
