@@ -158,6 +158,7 @@ class Run:
     index: dict[str, int]  # concept -> row in targets
     step: int = 0
     shard: tuple[int, int] | None = None  # (rank, world size) under torchrun: this process's share of each batch
+    concept_p: np.ndarray | None = None  # sampling probability of each training concept (None: uniform), see _kind_balanced_probs
     history: list[dict] = field(default_factory=list)
 
 
@@ -328,6 +329,7 @@ def build(cfg: TrainConfig, backend=None, progress: bool = True) -> Run:
     opt = torch.optim.AdamW(hn.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     run = Run(cfg, backend, train, holdout, hn, opt, text_emb, image_emb, targets, {c: i for i, c in enumerate(concepts)})
     run.shard = distributed.shard()
+    run.concept_p = _kind_balanced_probs(run)  # fixed for the run: computed once, not per batch
     os.makedirs(cfg.out, exist_ok=True)
     if distributed.is_main():
         with open(os.path.join(cfg.out, "split.json"), "w") as f:
@@ -393,8 +395,7 @@ def _batch_for(run: Run, step: int) -> tuple[list[str], list[str], np.random.Gen
     """Concepts, modalities and the RNG of step ``step``: a pure function of (seed, step), so resuming
     replays the same batches."""
     rng = np.random.default_rng([run.cfg.seed, step])
-    p = _kind_balanced_probs(run)
-    concepts = [run.train[i] for i in rng.choice(len(run.train), run.cfg.concepts_per_step, replace=False, p=p)]
+    concepts = [run.train[i] for i in rng.choice(len(run.train), run.cfg.concepts_per_step, replace=False, p=run.concept_p)]
     modalities = ["image" if rng.random() < run.cfg.image_frac else "text" for _ in concepts]
     return concepts, modalities, rng
 
