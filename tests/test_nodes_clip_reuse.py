@@ -403,25 +403,11 @@ def test_other_clip_vision_falls_back(W, D, caplog, which):
 
 # ------------------------------------------------------------------------- real executor ---
 def test_through_comfyuis_executor(W, comfy):
-    import execution
-
     import nodes
 
     if "HyperTransportEncodeConcept" not in nodes.NODE_CLASS_MAPPINGS:
         assert asyncio.run(nodes.load_custom_node(str(comfy.REPO)))
     got: dict = {}
-
-    class HTTestReuseCLIP:
-        RETURN_TYPES = ("CLIP", "CLIP_VISION")
-        FUNCTION = "run"
-        CATEGORY = "testing"
-
-        @classmethod
-        def INPUT_TYPES(cls):
-            return {"required": {}}
-
-        def run(self):
-            return (W.clip32, W.cv)
 
     class HTTestConceptSink:
         RETURN_TYPES = ()
@@ -437,18 +423,9 @@ def test_through_comfyuis_executor(W, comfy):
             got[key] = concept
             return ()
 
-    class Server:
-        client_id = last_node_id = last_prompt_id = None
-        sockets_metadata: dict = {}
-
-        def send_sync(self, *a, **k):
-            pass
-
-        def queue_updated(self):
-            pass
-
-    for cls in (HTTestReuseCLIP, HTTestConceptSink):
-        nodes.NODE_CLASS_MAPPINGS[cls.__name__] = cls
+    nodes.NODE_CLASS_MAPPINGS["HTTestConceptSink"] = HTTestConceptSink
+    comfy.constant_node("HTTestReuseCLIP", ("CLIP", "CLIP_VISION"), (W.clip32, W.cv))
+    comfy.constant_node("HTTestImage", ("IMAGE",), (W.images,))
     auto = "auto (match the hypernet's encoder)"
     prompt = {
         "1": {"class_type": "HTTestReuseCLIP", "inputs": {}},
@@ -465,25 +442,7 @@ def test_through_comfyuis_executor(W, comfy):
         "6": {"class_type": "HTTestConceptSink", "inputs": {"concept": ["3", 0], "key": "text"}},
         "7": {"class_type": "HTTestConceptSink", "inputs": {"concept": ["4", 0], "key": "image"}},
     }
-
-    class HTTestImage:
-        RETURN_TYPES = ("IMAGE",)
-        FUNCTION = "run"
-        CATEGORY = "testing"
-
-        @classmethod
-        def INPUT_TYPES(cls):
-            return {"required": {}}
-
-        def run(self):
-            return (W.images,)
-
-    nodes.NODE_CLASS_MAPPINGS["HTTestImage"] = HTTestImage
-    ex = execution.PromptExecutor(Server(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
-    pid = str(uuid.uuid4())
-    valid = asyncio.run(execution.validate_prompt(pid, prompt, None))
-    assert valid[0], valid
-    ex.execute(prompt, pid, {}, valid[2])
+    ex = comfy.run_prompt(comfy.prompt_executor(), prompt)
     assert ex.success, ex.status_messages
     torch.testing.assert_close(got["text"].embedding, W.enc.encode_text(["watercolor"])[0], atol=2e-5, rtol=0)
     assert _cos(got["image"].embedding, W.enc.image_concept(W.images).embedding) > 0.9999

@@ -16,27 +16,11 @@ import torch
 pytestmark = pytest.mark.comfy
 
 
-class DummyServer:
-    """What PromptExecutor touches on the server."""
-
-    client_id = None
-    last_node_id = None
-    last_prompt_id = None
-    sockets_metadata: dict = {}
-
-    def send_sync(self, event, data, sid=None):
-        pass
-
-    def queue_updated(self):
-        pass
-
-
 SINK: dict = {}
 
 
 @pytest.fixture(scope="module")
 def graph(comfy, comfy_base, encoder, make_hypernet):
-    import execution
     from PIL import Image
 
     import nodes
@@ -90,16 +74,10 @@ def graph(comfy, comfy_base, encoder, make_hypernet):
     (comfy_base / "input").mkdir(exist_ok=True)
     rng = np.random.default_rng(1)
     Image.fromarray(rng.integers(0, 255, (48, 80, 4), dtype=np.uint8), "RGBA").save(comfy_base / "input" / "ref.png")
-    ex = execution.PromptExecutor(
-        DummyServer(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0}
-    )
+    ex = comfy.prompt_executor()
 
     def run(prompt: dict):
-        pid = str(uuid.uuid4())
-        valid = asyncio.run(execution.validate_prompt(pid, prompt, None))
-        assert valid[0], valid
-        ex.execute(prompt, pid, {}, valid[2])
-        return ex
+        return comfy.run_prompt(ex, prompt)
 
     return run
 
