@@ -76,8 +76,8 @@ class WorldBackend:
         self.concepts = [ConceptInfo(n, "colour") for n in W.COLOUR_NAMES] + [ConceptInfo(p, "pattern") for p in W.PATTERNS]
 
     @classmethod
-    def load(cls, weights: str = WORLD_WEIGHTS, **kw) -> WorldBackend:
-        """The shipped world models (``trainer/world/weights``)."""
+    def load(cls, weights: str = WORLD_WEIGHTS, device: str = "cpu", **kw) -> WorldBackend:
+        """The shipped world models (``trainer/world/weights``), on ``device``."""
         from trainer.world.clip_model import load_world_clip
         from trainer.world.diffusion import load_world_unet
 
@@ -85,8 +85,8 @@ class WorldBackend:
         for p in (clip_path, unet_path):
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"{p} is missing. Fix: rebuild the world with `python -m trainer.world.build`.")
-        clip, tok = load_world_clip(clip_path)
-        return cls(clip, tok, load_world_unet(unet_path), **kw)
+        clip, tok = load_world_clip(clip_path, device)
+        return cls(clip, tok, load_world_unet(unet_path, device), **kw)
 
     @classmethod
     def tiny_random(cls, seed: int = 0, **kw) -> WorldBackend:

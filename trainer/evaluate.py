@@ -38,7 +38,15 @@ from scipy.stats import spearmanr
 from hypertransport_core import LinEASConfig, Steering, load_hypernet, steer
 from trainer.backends import WORLD_WEIGHTS, WorldBackend, default_hypernet
 from trainer.config import build_parser, resolve
-from trainer.train import _concept_seed, compute_targets, fit_concept_lineas, make_backend, read_list, train_config_of
+from trainer.train import (
+    _concept_seed,
+    check_device,
+    compute_targets,
+    fit_concept_lineas,
+    make_backend,
+    read_list,
+    train_config_of,
+)
 
 log = logging.getLogger("hypertransport.evaluate")
 
@@ -53,12 +61,13 @@ class EvalConfig:
     out: str = "reports/world"  # report folder
     seeds_per_shape: int = 4  # images per shape per concept and method (3 shapes)
     strengths: str = "-1,-0.5,0,0.25,0.5,0.75,1,1.25,1.5"  # strength sweep of ht_text
-    lineas_concepts: int = 8  # concepts that also get a LinEAS fit (the first N of a shuffled list; 0 = all)
+    lineas_concepts: int = 8  # concepts that also get a LinEAS fit (the first N of a shuffled list; 0 = all, -1 = none)
     lineas_steps: int = 60  # LinEAS optimizer steps per concept
     lineas_lr: float = 1e-2  # LinEAS learning rate
     max_concepts: int = 0  # evaluate only the first N concepts (0 = all)
     grid_concepts: int = 10  # concepts shown in the strength grid PNG
     threads: int = 0  # torch CPU threads (0 = default)
+    device: str = "cpu"  # torch device of the world's models ("cuda" on a GPU machine)
 
     def check(self) -> None:
         self.hypernet = self.hypernet or default_hypernet()
@@ -73,6 +82,7 @@ class EvalConfig:
             raise SystemExit(f"--strengths {self.strengths!r}: give comma-separated numbers, e.g. -1,0,1") from None
         if self.seeds_per_shape < 1 or self.lineas_steps < 1:
             raise SystemExit("--seeds-per-shape and --lineas-steps must be at least 1.")
+        check_device(self.device)
 
     def strength_list(self) -> list[float]:
         return [float(x) for x in self.strengths.split(",") if x.strip()]
@@ -121,7 +131,8 @@ def evaluate(cfg: EvalConfig, backend: WorldBackend | None = None, progress: boo
         torch.set_num_threads(cfg.threads)
     hn = load_hypernet(cfg.hypernet)
     tcfg = train_config_of(hn)
-    backend = backend or make_backend(dataclasses.replace(tcfg, backend="world", world_weights=cfg.world_weights))
+    backend = backend or make_backend(dataclasses.replace(tcfg, backend="world", world_weights=cfg.world_weights,
+                                                          device=cfg.device))
     hn.check_concept(backend.encoder.concept("red"))  # refuses a hypernet trained with another encoder
     if cfg.concepts:
         concepts = read_list(cfg.concepts)
@@ -138,7 +149,7 @@ def evaluate(cfg: EvalConfig, backend: WorldBackend | None = None, progress: boo
         concepts = concepts[: cfg.max_concepts]
     seen = set(hn.training_summary.get("train_concepts", []))
     grid_set = _grid_concepts(concepts, backend, cfg.grid_concepts)
-    n_lineas = len(concepts) if cfg.lineas_concepts == 0 else min(cfg.lineas_concepts, len(concepts))
+    n_lineas = len(concepts) if cfg.lineas_concepts == 0 else max(0, min(cfg.lineas_concepts, len(concepts)))
     shapes = [s for s in backend.W.SHAPES for _ in range(cfg.seeds_per_shape)]
     seeds = [1000 + i for i in range(len(shapes))]
     neutral = [backend.W.neutral_prompt(s) for s in shapes]

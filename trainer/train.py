@@ -73,6 +73,7 @@ class TrainConfig:
     hidden: int = 512  # hypernet trunk width
     depth: int = 2  # hypernet trunk layers
     rank: int = 16  # rank of each site's head
+    dropout: float = 0.0  # dropout in the hypernet trunk while training
     image_frac: float = 0.25  # share of training concepts given as a reference-image embedding
     n_refs: int = 8  # reference images rendered per concept (image-embedding inputs)
     loss: str = "w2_channels"  # "w2_channels" (per-channel W2, quantile-interpolated) or "sliced"
@@ -82,6 +83,7 @@ class TrainConfig:
     ckpt_every: int = 50  # steps between checkpoints (0: only at the end)
     eval_every: int = 100  # steps between held-out loss evaluations (0: only at the end)
     threads: int = 0  # torch CPU threads (0: torch's default)
+    device: str = "cpu"  # --backend world: torch device of the world's models ("cuda", "cuda:1"); the hypernet stays on the CPU. Not recorded as a property of the hypernet
     max_minutes: float = 14.0  # stop early (checkpoint + hypernet saved) after this long, a guard for slow machines (0: no limit)
     resume: bool = False  # continue from <out>/checkpoint.safetensors
     model: str = ""  # --backend comfy: checkpoint or diffusion-model .safetensors, loaded with ComfyUI's own loaders
@@ -122,6 +124,8 @@ class TrainConfig:
             bad("lr", "must be > 0 (e.g. 3e-3).")
         if not 0 <= self.image_frac <= 1:
             bad("image_frac", "must be in [0, 1].")
+        if not 0 <= self.dropout < 1:
+            bad("dropout", "must be in [0, 1) (e.g. 0.1).")
         if not 0 <= self.balance_kinds <= 1:
             bad("balance_kinds", "must be in [0, 1] (1: batches proportional to each kind's size, 0: equal shares).")
         if self.loss not in ("w2_channels", "sliced"):
@@ -130,6 +134,7 @@ class TrainConfig:
             bad("form", "must be 'pooled' or 'elementwise'.")
         if self.guidance < 1:
             bad("guidance", "must be >= 1.")
+        check_device(self.device)
         for name in ("holdout", "concepts"):
             if getattr(self, name) and not os.path.isfile(getattr(self, name)):
                 bad(name, "file does not exist. Fix: give a text file with one concept name per line.")
@@ -137,7 +142,7 @@ class TrainConfig:
 
 # Fields that change what a checkpoint means; a resume with other values is refused.
 _RESUME_KEYS = ("backend", "seed", "holdout_frac", "holdout", "concepts", "n_target", "concepts_per_step",
-                "prompts_per_concept", "balance_kinds", "lr", "weight_decay", "hidden", "depth", "rank", "image_frac", "n_refs",
+                "prompts_per_concept", "balance_kinds", "lr", "weight_decay", "hidden", "depth", "rank", "dropout", "image_frac", "n_refs",
                 "loss", "sampler_steps", "guidance", "form", "model", "concept_list", "neutral_prompts", "resolution",
                 "timesteps")
 
@@ -198,12 +203,12 @@ def _concept_seed(cfg: TrainConfig, concept: str, salt: str) -> int:
 def encode_concepts(backend, concepts: list[str], cfg: TrainConfig) -> tuple[dict, dict]:
     """Text embedding of each concept name and ``n_refs`` single-image embeddings of its renders."""
     enc = backend.encoder
-    text = enc.encode_text(concepts)
+    text = enc.encode_text(concepts).cpu()  # beside the hypernet, which stays on the CPU
     text_emb = {c: text[i] for i, c in enumerate(concepts)}
     image_emb = {}
     for c in concepts:
         refs = backend.reference_images(c, cfg.n_refs, np.random.default_rng(_concept_seed(cfg, c, "refs")))
-        image_emb[c] = enc.encode_image(refs)
+        image_emb[c] = enc.encode_image(refs).cpu()
     return text_emb, image_emb
 
 
@@ -272,9 +277,23 @@ def load_or_compute_targets(backend, concepts: list[str], cfg: TrainConfig, prog
 
 
 # --------------------------------------------------------------------------------------- build
+def check_device(device: str) -> None:
+    """``SystemExit`` naming the fix when ``device`` is not a usable torch device here."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise SystemExit(f"--device={device!r}: not a torch device. Fix: cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise SystemExit(f"--device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s). Fix: --device cpu.")
+    if dev.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device={device!r}: only cpu and cuda are supported. Fix: --device cpu.")
+
+
 def train_config_of(hypernet) -> TrainConfig:
-    """The training config a hypernet file records (unknown keys from other versions are ignored)."""
+    """The training config a hypernet file records (unknown keys from other versions are ignored; the device
+    it was trained on is not carried over: a hypernet trained on a GPU evaluates on the CPU by default)."""
     saved = dict(getattr(hypernet, "training_summary", {}).get("config", {}))
+    saved.pop("device", None)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in saved.items() if k in known})
 
@@ -282,7 +301,7 @@ def train_config_of(hypernet) -> TrainConfig:
 def make_backend(cfg: TrainConfig):
     if cfg.backend == "world":
         return WorldBackend.load(cfg.world_weights, steps=cfg.sampler_steps, guidance=cfg.guidance, form=cfg.form,
-                                 precision="bf16" if cfg.precision == "auto" else cfg.precision)
+                                 precision="bf16" if cfg.precision == "auto" else cfg.precision, device=cfg.device)
     if cfg.backend == "comfy":
         from trainer.comfy_backend import CONCEPTS_TSV, NEUTRAL_PROMPTS, ComfyBackend
 
@@ -318,7 +337,8 @@ def build(cfg: TrainConfig, backend=None, progress: bool = True) -> Run:
         targets = load_or_compute_targets(backend, concepts, cfg, progress)
     torch.manual_seed(cfg.seed)
     hn = HyperNet(
-        HyperNetConfig(embed_dim=backend.encoder.identity["embed_dim"], hidden=cfg.hidden, depth=cfg.depth, rank=cfg.rank),
+        HyperNetConfig(embed_dim=backend.encoder.identity["embed_dim"], hidden=cfg.hidden, depth=cfg.depth, rank=cfg.rank,
+                       dropout=cfg.dropout),
         backend.sites,
         family=backend.family,
         encoder=backend.encoder.identity,
