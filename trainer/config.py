@@ -47,14 +47,15 @@ def _parse_bool(s: str) -> bool:
 
 
 def build_parser(cls, description: str, extra: list[tuple[tuple, dict]] = ()) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description)  # defaults are written into each help below
     p.add_argument("--config", help="a .json or .toml file with any of the options below (flags override it)")
     helps = field_help(cls)
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         t = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else None
-        kw: dict[str, Any] = {"default": None, "help": f"{helps.get(f.name, '')} (default: {default!r})"}
+        text = helps.get(f.name, "")
+        kw: dict[str, Any] = {"default": None, "help": text if "(default" in text else f"{text} (default: {default!r})"}
         if t is bool:
             kw["type"], kw["nargs"], kw["const"] = _parse_bool, "?", True
         elif t in (int, float, str):
