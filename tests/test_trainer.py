@@ -130,6 +130,23 @@ def test_bad_flags_name_the_fix(tmp_path):
         T.TrainConfig(lr=0).check()
     with pytest.raises(SystemExit, match="does not exist"):
         T.TrainConfig(holdout=str(tmp_path / "nope.txt")).check()
+    with pytest.raises(SystemExit, match="dropout"):
+        T.TrainConfig(dropout=1.0).check()
+    with pytest.raises(SystemExit, match="Fix: cpu, cuda or cuda:N"):
+        T.TrainConfig(device="gpu0").check()
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="0 CUDA device.*Fix: --device cpu"):
+            T.TrainConfig(device="cuda").check()
+        with pytest.raises(SystemExit, match="Fix: --device cpu"):
+            EvalConfig(hypernet=__file__, device="cuda").check()
+
+
+def test_dropout_is_recorded_and_the_training_device_is_not_carried_over(backend, tmp_path):
+    T.train(_cfg(tmp_path, steps=1, dropout=0.2), backend, progress=False)
+    hn = load_hypernet(os.path.join(str(tmp_path / "run"), "hypernet.safetensors"))
+    assert hn.config.dropout == 0.2 and not hn.training  # loaded for use: dropout off
+    hn.training_summary["config"]["device"] = "cuda:3"  # as a GPU run records it
+    assert T.train_config_of(hn).device == "cpu"
 
 
 def test_config_file_and_flags(tmp_path):
@@ -162,3 +179,7 @@ def test_evaluator_on_a_tiny_config(backend, tmp_path):
     res2 = evaluate(EvalConfig(hypernet=ecfg.hypernet, out=str(tmp_path / "rep2"), concepts=str(lst), seeds_per_shape=1,
                                lineas_concepts=0, lineas_steps=1, strengths="0,1"), backend=backend, progress=False)
     assert list(res2["concepts"]) == ["gold"]
+    # --lineas-concepts -1: no LinEAS fit at all (a quick evaluation)
+    res3 = evaluate(EvalConfig(hypernet=ecfg.hypernet, out=str(tmp_path / "rep3"), concepts=str(lst), seeds_per_shape=1,
+                               lineas_concepts=-1, strengths="0,1"), backend=backend, progress=False)
+    assert "lineas" not in res3["concepts"]["gold"]["methods"] and "on_lineas_concepts" not in res3["summary"]
