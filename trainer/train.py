@@ -71,7 +71,7 @@ class TrainConfig:
     lr: float = 3e-3  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     hidden: int = 512  # hypernet trunk width
-    depth: int = 2  # hypernet trunk layers
+    depth: int = 1  # hypernet trunk layers (1 generalizes to held-out pattern compositions better than 2 on the embedded world)
     rank: int = 16  # rank of each site's head
     dropout: float = 0.0  # dropout in the hypernet trunk while training
     image_frac: float = 0.25  # share of training concepts given as a reference-image embedding
