@@ -183,21 +183,3 @@ def test_evaluator_on_a_tiny_config(backend, tmp_path):
     res3 = evaluate(EvalConfig(hypernet=ecfg.hypernet, out=str(tmp_path / "rep3"), concepts=str(lst), seeds_per_shape=1,
                                lineas_concepts=-1, strengths="0,1"), backend=backend, progress=False)
     assert "lineas" not in res3["concepts"]["gold"]["methods"] and "on_lineas_concepts" not in res3["summary"]
-
-
-
-def test_unsteered_loss_weights(backend, tmp_path):
-    import numpy as np
-
-    run = T.build(_cfg(tmp_path, steps=2, loss_weight="unsteered"), backend, progress=False)
-    d = T.unsteered_losses(run)
-    tr = torch.tensor([run.index[c] for c in run.train])
-    assert (d > 0).all()
-    assert torch.allclose(run.loss_w[tr].mean(), torch.tensor(1.0))
-    assert torch.allclose(run.loss_w * d, (run.loss_w * d)[0].expand_as(d))  # weight ∝ 1 / unsteered loss
-    assert float(run.loss_w.max() / run.loss_w.min()) > 1.01  # the concepts differ
-    # a batch's weighted loss is each concept's loss times its weight
-    c = run.train[0]
-    plain = T.steered_batch_loss(run, [c], ["text"], np.random.default_rng(1), grad=False)
-    weighted = T.steered_batch_loss(run, [c], ["text"], np.random.default_rng(1), grad=False, weighted=True)
-    assert torch.allclose(weighted, plain * run.loss_w[run.index[c]])

@@ -77,7 +77,6 @@ class TrainConfig:
     image_frac: float = 0.25  # share of training concepts given as a reference-image embedding
     n_refs: int = 8  # reference images rendered per concept (image-embedding inputs)
     loss: str = "w2_channels"  # "w2_channels" (per-channel W2, quantile-interpolated) or "sliced"
-    loss_weight: str = "none"  # "none", or "unsteered": each concept's loss divided by its loss with no steering (mean weight 1 over training concepts), so concepts whose activations move little weigh as much as those that move a lot
     sampler_steps: int = 4  # sampler steps per generation
     guidance: float = 2.0  # classifier-free guidance of the sampler (1 = none)
     form: str = "pooled"  # map form at spatial (GroupNorm) sites: "pooled" or "elementwise"
@@ -129,8 +128,6 @@ class TrainConfig:
             bad("dropout", "must be in [0, 1) (e.g. 0.1).")
         if not 0 <= self.balance_kinds <= 1:
             bad("balance_kinds", "must be in [0, 1] (1: batches proportional to each kind's size, 0: equal shares).")
-        if self.loss_weight not in ("none", "unsteered"):
-            bad("loss_weight", "must be 'none' or 'unsteered'.")
         if self.loss not in ("w2_channels", "sliced"):
             bad("loss", "must be 'w2_channels' or 'sliced'.")
         if self.form not in ("pooled", "elementwise"):
@@ -146,7 +143,7 @@ class TrainConfig:
 # Fields that change what a checkpoint means; a resume with other values is refused.
 _RESUME_KEYS = ("backend", "seed", "holdout_frac", "holdout", "concepts", "n_target", "concepts_per_step",
                 "prompts_per_concept", "balance_kinds", "lr", "weight_decay", "hidden", "depth", "rank", "dropout", "image_frac", "n_refs",
-                "loss", "loss_weight", "sampler_steps", "guidance", "form", "model", "concept_list", "neutral_prompts", "resolution",
+                "loss", "sampler_steps", "guidance", "form", "model", "concept_list", "neutral_prompts", "resolution",
                 "timesteps")
 
 
@@ -167,7 +164,6 @@ class Run:
     step: int = 0
     shard: tuple[int, int] | None = None  # (rank, world size) under torchrun: this process's share of each batch
     concept_p: np.ndarray | None = None  # sampling probability of each training concept (None: uniform), see _kind_balanced_probs
-    loss_w: torch.Tensor | None = None  # per-concept loss weight (rows of ``index``; None: all 1), see concept_loss_weights
     history: list[dict] = field(default_factory=list)
 
 
@@ -354,8 +350,6 @@ def build(cfg: TrainConfig, backend=None, progress: bool = True) -> Run:
     run = Run(cfg, backend, train, holdout, hn, opt, text_emb, image_emb, targets, {c: i for i, c in enumerate(concepts)})
     run.shard = distributed.shard()
     run.concept_p = _kind_balanced_probs(run)  # fixed for the run: computed once, not per batch
-    if cfg.loss_weight == "unsteered":
-        run.loss_w = concept_loss_weights(run)
     os.makedirs(cfg.out, exist_ok=True)
     if distributed.is_main():
         with open(os.path.join(cfg.out, "split.json"), "w") as f:
@@ -374,9 +368,8 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def steered_batch_loss(run: Run, concepts: list[str], modalities: list[str], rng: np.random.Generator, grad: bool = True,
-                       shard: tuple[int, int] | None = None, weighted: bool = False) -> torch.Tensor:
+                       shard: tuple[int, int] | None = None) -> torch.Tensor:
     """OT loss of one batch: each concept steers its own block of source rows (one sampler run).
-    ``weighted``: each concept's loss times its ``run.loss_w`` (training with ``--loss-weight unsteered``).
 
     ``shard=(rank, world)`` (data parallel): every draw is that of the whole batch, then only this rank's
     concepts run; the loss is scaled by their share, so the ranks' summed gradients equal one process's."""
@@ -404,51 +397,18 @@ def steered_batch_loss(run: Run, concepts: list[str], modalities: list[str], rng
         with steer(backend.root, [(steering, 1.0)]), capture_pooled(backend.root, backend.sites, rows=backend.cond_rows) as acts:
             backend.run(prompts, seeds, grad=grad)
         idx = torch.tensor([run.index[c] for c in concepts])
-        wts = run.loss_w[idx] if weighted and run.loss_w is not None else None
         terms = []
         for s in backend.sites:
             tgt = run.targets[s.name][idx].to(acts[s.name][0].device)  # (K, steps, n, C), kept on the CPU between batches
             for t, a in enumerate(acts[s.name]):
                 src = a.view(K, P, -1)
                 if cfg.loss == "w2_channels":
-                    per = w2_quantile(src, tgt[:, t]).mean(-1)  # (K,)
+                    terms.append(w2_quantile(src, tgt[:, t]).mean())
                 else:
                     from hypertransport_core import sliced_w2
 
-                    per = torch.stack([sliced_w2(src[k], tgt[k, t]) for k in range(K)])
-                terms.append((per * wts.to(per.device) if wts is not None else per).mean())
+                    terms.append(torch.stack([sliced_w2(src[k], tgt[k, t]) for k in range(K)]).mean())
         return torch.stack(terms).mean() * share
-
-
-@torch.no_grad()
-def unsteered_losses(run: Run) -> torch.Tensor:
-    """``(n_concepts,)`` (rows of ``run.index``): each concept's loss with no steering, from one fixed batch of
-    ``n_target`` neutral prompts against its cached targets (the same per-channel W2, averaged over sites and steps)."""
-    cfg, backend = run.cfg, run.backend
-    rng = np.random.default_rng([cfg.seed, 424242])
-    prompts = backend.source_prompts(cfg.n_target, rng)
-    seeds = [int(s) for s in rng.integers(0, 2**31 - 1, cfg.n_target)]
-    with capture_pooled(backend.root, backend.sites, detach=True, rows=backend.cond_rows) as acts:
-        backend.run(prompts, seeds)
-    n, chunk = len(run.index), max(1, cfg.cache_chunk)
-    total = torch.zeros(n)
-    for s in backend.sites:
-        src = torch.stack(acts[s.name]).float().cpu()  # (steps, n_target, C)
-        for lo in range(0, n, chunk):
-            idx = torch.arange(lo, min(n, lo + chunk))
-            tgt = run.targets[s.name][idx].float()  # (k, steps, n_target, C)
-            total[idx] += w2_quantile(src.expand(len(idx), *src.shape), tgt).mean(-1).mean(-1)
-    return total / len(backend.sites)
-
-
-def concept_loss_weights(run: Run) -> torch.Tensor:
-    """``--loss-weight unsteered``: 1 / (a concept's unsteered loss), scaled so the training concepts' mean is 1."""
-    d = unsteered_losses(run).clamp_min(1e-12)
-    w = 1.0 / d
-    tr = torch.tensor([run.index[c] for c in run.train])
-    w = w / w[tr].mean()
-    log.info("loss weights (1 / unsteered loss): training concepts %.2f to %.2f", float(w[tr].min()), float(w[tr].max()))
-    return w
 
 
 def _batch_for(run: Run, step: int) -> tuple[list[str], list[str], np.random.Generator]:
@@ -481,7 +441,7 @@ def train_step(run: Run) -> float:
     for g in run.opt.param_groups:
         g["lr"] = _lr_at(run.cfg, run.step)
     concepts, modalities, rng = _batch_for(run, run.step)
-    loss = steered_batch_loss(run, concepts, modalities, rng, shard=run.shard, weighted=True)
+    loss = steered_batch_loss(run, concepts, modalities, rng, shard=run.shard)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     if run.shard is not None:  # sum the ranks' gradients (and losses): equal to one process's batch
