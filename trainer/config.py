@@ -27,6 +27,20 @@ def field_help(cls) -> dict[str, str]:
     return out
 
 
+def check_device(device: str) -> None:
+    """``SystemExit`` naming the fix when ``device`` is not a usable torch device here."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise SystemExit(f"--device={device!r}: not a torch device. Fix: cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise SystemExit(f"--device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s). Fix: --device cpu.")
+    if dev.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device={device!r}: only cpu and cuda are supported. Fix: --device cpu.")
+
+
 def load_config_file(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise SystemExit(f"config file {path!r} does not exist. Fix: pass an existing .json or .toml file.")

@@ -37,10 +37,9 @@ from scipy.stats import spearmanr
 
 from hypertransport_core import LinEASConfig, Steering, load_hypernet, steer
 from trainer.backends import WORLD_WEIGHTS, WorldBackend, default_hypernet
-from trainer.config import build_parser, resolve
+from trainer.config import build_parser, check_device, resolve
 from trainer.train import (
     _concept_seed,
-    check_device,
     compute_targets,
     fit_concept_lineas,
     make_backend,

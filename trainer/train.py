@@ -49,7 +49,7 @@ from hypertransport_core import (
 )
 from hypertransport_core.files import _atomic_save
 from trainer.backends import WORLD_WEIGHTS, WorldBackend
-from trainer.config import build_parser, resolve
+from trainer.config import build_parser, check_device, resolve
 
 log = logging.getLogger("hypertransport.train")
 
@@ -277,18 +277,6 @@ def load_or_compute_targets(backend, concepts: list[str], cfg: TrainConfig, prog
 
 
 # --------------------------------------------------------------------------------------- build
-def check_device(device: str) -> None:
-    """``SystemExit`` naming the fix when ``device`` is not a usable torch device here."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise SystemExit(f"--device={device!r}: not a torch device. Fix: cpu, cuda or cuda:N.") from None
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise SystemExit(f"--device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s). Fix: --device cpu.")
-    if dev.type not in ("cpu", "cuda"):
-        raise SystemExit(f"--device={device!r}: only cpu and cuda are supported. Fix: --device cpu.")
-
-
 def train_config_of(hypernet) -> TrainConfig:
     """The training config a hypernet file records (unknown keys from other versions are ignored; the device
     it was trained on is not carried over: a hypernet trained on a GPU evaluates on the CPU by default)."""

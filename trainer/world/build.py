@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from trainer.config import check_device
+
 from . import clip_model as C
 from . import diffusion as D
 
@@ -68,6 +70,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(a.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    check_device(device)
     os.makedirs(a.out, exist_ok=True)
     clip_path = os.path.join(a.out, "world_clip.safetensors")
     unet_path = os.path.join(a.out, "world_unet.safetensors")
