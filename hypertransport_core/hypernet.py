@@ -45,16 +45,41 @@ class HyperNetConfig:
     depth: int = 2  # trunk layers (>= 1)
     rank: int = 16  # rank r of each site's head
     dropout: float = 0.0  # dropout in the trunk while training
+    text_width: int = 0  # width of the concept encoder's text tower when the file keeps its text projection (0: none)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @staticmethod
     def from_dict(d: dict) -> HyperNetConfig:
-        known = {k: d[k] for k in ("embed_dim", "hidden", "depth", "rank", "dropout") if k in d}
-        if "embed_dim" not in known:
+        """The config recorded in a file, every field checked against :data:`CONFIG_LIMITS`."""
+        if not isinstance(d, dict):
+            raise HyperTransportError(f"hypernet config must be a JSON object, found {type(d).__name__}. Fix: re-save the hypernet.")
+        if "embed_dim" not in d:
             raise HyperTransportError("hypernet config lacks 'embed_dim'. Fix: re-save the hypernet with its config.")
+        known = {k: d[k] for k in ("embed_dim", "hidden", "depth", "rank", "dropout", "text_width") if k in d}
+        for k, v in known.items():
+            lo, hi = CONFIG_LIMITS[k]
+            ok = (type(v) is int) if k != "dropout" else (isinstance(v, (int, float)) and not isinstance(v, bool))
+            if not ok or not lo <= v <= hi:
+                raise HyperTransportError(
+                    f"hypernet config {k!r} is {v!r}; a valid file has {'an integer' if k != 'dropout' else 'a number'} "
+                    f"from {lo} to {hi}. Fix: the file is corrupt or from an incompatible tool; re-save the hypernet."
+                )
         return HyperNetConfig(**known)
+
+    def num_parameters(self, sites: Sequence[Site]) -> int:
+        """Parameters of a hypernet of this config for ``sites``, computed without building it."""
+        d, H, r, S = self.embed_dim, self.hidden, self.rank, len(sites)
+        C = sum(s.channels for s in sites)
+        trunk = (d * H + H) + (self.depth - 1) * (H * H + H) + 2 * H
+        return trunk + S * H * 2 * r + 2 * C * r + 2 * C + self.text_width * d
+
+
+#: Bounds on a recorded config (inclusive), and on the parameters it implies (checked before building).
+CONFIG_LIMITS = {"embed_dim": (1, 8192), "hidden": (1, 8192), "depth": (1, 16), "rank": (1, 512), "dropout": (0.0, 0.99),
+                 "text_width": (0, 8192)}
+MAX_PARAMETERS = 400_000_000  # 1.6 GB of float32; the default SDXL hypernet has 14.9 M
 
 
 class HyperNet(nn.Module):
@@ -95,8 +120,6 @@ class HyperNet(nn.Module):
         self.channel_b = nn.Parameter(torch.zeros(total, r))
         self.offset_w = nn.Parameter(torch.zeros(total))
         self.offset_b = nn.Parameter(torch.zeros(total))
-        idx = torch.repeat_interleave(torch.arange(len(sites)), torch.tensor([s.channels for s in sites]))
-        self.register_buffer("site_index", idx, persistent=False)
         # Runs of consecutive sites with one width: their heads are (n, W, r) views of the packed
         # parameters, so forward is one batched matmul per run instead of a (B, C, 2r) gather.
         runs: list[tuple[int, int]] = []  # (sites in run, width)
@@ -108,6 +131,10 @@ class HyperNet(nn.Module):
         self._runs = runs
         self.register_buffer("mean_text", torch.zeros(d))
         self.register_buffer("mean_image", torch.zeros(d))
+        if config.text_width:
+            # the concept encoder's text projection, kept so that a text tower without one (an SD1.5 checkpoint's
+            # clip_l) can still encode concepts: pooled features @ text_projection (open_clip's orientation)
+            self.register_buffer("text_projection", torch.zeros(config.text_width, d))
 
     @property
     def embed_dim(self) -> int:
@@ -168,7 +195,8 @@ class HyperNet(nn.Module):
         h = self.trunk(self.prepare(e, modality))
         r = self.config.rank
         codes = torch.einsum("bh,shk->bsk", h, self.site_proj)  # (B, S, 2r)
-        per_channel = codes[:, self.site_index]  # (B, C, 2r)
+        site_index = torch.repeat_interleave(torch.arange(len(self.sites)), torch.tensor([s.channels for s in self.sites]))
+        per_channel = codes[:, site_index.to(codes.device)]  # (B, C, 2r)
         dw = (per_channel[..., :r] * self.channel_w).sum(-1)
         db = (per_channel[..., r:] * self.channel_b).sum(-1)
         return 1 + self.offset_w + dw, self.offset_b + db

@@ -61,20 +61,59 @@ class Site:
 
     @staticmethod
     def from_dict(d: dict) -> Site:
-        try:
-            return Site(
-                name=str(d["name"]),
-                module=str(d.get("module", d["name"])),
-                channels=int(d["channels"]),
-                channel_dim=int(d.get("channel_dim", -1)),
-                form=str(d.get("form", "pooled")),
-                output_index=None if d.get("output_index") is None else int(d["output_index"]),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise HyperTransportError(
-                f"site record {d!r} is malformed ({e}); each site needs 'name' and 'channels'. "
+        """A site from its file record, every field checked (type, range; see :data:`LIMITS`)."""
+
+        def bad(why: str) -> HyperTransportError:
+            return HyperTransportError(
+                f"site record {str(d)[:120]!r} is malformed: {why}. "
                 "Fix: re-save the file with the current version of hypertransport_core."
-            ) from e
+            )
+
+        if not isinstance(d, dict):
+            raise bad(f"expected a JSON object, found {type(d).__name__}")
+        name, module = d.get("name"), d.get("module", d.get("name"))
+        for key, v in (("name", name), ("module", module)):
+            if not isinstance(v, str) or not 0 < len(v) <= LIMITS["name_length"]:
+                raise bad(f"{key!r} must be a non-empty string of at most {LIMITS['name_length']} characters")
+        channels = d.get("channels")
+        if type(channels) is not int or not 1 <= channels <= LIMITS["site_channels"]:
+            raise bad(f"'channels' must be an integer from 1 to {LIMITS['site_channels']}, found {channels!r}")
+        channel_dim = d.get("channel_dim", -1)
+        if type(channel_dim) is not int or channel_dim not in (1, -1):
+            raise bad(f"'channel_dim' must be 1 (channels first) or -1 (channels last), found {channel_dim!r}")
+        form = d.get("form", "pooled")
+        if form not in FORMS:
+            raise bad(f"'form' must be one of {FORMS}, found {form!r}")
+        idx = d.get("output_index")
+        if idx is not None and (type(idx) is not int or not 0 <= idx < 16):
+            raise bad(f"'output_index' must be null or an integer from 0 to 15, found {idx!r}")
+        return Site(name, module, channels, channel_dim, form, idx)
+
+
+#: Bounds on what a file may declare (checked before anything is allocated from it). The largest model
+#: the project knows, SDXL, has 256 sites and 294,080 channels; Flux-dev 76 sites of width 3072.
+LIMITS = {
+    "sites": 4096,
+    "site_channels": 65536,
+    "channels": 4_194_304,
+    "name_length": 256,
+}
+
+
+def check_site_list(sites: Sequence[Site], what: str = "the file") -> None:
+    """Raise if a site list is empty, too long, too wide in total, or names a site twice."""
+    if not sites:
+        raise HyperTransportError(f"{what} lists no sites. Fix: re-save it with its site list.")
+    if len(sites) > LIMITS["sites"]:
+        raise HyperTransportError(f"{what} lists {len(sites)} sites, more than the {LIMITS['sites']} allowed. Fix: re-save it.")
+    total = sum(s.channels for s in sites)
+    if total > LIMITS["channels"]:
+        raise HyperTransportError(f"{what} declares {total:,} channels, more than the {LIMITS['channels']:,} allowed. "
+                                  "Fix: re-save it with its real site list.")
+    names = [s.name for s in sites]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise HyperTransportError(f"{what} lists site {dup!r} twice. Fix: re-save it with a deduplicated site list.")
 
 
 @dataclass(frozen=True)
@@ -317,3 +356,80 @@ def check_sites(expected: Sequence[Site], model: nn.Module, *, what: str = "the 
 def site_summary(sites: Sequence[Site]) -> dict:
     """``{"sites": n, "channels": c}``."""
     return {"sites": len(sites), "channels": sum(s.channels for s in sites)}
+
+
+def _block_of(name: str) -> str:
+    """The top-level block a site belongs to: ``input_blocks.4``, ``middle_block``, ``out``, ``blocks.12``,
+    ``double_blocks.3`` (a numbered container keeps its number)."""
+    parts = name.split("@")[0].split(".")
+    numbered = parts[0].endswith("blocks") and len(parts) > 1 and parts[1].isdigit()  # input_blocks.4, blocks.12
+    return ".".join(parts[:2]) if numbered else parts[0]
+
+
+def block_names(sites: Sequence[Site]) -> list[str]:
+    """The top-level blocks of a site list, in order (what per-block strengths and presets name)."""
+    return list(dict.fromkeys(_block_of(s.name) for s in sites))
+
+
+def _thirds(blocks: list[str]) -> dict[str, list[str]]:
+    n = len(blocks)
+    a, b = round(n / 3), round(2 * n / 3)
+    return {"early": blocks[:a], "middle": blocks[a:b], "late": blocks[b:]}
+
+
+def block_presets(sites: Sequence[Site]) -> dict[str, list[str]]:
+    """Named groups of blocks for the per-block strengths, from the site list itself.
+
+    UNets (SD1.5, SDXL and their distillations, the embedded world): ``input``, ``middle``, ``output``, and
+    by resolution ``fine`` (the first input level, the last output level and the final norm) and
+    ``coarse`` (the deepest input and output levels and the middle block); the levels are read from the
+    input blocks' numbering (a downsampling block holds no norm, so it leaves a gap). DiTs (PixArt) and
+    Flux: ``early``, ``middle``, ``late`` thirds of their block sequence. Returns ``{preset: [block, ...]}``.
+    """
+    blocks = block_names(sites)
+    inputs = [b for b in blocks if b.startswith("input_blocks.")]
+    if inputs:
+        idx = sorted(int(b.split(".")[1]) for b in inputs)
+        levels: list[list[int]] = []
+        for i in idx:
+            if levels and i == levels[-1][-1] + 1:
+                levels[-1].append(i)
+            else:
+                levels.append([i])
+        per_out = len(levels[0]) + 1
+        outputs = [b for b in blocks if b.startswith("output_blocks.")]
+        L = len(levels)
+
+        def out_level(b: str) -> int:
+            return L - 1 - int(b.split(".")[1]) // per_out
+
+        presets = {
+            "input": inputs,
+            "middle": [b for b in blocks if b == "middle_block"],
+            "output": outputs + [b for b in blocks if b == "out"],
+            "fine": [f"input_blocks.{i}" for i in levels[0]] + [b for b in outputs if out_level(b) == 0]
+            + [b for b in blocks if b == "out"],
+            "coarse": [f"input_blocks.{i}" for i in levels[-1]] + [b for b in blocks if b == "middle_block"]
+            + [b for b in outputs if out_level(b) == L - 1],
+        }
+        return {k: v for k, v in presets.items() if v}
+    seq = [b for b in blocks if b.startswith(("blocks.", "double_blocks.", "single_blocks."))]
+    if seq:
+        out = _thirds(seq)
+        out["late"] += [b for b in blocks if b not in seq]  # PixArt's final_layer
+        return out
+    return {}
+
+
+def describe_blocks(sites: Sequence[Site]) -> str:
+    """One line naming a site list's blocks (numbered runs shortened) and its presets."""
+    runs: list[list[str]] = []
+    for b in block_names(sites):
+        head = b.rsplit(".", 1)[0] if b.rsplit(".", 1)[-1].isdigit() else None
+        if runs and head and runs[-1][0].rsplit(".", 1)[0] == head:
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    parts = [r[0] if len(r) == 1 else f"{r[0]}…{r[-1].rsplit('.', 1)[-1]}" for r in runs]
+    presets = block_presets(sites)
+    return f"blocks {', '.join(parts)}" + (f"; presets {', '.join(presets)}" if presets else "")

@@ -92,7 +92,7 @@ def test_hypernet_round_trip_bit_identical(hn_file):
     e = torch.randn(2, 16)
     assert torch.equal(hn.eval()(e)[0], loaded(e)[0])
     meta = read_header(hn_file)
-    assert meta["format"] == files.HYPERNET and meta["format_version"] == 1 and meta["embed_dim"] == 16
+    assert meta["format"] == files.HYPERNET and meta["format_version"] == 2 and meta["embed_dim"] == 16
     assert meta["tensors"]["channel_w"] == (18, 3)
 
 
@@ -103,7 +103,7 @@ def test_steering_round_trip_bit_identical(st_file):
     assert loaded.sites == st.sites
     assert torch.equal(loaded.w, st.w) and torch.equal(loaded.b, st.b)
     assert loaded.meta == st.meta
-    with pytest.raises(HyperTransportError, match="single-concept"):
+    with pytest.raises(HyperTransportError, match="holds 2 concepts' maps.*a steering file holds one. Fix: save each"):
         save_steering(st_file, Steering(tuple(SITES), torch.ones(2, 18), torch.zeros(2, 18)))
 
 
@@ -124,7 +124,7 @@ def test_header_json_without_tensor_records(tmp_path):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(HyperTransportError, match="nothere.safetensors: no such file.*Fix"):
+    with pytest.raises(HyperTransportError, match="nothere.safetensors: no such HyperTransport file.*Fix"):
         load_steering(str(tmp_path / "nothere.safetensors"))
 
 
@@ -137,12 +137,15 @@ def test_truncated_file(hn_file):
 
 
 def test_wrong_format_version(hn_file, tmp_path):
-    newer = _rewrite(hn_file, str(tmp_path / "v2.safetensors"), {"format_version": "2"})
-    with pytest.raises(HyperTransportError, match="'format_version': expected 1, found 2. Fix: update"):
+    newer = _rewrite(hn_file, str(tmp_path / "v3.safetensors"), {"format_version": "3"})
+    with pytest.raises(HyperTransportError, match=r"'format_version': expected one of \(1, 2\), found 3. Fix: update"):
         load_hypernet(newer)
     older = _rewrite(hn_file, str(tmp_path / "v0.safetensors"), {"format_version": "0"})
-    with pytest.raises(HyperTransportError, match="expected 1, found 0. Fix: re-save"):
+    with pytest.raises(HyperTransportError, match=r"expected one of \(1, 2\), found 0. Fix: re-save"):
         load_hypernet(older)
+    not_int = _rewrite(hn_file, str(tmp_path / "v2s.safetensors"), {"format_version": '"2"'})
+    with pytest.raises(HyperTransportError, match="found 2. Fix: re-save"):
+        load_hypernet(not_int)
 
 
 @pytest.mark.parametrize("key", ["sites", "encoder", "arch", "format_version"])
@@ -205,7 +208,9 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
             f.write(b"partial")  # half-written temp file
         raise OSError("disk full")
 
-    monkeypatch.setattr(files, "save_file", failing_save)
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
     with pytest.raises(OSError, match="disk full"):
         save_steering(str(target), _steering())
     assert os.listdir(tmp_path) == []
@@ -213,7 +218,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
 
     save_hypernet(str(target), _hypernet())
     before = target.read_bytes()
-    monkeypatch.setattr(files, "save_file", failing_save)
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
     with pytest.raises(OSError):
         save_hypernet(str(target), _hypernet(seed=9))
     assert os.listdir(tmp_path) == ["out.safetensors"]
