@@ -25,10 +25,9 @@ import torch
 from torch import nn
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
-from core_helpers import sdxl_reference_sites  # noqa: E402
-
+from ht_devkit.core_models import sdxl_reference_sites  # noqa: E402
 from hypertransport_core import HyperNet, HyperNetConfig, Steering, folded, list_sites, steer  # noqa: E402
 
 

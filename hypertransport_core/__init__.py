@@ -5,11 +5,12 @@ Standalone (torch, open_clip, POT, safetensors, einops); never imports ComfyUI.
 
 from .concepts import Concept, combine_concepts
 from .encoders import ConceptEncoder, weights_fingerprint
+from .engine import Rows, SteeringPlan, apply_map
 from .errors import HyperTransportError
 from .files import load_hypernet, load_steering, read_header, save_hypernet, save_steering
 from .hooks import capture_pooled, fold_steering, folded, steer
 from .hypernet import HyperNet, HyperNetConfig
-from .interventions import Steering, apply_map, combine_steerings, effective_affine
+from .interventions import Steering, combine_steerings, effective_affine
 from .lineas import LinEASConfig, fit_lineas, steered_loss
 from .ot import sliced_w2, transport_loss, w2_per_channel, w2_quantile
 from .sites import SITE_TABLES, Site, SiteRule, SiteTable, check_sites, detect_family, list_sites, register_table
@@ -23,11 +24,13 @@ __all__ = [
     "HyperNetConfig",
     "HyperTransportError",
     "LinEASConfig",
+    "Rows",
     "SITE_TABLES",
     "Site",
     "SiteRule",
     "SiteTable",
     "Steering",
+    "SteeringPlan",
     "apply_map",
     "capture_pooled",
     "check_sites",

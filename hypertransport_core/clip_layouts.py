@@ -53,7 +53,9 @@ def open_clip_tower(state_dict: Mapping[str, torch.Tensor], tower: str) -> dict[
         return {k: v for k, v in state_dict.items() if k in _TEXT_EXACT or k.startswith(_TEXT_PREFIX)}
     if tower == IMAGE:
         return {k: v for k, v in state_dict.items() if k.startswith(_IMAGE_PREFIX)}
-    raise ValueError(f"tower must be one of {TOWERS}, not {tower!r}")
+    from .errors import HyperTransportError
+
+    raise HyperTransportError(f"open_clip_tower: tower {tower!r} is not one of {TOWERS}. Fix: pass 'text' or 'image'.")
 
 
 def _encoder_layers(sd: Mapping[str, torch.Tensor], src: str, dst: str, out: dict, used: set) -> None:

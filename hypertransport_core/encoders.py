@@ -63,15 +63,37 @@ def tower_fingerprint(state_dict: Mapping[str, torch.Tensor], spec: Mapping, sam
     return h.hexdigest()[:16]
 
 
+def text_body(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A text tower (open_clip layout) without its ``text_projection``: what an SD1.5 checkpoint's clip_l holds."""
+    return {k: v for k, v in state_dict.items() if k != "text_projection"}
+
+
+def body_spec(spec: Mapping) -> dict:
+    return {**dict(spec), "projection": "none"}
+
+
 def open_clip_tower_fingerprints(model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> dict:
-    """``{"text_fingerprint", "image_fingerprint"}`` of an open_clip ``CLIP`` (``None`` for a tower that
-    is not a standard CLIP transformer tower, e.g. a Hugging Face text model or a ResNet image tower)."""
+    """``{"text_fingerprint", "text_body_fingerprint", "image_fingerprint"}`` of an open_clip ``CLIP`` (``None`` for
+    a tower that is not a standard CLIP transformer tower, e.g. a Hugging Face text model or a ResNet image
+    tower). The body fingerprint leaves the text projection out (:func:`text_body`)."""
     sd = model.state_dict()
     out = {}
     for tower, spec in ((TEXT, open_clip_text_spec(model)), (IMAGE, open_clip_image_spec(model, mean, std))):
         part = open_clip_tower(sd, tower) if spec is not None else {}
         out[f"{tower}_fingerprint"] = tower_fingerprint(part, spec) if part else None
+        if tower == TEXT:
+            out["text_body_fingerprint"] = tower_fingerprint(text_body(part), body_spec(spec)) if part else None
     return out
+
+
+def text_projection(model: nn.Module) -> torch.Tensor | None:
+    """An open_clip model's text projection ``(width, d)`` (used as ``x @ P``), or ``None``."""
+    p = getattr(model, "text_projection", None)
+    if isinstance(p, torch.Tensor) and p.ndim == 2:
+        return p.detach()
+    if isinstance(p, nn.Linear):  # some configs hold it as a Linear: weight (d, width)
+        return p.weight.detach().T
+    return None
 
 
 def _image_size(model: nn.Module) -> int:
@@ -120,6 +142,15 @@ def to_model_input(
     top, left = (nh - size) // 2, (nw - size) // 2
     x = x[:, :, top : top + size, left : left + size]
     return (x - mean_t) / std_t
+
+
+def concept_texts(texts: Sequence[str] | str) -> list[str]:
+    """The stripped concept phrases of ``texts``; raises naming the fix when one is empty."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    texts = [t.strip() for t in texts]
+    if not texts or any(not t for t in texts):
+        raise HyperTransportError("concept text is empty. Fix: type a concept, e.g. 'watercolor'.")
+    return texts
 
 
 class ConceptEncoder:
@@ -187,17 +218,13 @@ class ConceptEncoder:
                 "embed_dim": int(d),
                 **open_clip_tower_fingerprints(self.model, self.mean, self.std),
             }
+            self._identity = {k: v for k, v in self._identity.items() if v is not None}
         return self._identity
 
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         """``(n, d)`` unit-norm text embeddings."""
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = [t.strip() for t in texts]
-        if not texts or any(not t for t in texts):
-            raise HyperTransportError("concept text is empty. Fix: type a concept, e.g. 'watercolor'.")
-        tokens = self.tokenizer(list(texts)).to(self.device)
+        tokens = self.tokenizer(concept_texts(texts)).to(self.device)
         return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
 
     @torch.no_grad()

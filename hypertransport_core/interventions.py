@@ -7,10 +7,9 @@ For a site with map ``T(z) = w ⊙ z + b`` and strength ``λ``:
 - ``λ < 0``: the concept is removed with the inverse map, ``z + |λ| (T⁻¹(z) − z)``,
   ``T⁻¹(z) = (z − b) / w``, where ``|w|`` is clamped to at least :data:`MIN_ABS_W`.
 
-Both are one elementwise affine map ``a ⊙ z + c`` (:func:`effective_affine`). Token outputs
-``(B, N, C)`` get it at every token; spatial outputs ``(B, C, H, W)`` get it either at every position
-(``form="elementwise"``) or, as Lin-AcT/LinEAS do, on the spatial mean ``m`` with the difference
-added everywhere: ``z + (a − 1) ⊙ m + c`` (``form="pooled"``).
+Both are one elementwise affine map ``a ⊙ z + c`` (:func:`effective_affine`); how it meets an
+activation (every token, every position, or the spatial mean) is the engine's
+(:mod:`~hypertransport_core.engine`).
 """
 
 from __future__ import annotations
@@ -21,106 +20,35 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import HyperTransportError
-from .sites import FORMS, Site
+from .sites import Site
 
 #: Smallest ``|w|`` the inverse map divides by (keeps ``T⁻¹`` finite when a map nearly kills a channel).
 MIN_ABS_W = 1e-2
 
 
-def effective_affine(w: torch.Tensor, b: torch.Tensor, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
+def effective_affine(w: torch.Tensor, b: torch.Tensor, strength) -> tuple[torch.Tensor, torch.Tensor]:
     """``(a, c)`` such that the steered output is ``a ⊙ z + c`` at strength ``strength``.
 
     .. math:: λ ≥ 0:\\ a = 1 + λ (w − 1),\\ c = λ b; \\quad λ < 0:\\ a = 1 + |λ| (1/w − 1),\\ c = −|λ| b / w
 
     Args:
-        w, b: ``(C,)`` map parameters.
-        strength: λ.
+        w, b: ``(C,)`` map parameters (or ``(K, C)``).
+        strength: λ, a float; or a ``(K,)`` tensor of strengths for ``(C,)`` maps, giving ``(K, C)``: one map
+            per image of a batch.
     """
+    if torch.is_tensor(strength) and strength.ndim == 1:
+        lam = strength.to(device=w.device, dtype=w.dtype)[:, None]
+        safe_w = torch.where(w < 0, torch.clamp(w, max=-MIN_ABS_W), torch.clamp(w, min=MIN_ABS_W))
+        mag = lam.abs()
+        a = torch.where(lam >= 0, 1 + lam * (w - 1), 1 + mag * (1 / safe_w - 1))
+        c = torch.where(lam >= 0, lam * b, -mag * b / safe_w)
+        return a, c
     lam = float(strength)
     if lam >= 0:
         return 1 + lam * (w - 1), lam * b
     mag = -lam
     safe_w = torch.where(w < 0, torch.clamp(w, max=-MIN_ABS_W), torch.clamp(w, min=MIN_ABS_W))
     return 1 + mag * (1 / safe_w - 1), -mag * b / safe_w
-
-
-def _channel_shape(z: torch.Tensor, channel_dim: int) -> list[int]:
-    shape = [1] * z.ndim
-    shape[channel_dim] = z.shape[channel_dim]
-    return shape
-
-
-def apply_map(
-    z: torch.Tensor,
-    w: torch.Tensor,
-    b: torch.Tensor,
-    strength: float,
-    *,
-    channel_dim: int = -1,
-    form: str = "pooled",
-    row_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Steer one activation tensor.
-
-    Args:
-        z: activation, ``(B, ..., C)`` (``channel_dim=-1``) or ``(B, C, ...)`` (``channel_dim=1``).
-        w, b: ``(C,)`` map, or ``(K, C)``: K maps for K equal blocks of consecutive rows (a batch of
-            concepts in training); cast to ``z``'s dtype and device.
-        strength: λ; ``0`` returns ``z`` unchanged (the same object).
-        channel_dim: the channel axis of ``z``.
-        form: ``"pooled"`` or ``"elementwise"``; ``"pooled"`` only differs for ``channel_dim=1`` with
-            spatial axes (token outputs are always mapped at every token).
-        row_mask: optional ``(B,)`` bool; rows where it is False are returned unchanged.
-
-    Returns:
-        tensor like ``z``.
-    """
-    if strength == 0:
-        return z
-    a, c = effective_affine(w.to(device=z.device, dtype=torch.float32), b.to(device=z.device, dtype=torch.float32), strength)
-    return apply_affine(z, a.to(z.dtype), c.to(z.dtype), channel_dim=channel_dim, form=form, row_mask=row_mask)
-
-
-def apply_affine(
-    z: torch.Tensor,
-    a: torch.Tensor,
-    c: torch.Tensor,
-    *,
-    channel_dim: int = -1,
-    form: str = "pooled",
-    row_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """:func:`apply_map` after :func:`effective_affine`: ``a ⊙ z + c`` (elementwise) or
-    ``z + (a − 1) ⊙ mean(z) + c`` (pooled), with ``a, c`` ``(C,)`` or ``(K, C)`` already on ``z``'s device."""
-    if form not in FORMS:
-        raise HyperTransportError(f"form {form!r} is not one of {FORMS}. Fix: pass 'pooled' or 'elementwise'.")
-    C = z.shape[channel_dim]
-    if a.shape[-1:] != (C,) or c.shape != a.shape or a.ndim > 2 or (a.ndim == 2 and z.shape[0] % a.shape[0]):
-        raise HyperTransportError(
-            f"map shapes {tuple(a.shape)} do not fit activation {tuple(z.shape)} "
-            f"with {C} channels on dim {channel_dim}. Fix: use a steering made for this model's sites."
-        )
-    shape = _channel_shape(z, channel_dim)
-    if a.ndim == 2:  # K maps, each for a block of B/K consecutive rows (batched training)
-        reps = z.shape[0] // a.shape[0]
-        a, c = a.repeat_interleave(reps, 0), c.repeat_interleave(reps, 0)
-        shape[0] = z.shape[0]
-    a, c = a.view(shape), c.view(shape)
-    spatial_dims = [d for d in range(2, z.ndim)] if channel_dim in (1, 1 - z.ndim) else []
-    if form == "pooled" and spatial_dims:
-        m = z.mean(dim=spatial_dims, keepdim=True)
-        out = z + ((a - 1) * m + c)
-    else:
-        out = z * a + c
-    if row_mask is not None:
-        if row_mask.numel() != z.shape[0]:
-            raise HyperTransportError(
-                f"row mask has {row_mask.numel()} entries for a batch of {z.shape[0]} rows. "
-                "Fix: pass one bool per batch row (or None to steer every row)."
-            )
-        mask = row_mask.to(device=z.device, dtype=torch.bool).view([-1] + [1] * (z.ndim - 1))
-        out = torch.where(mask, out, z)
-    return out
 
 
 @dataclass(frozen=True)
@@ -210,18 +138,30 @@ def combine_steerings(parts: Sequence[tuple[Steering, float]], meta: dict | None
     return Steering(sites, w, b, {**parts[0][0].meta, "label": " ".join(labels), **(meta or {})})
 
 
-StrengthSpec = float | Mapping[str, float]
+StrengthSpec = float | Sequence[float] | Mapping[str, float | Sequence[float]]
 
 
-def strength_for(spec: StrengthSpec, site: Site) -> float:
-    """The strength of ``site`` under a scalar or a per-site/per-prefix mapping (longest prefix wins,
-    ``"*"`` the default, missing means 1.0)."""
+def block_matches(key: str, site_name: str) -> bool:
+    """Whether a per-block key names ``site_name``: the whole name, or a prefix ending at a dotted segment
+    (``"blocks.2"`` matches ``"blocks.2.norm1"`` and ``"blocks.2"``, never ``"blocks.20.norm1"``); a tuple
+    element's site ``"double_blocks.1@0"`` is matched by ``"double_blocks.1"``."""
+    if site_name == key:
+        return True
+    return site_name.startswith(key) and site_name[len(key)] in ".@"
+
+
+def _value(v):
+    return tuple(float(x) for x in v) if isinstance(v, (tuple, list)) else float(v)
+
+
+def strength_for(spec: StrengthSpec, site: Site):
+    """The strength of ``site`` under a scalar, one strength per image (a sequence), or a per-site/per-block
+    mapping of either: the longest key that :func:`block_matches` the site's name wins, ``"*"`` is the
+    default, missing means 1.0. Returns a float or a tuple of floats."""
     if not isinstance(spec, Mapping):
-        return float(spec)
-    if site.name in spec:
-        return float(spec[site.name])
-    best, val = -1, float(spec.get("*", 1.0))
+        return _value(spec)
+    best, val = -1, _value(spec.get("*", 1.0))
     for k, v in spec.items():
-        if k != "*" and site.name.startswith(k) and len(k) > best:
-            best, val = len(k), float(v)
+        if k != "*" and len(k) > best and block_matches(k, site.name):
+            best, val = len(k), _value(v)
     return val

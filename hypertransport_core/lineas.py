@@ -23,10 +23,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .engine import RowsLike, SteeringPlan
 from .errors import HyperTransportError
-from .hooks import capture_pooled, steer
+from .hooks import capture_pooled
 from .interventions import Steering
-from .ot import transport_loss
+from .ot import loss_kind, transport_loss
 from .sites import Site
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class LinEASConfig:
 
     steps: int = 100  # optimizer steps
     lr: float = 1e-2  # Adam learning rate
-    loss: str = "w2_channels"  # "w2_channels" or "sliced"
+    loss: str = "w2_quantile"  # "w2_quantile", "w2_exact" or "sliced" (hypertransport_core.ot.LOSSES)
     l1: float = 0.0  # per-channel sparsity (0 = off, as in the papers' T2I results)
     group: float = 0.0  # per-site group sparsity (0 = off)
 
@@ -54,14 +55,23 @@ def steered_loss(
     steering: Steering,
     run: Callable[[], object],
     targets: Targets,
-    kind: str = "w2_channels",
-    rows: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    kind: str = "w2_quantile",
+    *,
+    steer_rows: RowsLike = None,
+    capture_rows: RowsLike = None,
 ) -> torch.Tensor:
-    """Run ``run()`` with ``steering`` active at strength 1 and return the transport loss to ``targets``
-    (``rows`` selects the batch rows compared, see :func:`~hypertransport_core.hooks.capture_pooled`)."""
-    with steer(root, [(steering, 1.0)]), capture_pooled(root, steering.sites, rows=rows) as acts:
+    """Run ``run()`` with ``steering`` active at strength 1 and return the transport loss to ``targets``.
+
+    This is the loss of both the trainer and LinEAS. ``steering`` may hold ``K`` maps (``(K, C)``: K
+    concepts, each steering its own block of rows); ``targets`` are then ``(K, n, C)`` per group.
+    ``steer_rows`` lays out the rows the maps act on and ``capture_rows`` selects the rows compared (e.g.
+    the conditional chunk of a guided batch), see :class:`~hypertransport_core.engine.Rows`.
+    """
+    plan = SteeringPlan.compile([(steering, 1.0)], what="steered_loss")
+    concepts = steering.w.shape[0] if steering.w.ndim == 2 else 1
+    with plan.hooks(root, steer_rows), capture_pooled(root, steering.sites, rows=capture_rows) as acts:
         run()
-    return transport_loss(acts, targets, kind)
+    return transport_loss(acts, targets, kind, concepts=concepts)
 
 
 def _prox_sparse_group(u: torch.Tensor, sizes: list[int], step_l1: float, step_group: float) -> None:
@@ -83,7 +93,8 @@ def fit_lineas(
     *,
     label: str = "",
     callback: Callable[[int, float], None] | None = None,
-    rows: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    steer_rows: RowsLike = None,
+    capture_rows: RowsLike = None,
 ) -> Steering:
     """Fit one concept's maps for every site, end to end.
 
@@ -95,15 +106,16 @@ def fit_lineas(
             activations ``{site: [ (n, C) per forward call ]}``.
         config: :class:`LinEASConfig`.
         label: the concept, stored in the result's meta.
-        callback: ``callback(step, loss)`` after each step.
-        rows: which batch rows of each forward call the loss compares (default: all), e.g. the
-            conditional half when the sampler runs cond and uncond rows in one batch.
+        callback: ``callback(step, loss)`` after each step (it may raise to stop the fit: nothing is returned).
+        steer_rows, capture_rows: the row layout of the model calls and the rows the loss compares (e.g.
+            only the conditional chunk when the sampler runs cond and uncond rows in one batch).
 
     Returns:
         a :class:`~hypertransport_core.interventions.Steering` with ``meta["fit"]`` giving steps,
         final loss and seconds.
     """
     cfg = config or LinEASConfig()
+    loss_kind(cfg.loss)
     if cfg.steps < 1 or cfg.lr <= 0:
         raise HyperTransportError(f"LinEAS needs steps >= 1 and lr > 0, got steps={cfg.steps}, lr={cfg.lr}.")
     sites = tuple(sites)
@@ -117,7 +129,7 @@ def fit_lineas(
     for step in range(cfg.steps):
         run, targets = batch_fn(step)
         steering = Steering(sites, 1 + u[0], u[1])
-        loss = steered_loss(root, steering, run, targets, cfg.loss, rows)
+        loss = steered_loss(root, steering, run, targets, cfg.loss, steer_rows=steer_rows, capture_rows=capture_rows)
         loss_val = float(loss.detach())
         if not torch.isfinite(loss.detach()):
             raise HyperTransportError(f"LinEAS loss became {loss_val} at step {step}. Fix: lower the learning rate.")

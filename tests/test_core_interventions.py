@@ -181,6 +181,25 @@ def test_per_site_strength_mapping():
     assert strength_for({"output_blocks.1.0.in_layers.0": -1.0, "output_blocks": 0.5}, s) == -1.0
     assert strength_for({"input_blocks": 0.5, "*": 0.0}, s) == 0.0
 
+
+@pytest.mark.parametrize("key, name, hit", [
+    ("blocks.2", "blocks.2.norm1", True),
+    ("blocks.2", "blocks.20.norm1", False),  # a bare string prefix would zero PixArt blocks 20-27 too
+    ("blocks.2", "blocks.27.norm2", False),
+    ("blocks.2.norm1", "blocks.2.norm1", True),
+    ("blocks", "blocks.11.norm2", True),
+    ("double_blocks.1", "double_blocks.1@0", True),  # a Flux double block's img and txt streams
+    ("double_blocks.1", "double_blocks.1@1", True),
+    ("double_blocks.1", "double_blocks.10@0", False),  # not blocks 10-18
+    ("double_blocks.1", "double_blocks.18@1", False),
+    ("single_blocks.3", "single_blocks.37", False),
+    ("output_blocks.1", "output_blocks.1.0.in_layers.0", True),
+    ("output_blocks.1", "output_blocks.10.0.in_layers.0", False),
+])
+def test_block_keys_match_whole_dotted_segments(key, name, hit):
+    site = Site(name, name.split("@")[0], 8)
+    assert strength_for({key: 0.0, "*": 1.0}, site) == (0.0 if hit else 1.0)
+
     net, sites = _Two(), _two_sites()
     w, b = _wb(8, seed=5)
     st = Steering(tuple(sites), w, b)
@@ -205,7 +224,7 @@ def test_steer_default_mask_steers_all_rows_and_mask_keeps_others_bit_identical(
     assert not torch.allclose(all_rows, plain, atol=1e-3)
     assert all(not torch.allclose(all_rows[i], plain[i], atol=1e-3) for i in range(4))
     mask = torch.tensor([False, True, False, True])
-    with steer(net, [(st, 1.0)], row_mask=lambda: mask):
+    with steer(net, [(st, 1.0)], rows=lambda: mask):
         masked = net(x)
     assert torch.equal(masked[~mask], plain[~mask])
     torch.testing.assert_close(masked[mask], all_rows[mask])
@@ -254,7 +273,7 @@ def test_steer_with_batched_steering_and_tensor_row_mask():
             torch.testing.assert_close(out[2 * k : 2 * k + 2], net(x[2 * k : 2 * k + 2]))
     plain = net(x)
     mask = torch.tensor([True, True, False, False])
-    with steer(net, [(batched, 1.0)], row_mask=mask):
+    with steer(net, [(batched, 1.0)], rows=mask):
         masked = net(x)
     assert torch.equal(masked[2:], plain[2:])
     torch.testing.assert_close(masked[:2], out[:2])

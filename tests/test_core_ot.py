@@ -10,7 +10,7 @@ import torch
 from core_helpers import single_thread  # noqa: F401
 
 from hypertransport_core import HyperTransportError, sliced_w2, transport_loss, w2_per_channel
-from hypertransport_core.ot import site_loss
+from hypertransport_core.ot import LOSS_ALIASES, site_loss
 
 
 def _rand(n, C, seed, shift=0.0, scale=1.0):
@@ -97,9 +97,10 @@ def test_transport_loss_averages_over_sites_and_groups():
     src = {"a": [_rand(8, 3, 10), _rand(8, 3, 11)], "b": [_rand(8, 5, 12), _rand(8, 5, 13)]}
     tgt = {"a": [_rand(8, 3, 20), _rand(8, 3, 21)], "b": [_rand(8, 5, 22), _rand(8, 5, 23)], "unused": [torch.zeros(8, 2)]}
     terms = [w2_per_channel(src[k][i], tgt[k][i]).mean() for k in ("a", "b") for i in range(2)]
-    torch.testing.assert_close(transport_loss(src, tgt), torch.stack(terms).mean())
-    sliced = transport_loss(src, tgt, "sliced", n_projections=16)
-    assert sliced.item() >= 0
+    torch.testing.assert_close(transport_loss(src, tgt, "w2_exact"), torch.stack(terms).mean())
+    torch.testing.assert_close(transport_loss(src, tgt), torch.stack(terms).mean())  # equal counts: quantile = exact
+    sliced_terms = [sliced_w2(src[k][i], tgt[k][i], 16, 0) for k in ("a", "b") for i in range(2)]
+    torch.testing.assert_close(transport_loss(src, tgt, "sliced", n_projections=16), torch.stack(sliced_terms).mean())
     torch.testing.assert_close(transport_loss(src, src), torch.tensor(0.0, dtype=torch.float64))
     # targets carry no gradient, sources do
     xs = {k: [t.clone().requires_grad_(True) for t in v] for k, v in src.items()}
@@ -118,6 +119,30 @@ def test_transport_loss_errors():
         transport_loss({}, a)
     with pytest.raises(HyperTransportError, match="not one of"):
         site_loss(torch.zeros(4, 2), torch.zeros(4, 2), "sinkhorn")
+    with pytest.raises(HyperTransportError, match="do not split into 3 concepts"):
+        transport_loss({"a": [torch.zeros(4, 2)]}, {"a": [torch.zeros(3, 4, 2)]}, concepts=3)
+
+
+@pytest.mark.parametrize("kind", ["w2_quantile", "w2_exact", "sliced"])
+def test_batched_loss_is_the_mean_of_the_per_concept_losses(kind):
+    """The trainer's call (K concepts in one batch, rows in concept blocks) equals LinEAS's call per concept."""
+    K, P, n, C = 3, 4, 7, 5
+    src = {"a": [_rand(K * P, C, 40), _rand(K * P, C, 41)], "b": [_rand(K * P, 2, 42), _rand(K * P, 2, 43)]}
+    tgt = {"a": [_rand(K * n, C, 50).view(K, n, C), _rand(K * n, C, 51).view(K, n, C)],
+           "b": [_rand(K * n, 2, 52).view(K, n, 2), _rand(K * n, 2, 53).view(K, n, 2)]}
+    batched = transport_loss(src, tgt, kind, concepts=K, n_projections=8)
+    per = [transport_loss({s: [x[k * P : (k + 1) * P] for x in v] for s, v in src.items()},
+                          {s: [y[k] for y in v] for s, v in tgt.items()}, kind, n_projections=8) for k in range(K)]
+    torch.testing.assert_close(batched, torch.stack(per).mean())
+    assert LOSS_ALIASES["w2_channels"] == "w2_quantile"  # configs of earlier versions keep their meaning
+
+
+def test_quantile_and_exact_variants_differ_only_for_unequal_counts():
+    x, y = _rand(3, 4, 60), _rand(24, 4, 61, shift=0.5)
+    q = transport_loss({"a": [x]}, {"a": [y]}, "w2_quantile")
+    e = transport_loss({"a": [x]}, {"a": [y]}, "w2_exact")
+    assert not torch.allclose(q, e)
+    torch.testing.assert_close(e, w2_per_channel(x, y).mean())
 
 
 def test_w2_quantile_equal_counts_exact_and_unequal_close():
