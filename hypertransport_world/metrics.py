@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from . import world as W
+from . import scene as W
 
 COLOUR_TOLERANCE = 40.0  # RGB units: a colour "hit"
 MAX_RGB_DISTANCE = float(np.sqrt(3) * 255)

@@ -1,14 +1,14 @@
-"""Rebuild the embedded world's models from a seed: HT-World-CLIP first, then the UNet.
+"""Rebuild the embedded world's models from a seed: HT-World-CLIP first, then the UNet (ComfyUI's classes).
 
-    python -m trainer.world.build --seed 0 --out trainer/world/weights
-    python -m trainer.world.build --stage unet          # retrain the UNet against the saved CLIP
+    python -m hypertransport_world.build --seed 0 --out hypertransport_world/weights
+    python -m hypertransport_world.build --stage unet     # retrain the UNet against the CLIP already in --out
 
 Both trainings run a fixed number of steps (their schedules follow the steps), so the recipe is the
-same on a CPU (about 20 + 40 minutes with 2 threads here) or a GPU (``--device cuda``: a few minutes).
-
-Writes ``world_clip.safetensors`` and ``world_unet.safetensors`` (fp16, config JSON in the
-safetensors metadata) and ``build_stats.json``; the UNet's EMA weights are also saved every
-1000 steps so a long run can be inspected while it trains.
+same on a CPU or a GPU (``--device cuda``). Writes ``HT-World-CLIP.safetensors`` (open_clip layout) with
+its open_clip config ``HT-World-CLIP.json``, ``world_unet.safetensors`` (ComfyUI's UNet, fp16) and
+``build_stats.json``; the UNet's EMA weights are also written every 1000 steps, so a long run can be
+inspected (and sampled) while it trains. The quality printed at the end is measured from pixels on images
+sampled by ComfyUI's own sampler (``hypertransport_world.quality``).
 """
 
 from __future__ import annotations
@@ -21,35 +21,25 @@ import time
 
 import torch
 
-from trainer.config import check_device
-
-from . import clip_model as C
-from . import diffusion as D
-
-log = logging.getLogger("trainer.world.build")
+log = logging.getLogger("hypertransport_world.build")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0, help="seed of both trainings")
-    p.add_argument("--out", default="trainer/world/weights", help="output folder")
-    p.add_argument(
-        "--stage",
-        choices=["all", "clip", "unet", "eval"],
-        default="all",
-        help="what to (re)build; 'unet' loads the CLIP already in --out",
-    )
+    p.add_argument("--out", default="hypertransport_world/weights", help="output folder")
+    p.add_argument("--stage", choices=["all", "clip", "unet", "eval"], default="all",
+                   help="what to (re)build; 'unet' loads the CLIP already in --out, 'eval' only measures")
     p.add_argument("--clip-minutes", type=float, default=60.0, help="CLIP wall-clock guard (stops early, shortening the schedule)")
     p.add_argument("--clip-steps", type=int, default=2000, help="CLIP optimizer steps")
     p.add_argument("--clip-batch", type=int, default=128, help="CLIP images (and captions) per step")
-    p.add_argument("--unet-minutes", type=float, default=90.0, help="UNet wall-clock guard (stops early, shortening the schedule)")
+    p.add_argument("--unet-minutes", type=float, default=150.0, help="UNet wall-clock guard (stops early, shortening the schedule)")
     p.add_argument("--unet-steps", type=int, default=4000, help="UNet optimizer steps")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
-    p.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads (1 is fastest when other jobs share 2 cores)"
-    )
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--no-eval", action="store_true", help="skip the quality evaluation at the end")
     p.add_argument("--eval-n", type=int, default=360, help="images in the final evaluation")
+    p.add_argument("--eval-steps", type=int, default=8, help="sampler steps of the final evaluation")
     a = p.parse_args(argv)
     if a.clip_minutes <= 0 or a.unet_minutes <= 0:
         p.error("--clip-minutes and --unet-minutes must be > 0 (e.g. 10 and 60)")
@@ -70,10 +60,19 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(a.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    from trainer.config import check_device
+
     check_device(device)
+    from trainer.comfyui import import_comfyui
+
+    import_comfyui()
+    from . import model as WM
+    from . import train_unet as TU
+    from . import world_clip as C
+
     os.makedirs(a.out, exist_ok=True)
-    clip_path = os.path.join(a.out, "world_clip.safetensors")
-    unet_path = os.path.join(a.out, "world_unet.safetensors")
+    clip_path = os.path.join(a.out, WM.CLIP_FILE)
+    unet_path = os.path.join(a.out, WM.UNET_FILE)
 
     if a.stage in ("all", "clip"):
         log.info("training HT-World-CLIP: %d steps on %s (guard %.0f min)", a.clip_steps, device, a.clip_minutes)
@@ -83,30 +82,30 @@ def main(argv=None) -> None:
         stats["zero_shot"] = C.zero_shot_accuracy(clip, C.get_tokenizer())
         log.info("clip: %s", stats)
         C.save_clip(clip, clip_path, stats)
+        C.write_open_clip_config(os.path.join(a.out, f"{C.MODEL_NAME}.json"))
         _update_stats(a.out, "clip", stats)
-    clip, tok = C.load_world_clip(clip_path)
+    comfy_clip = WM.text_encoder(WM._open_clip_state_dict(clip_path))
 
     if a.stage in ("all", "unet"):
         log.info("training the world UNet: %d steps on %s (guard %.0f min)", a.unet_steps, device, a.unet_minutes)
 
         def checkpoint(ema, step):
-            D.save_unet(ema, unet_path, {"steps": step, "partial": True})
+            WM.save_unet(ema, unet_path, {"steps": step, "partial": True})
             log.info("saved EMA weights at step %d", step)
 
-        cfg = D.UNetTrainConfig(seed=a.seed, minutes=a.unet_minutes, steps=a.unet_steps, device=device)
+        cfg = TU.UNetTrainConfig(seed=a.seed, minutes=a.unet_minutes, steps=a.unet_steps, device=device)
         t0 = time.time()
-        unet, stats = D.train_unet(clip, tok, cfg, on_eval=checkpoint)
+        model, stats = TU.train_unet(comfy_clip, cfg, on_checkpoint=checkpoint)
         log.info("unet: %s (%.1f min)", stats, (time.time() - t0) / 60)
-        D.save_unet(unet, unet_path, stats)
+        WM.save_unet(model.diffusion_model, unet_path, stats)
         _update_stats(a.out, "unet", stats)
 
     if not a.no_eval and a.stage in ("all", "unet", "eval"):
-        from .evaluate import evaluate_world
+        from .quality import evaluate_world
 
-        unet = D.load_world_unet(unet_path, device)
-        q = evaluate_world(unet, clip.to(device), tok, n=a.eval_n)
+        q = evaluate_world(WM.load(a.out), n=a.eval_n, steps=a.eval_steps)
         log.info("quality: %s", q)
-        _update_stats(a.out, "quality", q)
+        _update_stats(a.out, f"quality_{a.eval_steps}_steps", q)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""Measure the world's text-to-image quality from pixels.
+"""The world's text-to-image quality, measured from pixels on images sampled by ComfyUI's own sampler.
 
-    python -m trainer.world.evaluate --weights trainer/world/weights --n 360 --steps 8 --guidance 2
+    python -m hypertransport_world.quality --n 360 --steps 8 [--grid samples.png]
 
-Prints (and returns) a dict: colour within 40 RGB units, mean colour error, shape accuracy,
-pattern accuracy of prompted patterns, and position consistency (same seed, different colour).
+Prints (and returns) colour within 40 RGB units, mean colour error, shape accuracy, pattern accuracy of
+prompted patterns, and position consistency (same seed, different colour). Images are made as
+CLIPTextEncode → KSampler (euler, simple, guidance 2) → VAE Decode would make them.
 """
 
 from __future__ import annotations
@@ -15,32 +16,40 @@ import time
 import numpy as np
 import torch
 
-from . import diffusion as D
 from . import metrics as M
-from . import world as W
+from . import scene as W
 
 
-def _batched_sample(unet, clip, tok, prompts, seeds, steps, guidance, bs=120):
-    out = []
-    for i in range(0, len(prompts), bs):
-        out.append(D.sample(unet, clip, tok, prompts[i : i + bs], seeds[i : i + bs], steps=steps, guidance=guidance))
-    return torch.cat(out)
+def sampler_for(world, steps: int, guidance: float):
+    """``prompts, seeds -> (B, 3, 32, 32)`` images of the loaded world (``model.WorldModels``)."""
+    from trainer import sampling
+
+    from . import model as WM
+
+    encode = sampling.PromptEncoder(world.clip)
+
+    def run(prompts, seeds):
+        imgs = sampling.generate(world.model, world.vae, encode, prompts, seeds, steps=steps, cfg=guidance,
+                                 sampler=WM.SAMPLING.sampler, scheduler=WM.SAMPLING.scheduler,
+                                 latent_shape=(3, WM.SIDE, WM.SIDE))
+        return imgs.permute(0, 3, 1, 2)
+
+    return run
 
 
 @torch.no_grad()
-def evaluate_world(
-    unet, clip, tok, n: int = 360, steps: int = 8, guidance: float = 2.0, seed: int = 0, n_pos: int = 48
-) -> dict:
-    """Quality of ``unet`` on ``n`` full captions 'a {colour} {pattern} {shape}' (plus n/3 colour-only).
+def evaluate_world(world, n: int = 360, steps: int = 8, guidance: float = 2.0, seed: int = 0, n_pos: int = 48) -> dict:
+    """Quality of the loaded world on ``n`` full captions 'a {colour} {pattern} {shape}' (plus n/3 colour-only).
 
     Returns a dict of rates in [0, 1] and errors in RGB units / pixels.
     """
+    run = sampler_for(world, steps, guidance)
     rng = np.random.default_rng(10_000 + seed)
     specs = W.sample_specs(n, rng, p_colour=1.0, p_pattern=1.0)
     prompts = [W.caption(s) for s in specs]
     seeds = [100_000 + seed * 10_000 + i for i in range(n)]
     t0 = time.time()
-    imgs = _batched_sample(unet, clip, tok, prompts, seeds, steps, guidance)
+    imgs = run(prompts, seeds)
     dt = time.time() - t0
     errs = np.array([M.colour_error(im, W.COLOURS[s.colour]) for im, s in zip(imgs, specs)])
     shape_ok = [M.shape_of(im) == s.shape for im, s in zip(imgs, specs)]
@@ -55,17 +64,15 @@ def evaluate_world(
     # colour-only prompts ("a red circle")
     m = max(n // 3, 1)
     cspecs = W.sample_specs(m, rng, p_colour=1.0, p_pattern=0.0)
-    cimgs = _batched_sample(unet, clip, tok, [W.caption(s) for s in cspecs], seeds[:m], steps, guidance)
+    cimgs = run([W.caption(s) for s in cspecs], seeds[:m])
     cerrs = np.array([M.colour_error(im, W.COLOURS[s.colour]) for im, s in zip(cimgs, cspecs)])
     cshape = [M.shape_of(im) == s.shape for im, s in zip(cimgs, cspecs)]
     # position: same seed and shape, two different colours; baseline: two different seeds
     shapes = [W.SHAPES[i % 3] for i in range(n_pos)]
     cols = rng.choice(W.COLOUR_NAMES, size=(n_pos, 2))
-    pa = [f"a {c[0]} {s}" for c, s in zip(cols, shapes)]
-    pb = [f"a {c[1]} {s}" for c, s in zip(cols, shapes)]
     pseeds = [7_000_000 + i for i in range(n_pos)]
-    ia = _batched_sample(unet, clip, tok, pa, pseeds, steps, guidance)
-    ib = _batched_sample(unet, clip, tok, pb, pseeds, steps, guidance)
+    ia = run([f"a {c[0]} {s}" for c, s in zip(cols, shapes)], pseeds)
+    ib = run([f"a {c[1]} {s}" for c, s in zip(cols, shapes)], pseeds)
     pos_a = [M.position_of(x) for x in ia]
     pos_b = [M.position_of(x) for x in ib]
     same = [np.hypot(a[0] - b[0], a[1] - b[1]) for a, b in zip(pos_a, pos_b) if a and b]
@@ -109,23 +116,26 @@ def save_grid(imgs: torch.Tensor, path: str, titles: list[str] | None = None, co
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", default="trainer/world/weights", help="folder with the two .safetensors")
+    p.add_argument("--weights", default="hypertransport_world/weights", help="folder with the world's files")
     p.add_argument("--n", type=int, default=360, help="full-caption samples")
-    p.add_argument("--steps", type=int, default=8, help="Euler steps")
+    p.add_argument("--steps", type=int, default=8, help="sampler steps")
     p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale")
     p.add_argument("--grid", default=None, help="also save a PNG grid of 48 samples here")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from . import load_world
+    from trainer.comfyui import import_comfyui
 
-    w = load_world(weights_dir=a.weights)
-    q = evaluate_world(w.unet, w.clip, w.tokenizer, n=a.n, steps=a.steps, guidance=a.guidance)
+    import_comfyui()
+    from . import model as WM
+
+    world = WM.load(a.weights)
+    q = evaluate_world(world, n=a.n, steps=a.steps, guidance=a.guidance)
     print(json.dumps(q, indent=2))
     if a.grid:
         specs = W.sample_specs(48, np.random.default_rng(5), p_colour=0.9, p_pattern=0.9)
         prompts = [W.caption(s) for s in specs]
-        save_grid(w.sample(prompts, list(range(48)), steps=a.steps, guidance=a.guidance), a.grid, prompts)
+        save_grid(sampler_for(world, a.steps, a.guidance)(prompts, list(range(48))), a.grid, prompts)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,12 @@ import open_clip
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import world as W
+from . import scene as W
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "HT-World-CLIP"
+FORMAT = "ht-world-clip/1"
 CLIP_CONFIG: dict = {
     "embed_dim": 128,
     "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 128, "layers": 3, "head_width": 32, "mlp_ratio": 2.0},
@@ -41,10 +42,18 @@ def register() -> None:
     factory._MODEL_CONFIGS[MODEL_NAME] = json.loads(json.dumps(CLIP_CONFIG))
 
 
-def build_clip(config: dict | None = None) -> open_clip.model.CLIP:
-    """A randomly initialised HT-World-CLIP (open_clip.model.CLIP)."""
+def build_clip(config: dict | None = None, device: str | torch.device | None = None) -> open_clip.model.CLIP:
+    """A randomly initialised HT-World-CLIP (open_clip.model.CLIP); ``device="meta"`` allocates nothing."""
     cfg = config or CLIP_CONFIG
-    return open_clip.model.CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"])
+    with torch.device(device or "cpu"):
+        return open_clip.model.CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"])
+
+
+def write_open_clip_config(path: str) -> None:
+    """HT-World-CLIP's open_clip model config (``open_clip.add_model_config(path)`` registers it)."""
+    with open(path, "w") as f:
+        json.dump(CLIP_CONFIG, f, indent=2)
+        f.write("\n")
 
 
 def get_tokenizer(context_length: int = 16) -> open_clip.tokenizer.SimpleTokenizer:
@@ -227,7 +236,7 @@ def save_module(module: torch.nn.Module, path: str, meta: dict[str, str], dtype=
 
 def save_clip(model, path: str, stats: dict | None = None, dtype=torch.float16) -> None:
     meta = {
-        "format": "ht-world-clip/1",
+        "format": FORMAT,
         "model_name": MODEL_NAME,
         "config": json.dumps(CLIP_CONFIG),
         "tokenizer": "open_clip SimpleTokenizer(context_length=16)",
@@ -242,10 +251,10 @@ def load_world_clip(path: str, device: str = "cpu"):
 
     with safe_open(path, "pt") as f:
         meta = f.metadata() or {}
-    if meta.get("format") != "ht-world-clip/1":
+    if meta.get("format") != FORMAT:
         raise ValueError(
             f"{path}: metadata 'format' is {meta.get('format')!r}, expected "
-            "'ht-world-clip/1'; rebuild with `python -m trainer.world.build`"
+            "'ht-world-clip/1'; rebuild with `python -m hypertransport_world.build`"
         )
     cfg = json.loads(meta["config"])
     model = build_clip(cfg)
