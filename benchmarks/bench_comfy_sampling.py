@@ -30,7 +30,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.append(str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 
 def main(argv=None) -> int:
@@ -45,7 +44,7 @@ def main(argv=None) -> int:
     )
     a = ap.parse_args(argv)
 
-    import comfy_host as H
+    import ht_devkit as H
 
     base = tempfile.mkdtemp(prefix="ht_bench_")
     t0 = time.perf_counter()

@@ -20,8 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from hypertransport_core import LinEASConfig, load_hypernet  # noqa: E402
-from trainer.backends import default_hypernet  # noqa: E402
-from trainer.train import compute_targets, fit_concept_lineas, make_backend, train_config_of  # noqa: E402
+from trainer.config import default_hypernet, train_config_of  # noqa: E402
+from trainer.targets import compute_targets  # noqa: E402
+from trainer.train import fit_concept_lineas, make_backend  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -63,9 +63,9 @@ def sdxl_unet_config(tiny: bool) -> dict:
 
 
 def build_patcher(tiny: bool, dtype: torch.dtype, device: torch.device):
-    from trainer.comfy_backend import import_comfy
+    from trainer.comfyui import import_comfyui
 
-    mm = import_comfy()
+    mm = import_comfyui()
     import comfy.model_patcher
     import comfy.supported_models as sm
 
@@ -134,9 +134,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.precision]
 
+    from ht_devkit.tiny import HashTextEncoder
+    from trainer.backend import ComfyBackend
+    from trainer.concepts import ListedConcepts, read_concepts, read_prompts
+
     from hypertransport_core import HyperNet, HyperNetConfig, LinEASConfig
     from trainer import train as T
-    from trainer.comfy_backend import ComfyBackend, HashTextEncoder, read_concepts, read_prompts
 
     torch.manual_seed(0)
     patcher, _ = build_patcher(a.tiny, dtype, device)
@@ -148,7 +151,7 @@ def main(argv=None) -> int:
         identity = {"arch": "ViT-L-14", "fingerprint": "random", "embed_dim": 768}
 
     def backend_for(ckpt: bool) -> ComfyBackend:
-        return ComfyBackend(patcher, HashTextEncoder(ctx, tokens=77, pooled_dim=1280), _Enc(), concepts, neutral,
+        return ComfyBackend(patcher, HashTextEncoder(ctx, tokens=77, pooled_dim=1280), _Enc(), ListedConcepts(concepts, neutral),
                             family="sdxl", steps=a.sampler_steps, guidance=1.0, resolution=a.resolution,
                             precision=a.precision, grad_checkpoint=ckpt)
 

@@ -23,39 +23,32 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU (to try the script without a GPU)")
     a = ap.parse_args()
-    sys.path[:0] = [str(REPO / "tests"), str(REPO)]
-    from trainer.comfy_backend import find_comfyui
+    sys.path.insert(0, str(REPO))
+    import ht_devkit
+    from ht_devkit import clips as T
 
-    root = find_comfyui()
-    sys.path.insert(0, str(root))
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = a.cpu
+    ht_devkit.import_comfyui(base_directory=tempfile.mkdtemp(prefix="ht_clip_check_"), cpu=a.cpu)
     import comfy.model_management as mm
     import open_clip
     import torch
     import torch.nn.functional as F
 
-    pkg = types.ModuleType("htnodes")  # nodes/ without its __init__ (which needs comfy_api)
-    pkg.__path__ = [str(REPO / "nodes")]
-    sys.modules["htnodes"] = pkg
-    import comfy_host
-    import test_nodes_clip_reuse as T
-    from htnodes import comfy_clip as CC
-    from htnodes.model_files import HyperNetHandle
+    pack = ht_devkit.load_pack()  # this repository as ComfyUI imports a custom-node package
+    CC = pack.nodes.comfy_clip
+    HyperNetHandle = pack.nodes.model_files.HyperNetHandle
 
     from hypertransport_core.encoders import ConceptEncoder
 
     tmp = Path(tempfile.mkdtemp())
     (tmp / f"{T.ARCH}.json").write_text(__import__("json").dumps(T.CFG))
     open_clip.add_model_config(str(tmp / f"{T.ARCH}.json"))
-    model = comfy_host.init_random_(T._open_clip_model(0), seed=11)
+    model = ht_devkit.init_random_(T._open_clip_model(0), seed=11)
     enc = ConceptEncoder.from_model(model, open_clip.get_tokenizer(T.ARCH), T.ARCH)
     handle = HyperNetHandle(types.SimpleNamespace(encoder=enc.identity, family="sd15", sites=[]), "check")
     dev = mm.get_torch_device()
     print(f"device {dev} ({torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}), torch {torch.__version__}")
     clip = T.comfy_sd15_clip(model)
-    sdxl = T.comfy_sdxl_clip(comfy_host.init_random_(T._open_clip_model(0), seed=12), model)
+    sdxl = T.comfy_sdxl_clip(ht_devkit.init_random_(T._open_clip_model(0), seed=12), model)
     cv = T.comfy_clip_vision(model, tmp)
     ok = True
 

@@ -10,7 +10,8 @@
 # The device tool returns few files: `tar` the run folders into one when using it.
 # Evaluation on the GPU hit CUDNN_STATUS_INTERNAL_ERROR in LinEAS fits with 8 jobs sharing an H200 (not
 # investigated); EVAL=0 and `python trainer/evaluate.py --hypernet ...` on the CPU avoids it.
-# Wheels for packages the machine lacks (open_clip_torch, ftfy, wcwidth, POT) may be put in .whl/.
+# Wheels for packages the machine lacks (open_clip_torch, ftfy, wcwidth, POT) may be put in .whl/. The world is a ComfyUI
+# model: the machine needs the ComfyUI tree too (carry .comfyui/ to it, or set COMFYUI_DIR).
 set -uo pipefail
 OUT=${OUT:-runs/gpu_sweep}
 LIMIT=${LIMIT:-480}  # seconds the training, and then the evaluation, of each run may take

@@ -1,5 +1,6 @@
 """The disk target cache (``--cache disk``): shards, lazy reads, reuse across epochs and runs, resume of a
-half-filled cache, and training identical to the in-memory cache. On the tiny random world (fast)."""
+half-filled cache, and training identical to the in-memory cache. On the tiny world (the world's CLIP and VAE
+with a small random UNet, in ComfyUI's classes)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,17 @@ import pytest
 import torch
 from world_helpers import CONCEPTS, tiny_config
 
+from trainer import targets as TG
 from trainer import train as T
-from trainer.backends import WorldBackend
-from trainer.cache import ShardedTargets
+from trainer.targets import ShardedTargets
+
+pytestmark = pytest.mark.comfy
 
 
 @pytest.fixture(scope="module")
-def backend():
+def backend(comfy):
     torch.set_num_threads(1)
-    return WorldBackend.tiny_random(seed=0, steps=2, guidance=2.0)
+    return comfy.tiny_world_backend(seed=0, steps=2, guidance=2.0)
 
 
 def _cfg(tmp_path, **kw) -> T.TrainConfig:
@@ -27,13 +30,13 @@ def _cfg(tmp_path, **kw) -> T.TrainConfig:
 
 def _count_calls(monkeypatch):
     calls = []
-    real = T.compute_targets
+    real = TG.compute_targets
 
     def counting(backend, concepts, cfg, **kw):
         calls.append(list(concepts))
         return real(backend, concepts, cfg, **kw)
 
-    monkeypatch.setattr(T, "compute_targets", counting)
+    monkeypatch.setattr(TG, "compute_targets", counting)
     return calls
 
 
@@ -42,9 +45,9 @@ def test_shards_on_disk_and_equal_to_the_memory_cache(backend, tmp_path):
     run = T.build(cfg, backend, progress=False)
     assert isinstance(run.targets, ShardedTargets)
     index = json.loads((tmp_path / "run" / "targets" / "index.json").read_text())
-    assert index["key"] == T.targets_key(backend, run.train + run.holdout, cfg)
+    assert index["key"] == TG.targets_key(backend, run.train + run.holdout, cfg)
     assert [s["file"] for s in index["shards"]] == [f"shard-{i:05d}.safetensors" for i in range(3)]  # 10 concepts / 4
-    mem = T.load_or_compute_targets(backend, run.train + run.holdout, _cfg(tmp_path / "m", cache="memory"), progress=False)
+    mem = TG.load_or_compute_targets(backend, run.train + run.holdout, _cfg(tmp_path / "m", cache="memory"), progress=False)
     rows = torch.tensor([0, 4, 9])
     for s in backend.sites:
         torch.testing.assert_close(run.targets[s.name][rows], mem[s.name][rows], rtol=0, atol=0)
@@ -63,7 +66,7 @@ def test_second_epoch_and_second_run_compute_nothing(backend, tmp_path, monkeypa
 
 
 def test_half_filled_cache_continues(backend, tmp_path, monkeypatch):
-    real = T.compute_targets
+    real = TG.compute_targets
     n = {"k": 0}
 
     def dies_on_third(*a, **kw):
@@ -72,11 +75,11 @@ def test_half_filled_cache_continues(backend, tmp_path, monkeypatch):
         n["k"] += 1
         return real(*a, **kw)
 
-    monkeypatch.setattr(T, "compute_targets", dies_on_third)
+    monkeypatch.setattr(TG, "compute_targets", dies_on_third)
     with pytest.raises(KeyboardInterrupt):
         T.build(_cfg(tmp_path), backend, progress=False)
     calls = _count_calls(monkeypatch)
-    monkeypatch.setattr(T, "compute_targets", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    monkeypatch.setattr(TG, "compute_targets", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
     T.build(_cfg(tmp_path), backend, progress=False)
     assert len(calls) == 2  # shards 2 and 3 only
 

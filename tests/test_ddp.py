@@ -38,10 +38,11 @@ def _worker(rank: int, world: int, port: int, out: str, result: str):
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     assert distributed.setup() and distributed.world_size() == world
     try:
+        import ht_devkit
         from trainer import train as T
-        from trainer.backends import WorldBackend
 
-        backend = WorldBackend.tiny_random(seed=0, steps=2, guidance=2.0)
+        ht_devkit.setup_comfy(base_directory=os.path.join(out, "comfy_base"))
+        backend = ht_devkit.tiny_world_backend(seed=0, steps=2, guidance=2.0)
         run = T.train(_cfg(Path(out)), backend, progress=False)
         assert run.shard == (rank, world)
         torch.save({k: v.clone() for k, v in run.hypernet.state_dict().items()}, f"{result}.{rank}")
@@ -61,14 +62,14 @@ def test_concept_slices_cover_the_batch():
             assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
 
 
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.comfy
+def test_two_processes_match_one(tmp_path, comfy):
     import torch.multiprocessing as mp
 
     from trainer import train as T
-    from trainer.backends import WorldBackend
 
     torch.set_num_threads(1)
-    single = T.train(_cfg(tmp_path / "single"), WorldBackend.tiny_random(seed=0, steps=2, guidance=2.0), progress=False)
+    single = T.train(_cfg(tmp_path / "single"), comfy.tiny_world_backend(seed=0, steps=2, guidance=2.0), progress=False)
     assert single.shard is None
     result = str(tmp_path / "ddp.pt")
     with socket.socket() as sock:
@@ -96,14 +97,14 @@ import json, os, sys, time
 sys.path[:0] = [{tests!r}, {repo!r}]
 import torch
 torch.set_num_threads(1)
-import comfy_host as ch
+import ht_devkit as ch
 ch.setup_comfy(base_directory={base!r})
 enc = ch.write_tiny_encoder({base!r})
 from trainer import train as T
-from trainer.comfy_backend import ComfyBackend, ComfyConcept
-concepts = [ComfyConcept(c, "colour", "{{prompt}}, in {{concept}} colours") for c in {concepts!r}]
+from trainer.concepts import ConceptInfo
+concepts = [ConceptInfo(c, "colour", "{{prompt}}, in {{concept}} colours") for c in {concepts!r}]
 neutral = ["a house", "a cat", "a tree", "a boat", "a street", "a bowl of fruit"]
-backend = ComfyBackend.tiny(ch.tiny_sd15(), enc, 64, concepts=concepts, neutral=neutral, resolution=64, steps=2)
+backend = ch.tiny_backend(ch.tiny_sd15(), enc, 64, concepts=concepts, neutral=neutral, resolution=64, steps=2)
 cfg = T.TrainConfig(**json.loads(sys.argv[1]))
 hang = int(os.environ.get("HT_HANG_AT", "0"))
 if hang:

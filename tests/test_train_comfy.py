@@ -13,7 +13,7 @@ import torch
 pytestmark = pytest.mark.comfy
 
 FAMILIES = ["sd15", "sdxl", "pixart", "flux"]
-#: family -> (context dim, pooled dim, resolution in pixels) matching comfy_host's tiny models
+#: family -> (context dim, pooled dim, resolution in pixels) matching the dev kit's tiny models
 DIMS = {"sd15": (64, None, 64), "sdxl": (64, 1280, 64), "pixart": (32, None, 320), "flux": (32, 32, 64)}
 CONCEPTS = [("oil painting", "medium"), ("cubism", "style"), ("gold", "material"), ("melancholic", "mood"),
             ("bird's-eye view", "perspective"), ("neon lighting", "lighting"), ("polka dot", "pattern"), ("1920s", "era")]
@@ -22,14 +22,14 @@ NEUTRAL = ["a house on a hill", "a cat sitting on a chair", "a city street", "a 
 
 
 def make_backend(comfy, encoder, family, **kw):
-    from trainer.comfy_backend import TEMPLATES, ComfyBackend, ComfyConcept
+    from trainer.concepts import TEMPLATES, ConceptInfo
 
     ctx, pooled, res = DIMS[family]
     build = comfy.FAMILIES[family][0]
-    concepts = [ComfyConcept(n, c, TEMPLATES[c]) for n, c in CONCEPTS]
+    concepts = [ConceptInfo(n, c, TEMPLATES[c]) for n, c in CONCEPTS]
     kw.setdefault("steps", 2)
-    return ComfyBackend.tiny(build(), encoder, ctx, pooled_dim=pooled, concepts=concepts, neutral=NEUTRAL,
-                             resolution=res, **kw)
+    return comfy.tiny_backend(build(), encoder, ctx, pooled_dim=pooled, concepts=concepts, neutral=NEUTRAL,
+                              resolution=res, **kw)
 
 
 _BACKENDS: dict = {}
@@ -50,17 +50,17 @@ def fam(request, comfy, encoder):
 
 
 def cfg_for(tmp_path, backend, **kw):
-    from trainer import train as T
+    from trainer.config import TrainConfig
 
     base = dict(backend="comfy", out=str(tmp_path / "run"), steps=4, n_target=4, concepts_per_step=2, prompts_per_concept=3,
                 n_refs=1, sampler_steps=backend.steps, guidance=1.0, ckpt_every=2, eval_every=0, hidden=32, rank=4,
                 lr=1e-2, holdout_frac=0.25, image_frac=0.0)
     base.update(kw)
-    return T.TrainConfig(**base)
+    return TrainConfig(**base)
 
 
 def test_family_defaults_schedules(comfy, encoder):
-    from trainer.comfy_backend import FAMILY_DEFAULTS
+    from trainer.backend import FAMILY_DEFAULTS
 
     b = make_backend(comfy, encoder, "sdxl", steps=4)  # DMD2: 4 steps at 999, 749, 499, 249
     ms = b.model.model_sampling

@@ -1,4 +1,5 @@
-"""Trainer and evaluator on a tiny random-weight world (fast; the real world is tested in test_world_e2e)."""
+"""Trainer and evaluator on the tiny world (the world's CLIP and VAE with a small random UNet, in ComfyUI's
+classes, sampled by ComfyUI's sampler): fast, meaningless images, real code paths."""
 
 from __future__ import annotations
 
@@ -10,15 +11,17 @@ import torch
 from world_helpers import CONCEPTS, tiny_config
 
 from hypertransport_core import load_hypernet, read_header
+from trainer import targets as TG
 from trainer import train as T
-from trainer.backends import WorldBackend
 from trainer.evaluate import EvalConfig, evaluate
+
+pytestmark = pytest.mark.comfy
 
 
 @pytest.fixture(scope="module")
-def backend():
+def backend(comfy):
     torch.set_num_threads(1)
-    return WorldBackend.tiny_random(seed=0, steps=2, guidance=2.0)
+    return comfy.tiny_world_backend(seed=0, steps=2, guidance=2.0)
 
 
 def _cfg(tmp_path, **kw) -> T.TrainConfig:
@@ -66,7 +69,7 @@ def test_split_holds_out_concepts_and_file_format(backend, tmp_path):
     run = T.train(cfg, backend, progress=False)
     assert set(run.train).isdisjoint(run.holdout) and len(run.holdout) >= 0.2 * len(CONCEPTS)
     meta = read_header(os.path.join(cfg.out, "hypernet.safetensors"), expect="hypertransport.hypernet")
-    assert meta["model_family"] == "world"
+    assert meta["model_family"] == "sd15"  # the world's UNet is ComfyUI's SD UNet: the SD1.5 site table
     assert meta["training"]["holdout_concepts"] == run.holdout
     assert [s.name for s in meta["site_list"]] == [s.name for s in backend.sites]
     split = json.loads((tmp_path / "run" / "split.json").read_text())
@@ -85,7 +88,7 @@ def test_target_cache_is_reused(backend, tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, steps=1)
     T.build(cfg, backend, progress=False)
     calls = []
-    monkeypatch.setattr(T, "compute_targets", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(TG, "compute_targets", lambda *a, **k: calls.append(1))
     T.build(cfg, backend, progress=False)
     assert calls == []
 
@@ -146,7 +149,7 @@ def test_dropout_is_recorded_and_the_training_device_is_not_carried_over(backend
     hn = load_hypernet(os.path.join(str(tmp_path / "run"), "hypernet.safetensors"))
     assert hn.config.dropout == 0.2 and not hn.training  # loaded for use: dropout off
     hn.training_summary["config"]["device"] = "cuda:3"  # as a GPU run records it
-    assert T.train_config_of(hn).device == "cpu"
+    assert T.train_config_of(hn).device == "auto"  # the default, not the recorded cuda:3
 
 
 def test_config_file_and_flags(tmp_path):
@@ -183,3 +186,79 @@ def test_evaluator_on_a_tiny_config(backend, tmp_path):
     res3 = evaluate(EvalConfig(hypernet=ecfg.hypernet, out=str(tmp_path / "rep3"), concepts=str(lst), seeds_per_shape=1,
                                lineas_concepts=-1, strengths="0,1"), backend=backend, progress=False)
     assert "lineas" not in res3["concepts"]["gold"]["methods"] and "on_lineas_concepts" not in res3["summary"]
+
+
+# ------------------------------------------------------------------------- divergence and damaged checkpoints
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(backend, tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path, steps=6, ckpt_every=2)
+    real = T.steered_batch_loss
+    n = {"calls": 0}
+
+    def poisoned(run, *a, **kw):
+        loss = real(run, *a, **kw)
+        n["calls"] += 1
+        return loss * float("nan") if run.step == 3 else loss
+
+    monkeypatch.setattr(T, "steered_batch_loss", poisoned)
+    ckpt = tmp_path / "run" / "checkpoint.safetensors"
+    with pytest.raises(SystemExit, match=r"training diverged at step 4: loss nan.*still holds step 2.*Fix: lower --lr"):
+        T.train(cfg, backend, progress=False)
+    from hypertransport_core.tensorfile import read_layout
+
+    assert read_layout(str(ckpt)).metadata["step"] == "2"  # the step-2 checkpoint, not overwritten
+    assert not (tmp_path / "run" / "hypernet.safetensors").exists()
+    monkeypatch.setattr(T, "steered_batch_loss", real)
+    resumed = T.train(_cfg(tmp_path, steps=6, ckpt_every=2, resume=True), backend, progress=False)
+    assert resumed.step == 6
+
+
+def _damaged_checkpoints(good: str, folder):
+    """(name, writer) pairs: each writes a damaged copy of the checkpoint ``good`` to ``folder``."""
+    import struct
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    data = open(good, "rb").read()
+    with safe_open(good, "pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    nan = dict(tensors)
+    k = next(k for k in nan if k.startswith("model/"))
+    nan[k] = nan[k].clone()
+    nan[k].view(-1)[0] = float("nan")
+    return {
+        "truncated": lambda p: p.write_bytes(data[: len(data) // 2]),
+        "empty": lambda p: p.write_bytes(b""),
+        "text": lambda p: p.write_text("this is not a checkpoint\n" * 20),
+        "nan weight": lambda p: save_file(nan, str(p), metadata=meta),
+        "no optimizer": lambda p: save_file({k: v for k, v in tensors.items() if k.startswith("model/")}, str(p), metadata=meta),
+        "other format": lambda p: save_file(tensors, str(p), metadata={**meta, "format": "something.else"}),
+        "bad json": lambda p: save_file(tensors, str(p), metadata={**meta, "config": "{oops"}),
+        "header length": lambda p: p.write_bytes(struct.pack("<Q", 2**40) + data[8:]),
+    }
+
+
+def test_resume_from_damaged_checkpoints_names_the_file_and_the_fix(backend, tmp_path):
+    T.train(_cfg(tmp_path / "good", steps=2), backend, progress=False)
+    good = str(tmp_path / "good" / "run" / "checkpoint.safetensors")
+    shared = str(tmp_path / "good" / "concepts.txt")  # the same concept file: only the damage differs
+    for name, write in _damaged_checkpoints(good, tmp_path).items():
+        folder = tmp_path / name.replace(" ", "_")
+        cfg = _cfg(folder, steps=3, resume=True, concepts=shared)
+        (folder / "run").mkdir(parents=True, exist_ok=True)
+        ckpt = folder / "run" / "checkpoint.safetensors"
+        write(ckpt)
+        before = ckpt.read_bytes()
+        with pytest.raises(SystemExit) as e:
+            T.build(cfg, backend, progress=False)
+        msg = str(e.value)
+        assert str(ckpt) in msg and "Fix:" in msg and "Traceback" not in msg, (name, msg)
+        assert ckpt.read_bytes() == before, name  # the damaged file is left for the user to inspect
+    assert "NaN/Inf" in _resume_message(backend, tmp_path, "nan weight")
+
+
+def _resume_message(backend, tmp_path, name):
+    with pytest.raises(SystemExit) as e:
+        T.build(_cfg(tmp_path / name.replace(" ", "_"), steps=3, resume=True, concepts=str(tmp_path / "good" / "concepts.txt")),
+                backend, progress=False)
+    return str(e.value)

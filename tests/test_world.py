@@ -1,4 +1,4 @@
-"""The embedded world: generator, pixel metrics, tiny models, shipped weights (CPU, fast)."""
+"""The embedded world: generator, pixel metrics, and its models in ComfyUI's own classes (CPU, fast)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.world import WEIGHTS_DIR
-from trainer.world import clip_model as C
-from trainer.world import diffusion as D
-from trainer.world import metrics as M
-from trainer.world import world as W
+from hypertransport_world import WEIGHTS_DIR
+from hypertransport_world import metrics as M
+from hypertransport_world import scene as W
+from hypertransport_world import world_clip as C
 
 
 def _gt(n=200, seed=1):
@@ -104,78 +103,143 @@ def test_batch_generation_fast():
     assert time.perf_counter() - t < 1.0  # ~0.015 s idle; loose for busy shared machines
 
 
+# ------------------------------------------------------------------ the world in ComfyUI's classes
+SHIPPED_UNET = os.path.join(WEIGHTS_DIR, "world_unet.safetensors")
+needs_unet = pytest.mark.skipif(not os.path.isfile(SHIPPED_UNET),
+                                reason="world UNet absent: build it with `python -m hypertransport_world.build --seed 0`")
+
+
 @pytest.fixture(scope="module")
-def tiny_models():
-    torch.manual_seed(0)
-    cfg = {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
-    clip = C.build_clip(cfg).eval()
-    unet = D.WorldUNet(channels=(8, 16, 32), ctx_dim=32, temb_dim=32, heads=2, groups=4).eval()
-    torch.nn.init.normal_(unet.conv_out.weight, std=0.1)
-    return clip, C.get_tokenizer(), unet
+def WM(comfy):
+    from hypertransport_world import model
+
+    return model
 
 
-def test_sampler_deterministic_and_single_batched_forward(tiny_models):
-    clip, tok, unet = tiny_models
-    calls = []
-    h = unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    try:
-        a = D.sample(unet, clip, tok, ["a red circle", "a blue square"], [1, 2], steps=3, guidance=2.0)
-    finally:
-        h.remove()
-    assert calls == [4, 4, 4]  # one forward per step, cond and uncond rows together
-    b = D.sample(unet, clip, tok, ["a red circle", "a blue square"], [1, 2], steps=3, guidance=2.0)
-    assert a.shape == (2, 3, 32, 32) and torch.equal(a, b)
-    assert a.min() >= 0 and a.max() <= 1
-    g1 = D.sample(unet, clip, tok, ["x", "y"], torch.Generator().manual_seed(0), steps=2, guidance=1.0)
-    g2 = D.sample(unet, clip, tok, ["x", "y"], torch.Generator().manual_seed(0), steps=2, guidance=1.0)
-    assert torch.equal(g1, g2)
-    assert torch.equal(D.initial_noise([5], 1), D.initial_noise([5], 1))
-    ctx = D.encode_prompts(clip, tok, ["a red circle", "a blue square"])
-    c = D.sample(unet, clip, tok, None, [1, 2], steps=3, guidance=2.0, ctx=ctx)
-    assert torch.equal(a, c)
-    with pytest.raises(ValueError):
-        D.initial_noise([1, 2], 3)
+@pytest.fixture(scope="module")
+def open_clip_world():
+    return C.load_world_clip(os.path.join(WEIGHTS_DIR, "HT-World-CLIP.safetensors"))
 
 
-def test_sampler_grad_flag(tiny_models):
-    clip, tok, unet = tiny_models
-    p = next(unet.parameters())
-    out = D.sample(unet, clip, tok, ["a red circle"], [0], steps=2, guidance=2.0, grad=True)
-    assert out.requires_grad
-    out.mean().backward()
-    assert p.grad is not None
-    unet.zero_grad()
-    assert not D.sample(unet, clip, tok, ["a red circle"], [0], steps=2).requires_grad
+@pytest.fixture(scope="module")
+def world(WM):
+    return WM.load() if os.path.isfile(SHIPPED_UNET) else None
 
 
-def test_unet_norms_are_affine_steering_sites():
-    unet = D.build_unet()
-    norms = [m for m in unet.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
-    assert len(norms) >= 30
-    assert all(getattr(m, "weight", None) is not None for m in norms)
+@pytest.mark.comfy
+def test_text_encoder_is_comfyuis_clip_with_the_world_clips_text_tower(WM, open_clip_world):
+    import comfy.clip_model
+    import comfy.sd
+    import comfy.sd1_clip
+
+    from hypertransport_world.train_unet import CaptionEncoder
+
+    oc, tok = open_clip_world
+    sd = WM._open_clip_state_dict(os.path.join(WEIGHTS_DIR, "HT-World-CLIP.safetensors"))
+    clip = WM.text_encoder(sd)
+    assert isinstance(clip, comfy.sd.CLIP)
+    te = clip.cond_stage_model.clip_l
+    assert isinstance(te, comfy.sd1_clip.SDClipModel) and isinstance(te.transformer, comfy.clip_model.CLIPTextModel)
+    assert isinstance(clip.tokenizer.clip_l, comfy.sd1_clip.SDTokenizer)  # ComfyUI's CLIP tokenizer, its own vocabulary
+    caps = ["a red circle", "a dark slate blue reverse-diagonal-pinstriped triangle", ""]
+    ids = [[t for t, _ in clip.tokenize(c)["l"][0]] for c in caps]
+    oc_ids = tok(caps)
+    for a, b in zip(ids, oc_ids.tolist()):  # the same BPE tokens up to the end token; ComfyUI pads with it, open_clip with 0
+        n = b.index(49407) + 1
+        assert a[:n] == b[:n] and len(a) == WM.TOKENS
+    z = CaptionEncoder(clip)(caps)  # the UNet's batched conditioning = CLIPTextEncode's, prompt by prompt
+    for i, c in enumerate(caps):
+        assert torch.equal(z[i], clip.encode_from_tokens(clip.tokenize(c))[0].float())
+    # pooled, projected: open_clip's encode_text (what the hypernet's concept encoder computes)
+    eot = oc_ids.argmax(-1)
+    _, _, proj, _ = te.transformer(oc_ids, None, num_tokens=(eot + 1).tolist(), intermediate_output=None, dtype=torch.float32)
+    torch.testing.assert_close(torch.nn.functional.normalize(proj, dim=-1), C.encode_text(oc, tok, caps), atol=1e-5, rtol=0)
 
 
-def test_text_tokens_shape(tiny_models):
-    clip, tok, _ = tiny_models
-    f = C.text_tokens(clip, tok(["a red circle", "checkered"]))
-    assert f.shape == (2, 16, 32)
+@pytest.mark.comfy
+def test_clip_vision_is_comfyuis_with_the_world_clips_image_tower(WM, open_clip_world):
+    import comfy.clip_vision
+
+    oc, _ = open_clip_world
+    cv = WM.clip_vision(WM._open_clip_state_dict(os.path.join(WEIGHTS_DIR, "HT-World-CLIP.safetensors")))
+    assert isinstance(cv, comfy.clip_vision.ClipVisionModel)
+    _, imgs = _gt(6, seed=4)
+    out = cv.encode_image(imgs.permute(0, 2, 3, 1))  # ComfyUI's own preprocessing (config mean/std 0.5)
+    torch.testing.assert_close(torch.nn.functional.normalize(out["image_embeds"], dim=-1), C.encode_image(oc, imgs),
+                               atol=1e-5, rtol=0)
 
 
-@pytest.mark.skipif(
-    not os.path.exists(os.path.join(WEIGHTS_DIR, "world_unet.safetensors")),
-    reason="shipped weights absent: build them with `python -m trainer.world.build --seed 0`",
-)
-def test_shipped_weights_load_and_sample():
-    from trainer.world import load_world
+@pytest.mark.comfy
+def test_unet_is_comfyuis_sd_unet_in_pixel_space_with_flow_matching(WM):
+    import comfy.model_base
+    import comfy.model_sampling
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    w = load_world()
-    e = w.encode_text(["red", "a checkered square"])
-    assert e.shape == (2, 128) and torch.allclose(e.norm(dim=1), torch.ones(2), atol=1e-4)
-    imgs = w.sample(["a red circle", "a blue square"], [0, 1], steps=4)
-    assert imgs.shape == (2, 3, 32, 32)
-    assert w.encode_image(imgs).shape == (2, 128)
-    assert len(w.concepts) >= 150
+    from hypertransport_core import detect_family, list_sites
+
+    base = WM.new_diffusion_model(torch.float32)
+    WM.init_weights_(base.diffusion_model)
+    dm = base.diffusion_model
+    assert type(dm) is UNetModel and base.model_type == comfy.model_base.ModelType.FLOW
+    assert isinstance(base.model_sampling, comfy.model_sampling.CONST)
+    assert base.latent_format.latent_channels == 3 and float(base.model_sampling.timestep(torch.tensor(0.5))) == 500.0
+    sites = list_sites(dm)
+    assert detect_family(dm) == "sd15" and len(sites) == 43  # the SD1.5 site table, not a world table
+    assert all(getattr(dm.get_submodule(s.module), "weight", None) is not None for s in sites)
+    assert torch.count_nonzero(dm.out[2].weight) == 0  # starts by predicting 0
+    # the flow convention: denoised = x - sigma * output
+    torch.nn.init.normal_(dm.out[2].weight, std=0.1)
+    x, sigma, ctx = torch.randn(2, 3, 32, 32), torch.tensor([0.7, 0.2]), torch.randn(2, 16, 128)
+    with torch.no_grad():
+        v = dm(x, base.model_sampling.timestep(sigma), context=ctx)
+        den = base.apply_model(x, sigma, c_crossattn=ctx)
+    torch.testing.assert_close(den, x - sigma.view(-1, 1, 1, 1) * v)
+
+
+@pytest.mark.comfy
+def test_unet_file_is_checked_before_loading(WM, tmp_path):
+    base = WM.new_diffusion_model(torch.float32)
+    WM.init_weights_(base.diffusion_model)
+    good = str(tmp_path / "u.safetensors")
+    WM.save_unet(base.diffusion_model, good)
+    assert WM.load_unet(good) is not None
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(good)
+    save_file(sd, str(tmp_path / "nometa.safetensors"))
+    with pytest.raises(ValueError, match="'format' is None, expected 'ht-world-unet/2'.*Fix: rebuild"):
+        WM.load_unet(str(tmp_path / "nometa.safetensors"))
+    import json
+
+    meta = {"format": WM.UNET_FORMAT, "config": json.dumps({**WM.UNET_CONFIG, "model_channels": 64})}
+    save_file(sd, str(tmp_path / "cfg.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="config differs.*Fix: rebuild"):
+        WM.load_unet(str(tmp_path / "cfg.safetensors"))
+    sd["out.2.weight"] = torch.zeros(3, 32, 5, 5, dtype=torch.float16)
+    save_file(sd, str(tmp_path / "shape.safetensors"), metadata={"format": WM.UNET_FORMAT, "config": json.dumps(WM.UNET_CONFIG)})
+    with pytest.raises(ValueError, match="tensors do not match the world UNet"):
+        WM.load_unet(str(tmp_path / "shape.safetensors"))
+    with pytest.raises(FileNotFoundError, match="Fix: rebuild"):
+        WM.load_unet(str(tmp_path / "missing.safetensors"))
+
+
+@pytest.mark.comfy
+@needs_unet
+def test_shipped_world_samples_with_comfyuis_sampler(world):
+    import comfy.sample
+
+    from trainer import sampling
+
+    enc = sampling.PromptEncoder(world.clip)
+    pos, neg = sampling.batch_conditioning([enc("a red circle"), enc("a blue square")]), sampling.batch_conditioning([enc("")])
+    noise = sampling.seeded_noise([0, 1], (3, 32, 32))
+    sig = sampling.sigmas_for(world.model, "simple", 4)
+    torch.testing.assert_close(sig, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
+    a = sampling.sample(world.model, pos, neg, noise, sig, 2.0, "euler")
+    # the same as the stock KSampler path (comfy.sample.sample with the scheduler), image by image
+    one = comfy.sample.sample(world.model, noise[:1], 4, 2.0, "euler", "simple", [[pos[0][0][:1], {}]], neg,
+                              torch.zeros(1, 3, 32, 32), disable_pbar=True, seed=0)
+    torch.testing.assert_close(a[:1], one, atol=1e-4, rtol=0)
+    imgs = world.vae.decode(a)
+    assert imgs.shape == (2, 32, 32, 3) and 0 <= float(imgs.min()) and float(imgs.max()) <= 1
+    assert M.inducement(imgs[0], "red") > 0.6 and M.shape_of(imgs[1]) == "square"

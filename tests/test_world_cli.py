@@ -10,20 +10,20 @@ from PIL import Image
 
 from hypertransport_core import read_header
 from trainer import steer
-from trainer.backends import SHIPPED_HYPERNET
+from trainer.config import SHIPPED_HYPERNET
 
-pytestmark = pytest.mark.skipif(not os.path.isfile(SHIPPED_HYPERNET), reason="shipped world hypernet missing")
+pytestmark = [pytest.mark.comfy, pytest.mark.skipif(not os.path.isfile(SHIPPED_HYPERNET), reason="shipped world hypernet missing")]
 
 
 def test_shipped_hypernet_is_valid_and_records_its_split():
     meta = read_header(SHIPPED_HYPERNET, expect="hypertransport.hypernet")
-    assert meta["model_family"] == "world"
+    assert meta["model_family"] == "sd15"
     held, train = meta["training"]["holdout_concepts"], meta["training"]["train_concepts"]
     assert len(held) >= 0.2 * (len(held) + len(train)) and not set(held) & set(train)
 
 
-def test_cli_steers_towards_a_held_out_colour(tmp_path):
-    from trainer.world import metrics as M
+def test_cli_steers_towards_a_held_out_colour(tmp_path, comfy):
+    from hypertransport_world import metrics as M
 
     concept = "chartreuse"  # held out: the shipped hypernet never saw it
     out = tmp_path / "x.png"
@@ -34,7 +34,7 @@ def test_cli_steers_towards_a_held_out_colour(tmp_path):
     assert M.inducement(steered, concept) > M.inducement(base, concept) + 0.2
 
 
-def test_cli_takes_a_reference_image_with_alpha(tmp_path):
+def test_cli_takes_a_reference_image_with_alpha(tmp_path, comfy):
     ref = tmp_path / "ref.png"
     rgba = np.zeros((40, 24, 4), np.uint8)
     rgba[..., 0], rgba[..., 3] = 255, 255
@@ -53,7 +53,7 @@ def test_cli_takes_a_reference_image_with_alpha(tmp_path):
         (["--concept", "   "], "empty"),
     ],
 )
-def test_cli_bad_input_names_the_fix(tmp_path, args, message):
+def test_cli_bad_input_names_the_fix(tmp_path, args, message, comfy):
     if "--hypernet" not in args:
         args = args + ["--hypernet", SHIPPED_HYPERNET]
     with pytest.raises(SystemExit, match=message):

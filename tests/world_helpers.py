@@ -9,7 +9,7 @@ CONCEPTS = ["red", "blue", "green", "navy", "white", "gold", "horizontal-striped
 
 def tiny_config(folder: Path, **overrides):
     """A ``TrainConfig`` writing to ``folder/run``, training on :data:`CONCEPTS` (written to ``folder``)."""
-    from trainer import train as T
+    from trainer.config import TrainConfig
 
     folder.mkdir(parents=True, exist_ok=True)
     lst = folder / "concepts.txt"
@@ -18,4 +18,4 @@ def tiny_config(folder: Path, **overrides):
                 sampler_steps=2, ckpt_every=3, eval_every=0, hidden=32, rank=4, lr=1e-2, concepts=str(lst),
                 holdout_frac=0.3, max_minutes=0.0)
     base.update(overrides)
-    return T.TrainConfig(**base)
+    return TrainConfig(**base)

@@ -1,4 +1,5 @@
-"""Config dataclasses ↔ config files (JSON or TOML) ↔ ``--flags``, checked up front.
+"""The trainer's config (:class:`TrainConfig`), and config dataclasses ↔ config files (JSON or TOML) ↔
+``--flags``, checked up front.
 
 Each field's help text is the comment on its line in the dataclass source, so the defaults and
 their documentation stay together (nanoGPT style) and ``--help`` shows both.
@@ -12,9 +13,23 @@ import inspect
 import json
 import os
 import re
+from dataclasses import dataclass
 from typing import Any, get_type_hints
 
 import tomllib
+
+from hypertransport_core.ot import LOSS_ALIASES, LOSSES
+
+#: the embedded world's files (HT-World-CLIP, the UNet and the shipped hypernet)
+WORLD_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hypertransport_world", "weights")
+#: the hypernet a default `python trainer/train.py` run writes, and the copy of one shipped with the world
+RUN_HYPERNET = os.path.join("runs", "world", "hypernet.safetensors")
+SHIPPED_HYPERNET = os.path.join(WORLD_WEIGHTS, "world_hypernet.safetensors")
+
+
+def default_hypernet() -> str:
+    """``runs/world/hypernet.safetensors`` when a default training run made one, else the shipped hypernet."""
+    return RUN_HYPERNET if os.path.isfile(RUN_HYPERNET) else SHIPPED_HYPERNET
 
 
 def field_help(cls) -> dict[str, str]:
@@ -101,3 +116,105 @@ def resolve(cls, ns: argparse.Namespace):
         if v is not None:
             values[k] = v
     return cls(**values)
+
+
+@dataclass
+class TrainConfig:
+    backend: str = "world"  # "world": the embedded default model shipped in trainer/world/weights
+    world_weights: str = WORLD_WEIGHTS  # folder with the world's files (backend "world"): HT-World-CLIP and world_unet .safetensors
+    out: str = "runs/world"  # run folder: hypernet, checkpoint, target cache, logs
+    seed: int = 0  # seeds the split, the batches and the hypernet init
+    holdout_frac: float = 0.25  # share of concepts held out (never seen by the hypernet)
+    holdout: str = ""  # file of held-out concept names, one per line (replaces holdout_frac)
+    concepts: str = ""  # file restricting the concept list, one per line (default: all of the backend's)
+    n_target: int = 24  # target prompts per concept whose activations are cached
+    concepts_per_step: int = 16  # concepts in one batch
+    prompts_per_concept: int = 3  # source prompts per concept in one batch
+    balance_kinds: float = 1.0  # a kind's share of each batch ~ (its training concepts)^this: 1 = proportional (uniform over concepts), 0 = equal shares
+    steps: int = 200  # optimizer steps
+    lr: float = 3e-3  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    hidden: int = 512  # hypernet trunk width
+    depth: int = 1  # hypernet trunk layers (1 generalizes to held-out pattern compositions better than 2 on the embedded world)
+    rank: int = 16  # rank of each site's head
+    dropout: float = 0.0  # dropout in the hypernet trunk while training
+    image_frac: float = 0.25  # share of training concepts given as a reference-image embedding
+    n_refs: int = 8  # reference images rendered per concept (image-embedding inputs)
+    loss: str = "w2_quantile"  # "w2_quantile" (per-channel W2, quantile-interpolated), "w2_exact" (POT) or "sliced"
+    sampler_steps: int = 4  # sampler steps per generation
+    guidance: float = 2.0  # classifier-free guidance of the sampler (1 = none)
+    form: str = "pooled"  # map form at spatial (GroupNorm) sites: "pooled" or "elementwise"
+    ckpt_every: int = 50  # steps between checkpoints (0: only at the end)
+    eval_every: int = 100  # steps between held-out loss evaluations (0: only at the end)
+    threads: int = 0  # torch CPU threads (0: torch's default)
+    device: str = "auto"  # where ComfyUI runs the model: "auto" (CUDA when available), "cpu" (ComfyUI --cpu) or "cuda"; the hypernet stays on the CPU. Not carried over by hypernet files
+    max_minutes: float = 14.0  # stop early (checkpoint + hypernet saved) after this long, a guard for slow machines (0: no limit)
+    resume: bool = False  # continue from <out>/checkpoint.safetensors
+    model: str = ""  # --backend comfy: checkpoint or diffusion-model .safetensors, loaded with ComfyUI's own loaders
+    text_encoders: str = ""  # --backend comfy: comma-separated text encoder files, when --model holds none
+    clip_type: str = "stable_diffusion"  # --backend comfy: ComfyUI CLIPType of --text-encoders (stable_diffusion, sdxl, pixart, flux, ...)
+    clip_arch: str = "ViT-L-14"  # --backend comfy: open_clip architecture of the concept encoder (or an open_clip config .json)
+    clip_weights: str = ""  # --backend comfy: local open_clip weights file of the concept encoder
+    concept_list: str = ""  # --backend comfy: concept<TAB>category file (default trainer/data/concepts.tsv)
+    neutral_prompts: str = ""  # --backend comfy: neutral prompts, one a line (default trainer/data/neutral_prompts.txt)
+    resolution: int = 0  # --backend comfy: image side in pixels (0: the family's default)
+    timesteps: str = ""  # --backend comfy: comma-separated fixed timesteps, one per step (default: the family's, DMD2 999,749,499,249)
+    precision: str = "auto"  # "fp32", "bf16" or "fp16" autocast of the diffusion model while training ("auto": bf16 for the world, fp32 for comfy)
+    grad_checkpoint: bool = False  # --backend comfy: recompute block activations in backward (less memory, slower)
+    cache: str = "memory"  # target cache: "memory" (<out>/targets.safetensors, loaded whole) or "disk" (<out>/targets/ shards, read per batch)
+    cache_chunk: int = 4  # --cache disk: concepts per target shard
+
+    def check(self) -> None:
+        """Raise ``SystemExit`` with the fix for the first bad value."""
+        def bad(name, why):
+            raise SystemExit(f"--{name.replace('_', '-')}={getattr(self, name)!r}: {why}")
+
+        if self.backend not in ("world", "comfy"):
+            bad("backend", "must be 'world' (the embedded model) or 'comfy' (a ComfyUI model file, with --model).")
+        if self.cache not in ("memory", "disk"):
+            bad("cache", "must be 'memory' or 'disk'.")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            bad("precision", "must be auto, fp32, bf16 or fp16.")
+        if self.cache_chunk < 1:
+            bad("cache_chunk", "must be at least 1.")
+        if not 0 < self.holdout_frac < 1:
+            bad("holdout_frac", "must be between 0 and 1 (e.g. 0.25).")
+        for name in ("n_target", "concepts_per_step", "prompts_per_concept", "steps", "hidden", "depth", "rank", "sampler_steps", "n_refs"):
+            if getattr(self, name) < 1:
+                bad(name, "must be at least 1.")
+        if self.n_target < 2 or self.prompts_per_concept < 2:
+            bad("prompts_per_concept" if self.prompts_per_concept < 2 else "n_target", "needs at least 2 samples to compare distributions.")
+        if not self.lr > 0:
+            bad("lr", "must be > 0 (e.g. 3e-3).")
+        if not 0 <= self.image_frac <= 1:
+            bad("image_frac", "must be in [0, 1].")
+        if not 0 <= self.dropout < 1:
+            bad("dropout", "must be in [0, 1) (e.g. 0.1).")
+        if not 0 <= self.balance_kinds <= 1:
+            bad("balance_kinds", "must be in [0, 1] (1: batches proportional to each kind's size, 0: equal shares).")
+        if LOSS_ALIASES.get(self.loss, self.loss) not in LOSSES:
+            bad("loss", f"must be one of {LOSSES}.")
+        if self.form not in ("pooled", "elementwise"):
+            bad("form", "must be 'pooled' or 'elementwise'.")
+        if self.guidance < 1:
+            bad("guidance", "must be >= 1.")
+        if self.device != "auto":
+            check_device(self.device)
+        for name in ("holdout", "concepts"):
+            if getattr(self, name) and not os.path.isfile(getattr(self, name)):
+                bad(name, "file does not exist. Fix: give a text file with one concept name per line.")
+
+
+RESUME_KEYS = ("backend", "seed", "holdout_frac", "holdout", "concepts", "n_target", "concepts_per_step",
+                "prompts_per_concept", "balance_kinds", "lr", "weight_decay", "hidden", "depth", "rank", "dropout", "image_frac", "n_refs",
+                "loss", "sampler_steps", "guidance", "form", "model", "concept_list", "neutral_prompts", "resolution",
+                "timesteps")
+
+
+def train_config_of(hypernet) -> TrainConfig:
+    """The training config a hypernet file records (unknown keys from other versions are ignored; the device
+    it was trained on is not carried over)."""
+    saved = dict(getattr(hypernet, "training_summary", {}).get("config", {}))
+    saved.pop("device", None)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in saved.items() if k in known})

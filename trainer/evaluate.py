@@ -36,16 +36,11 @@ import torch
 from scipy.stats import spearmanr
 
 from hypertransport_core import LinEASConfig, Steering, load_hypernet, steer
-from trainer.backends import WORLD_WEIGHTS, WorldBackend, default_hypernet
-from trainer.config import build_parser, check_device, resolve
-from trainer.train import (
-    _concept_seed,
-    compute_targets,
-    fit_concept_lineas,
-    make_backend,
-    read_list,
-    train_config_of,
-)
+from hypertransport_world import scene
+from trainer.backend import ComfyBackend
+from trainer.config import WORLD_WEIGHTS, build_parser, check_device, default_hypernet, resolve, train_config_of
+from trainer.targets import compute_targets, concept_seed
+from trainer.train import fit_concept_lineas, read_list
 
 log = logging.getLogger("hypertransport.evaluate")
 
@@ -66,7 +61,8 @@ class EvalConfig:
     max_concepts: int = 0  # evaluate only the first N concepts (0 = all)
     grid_concepts: int = 10  # concepts shown in the strength grid PNG
     threads: int = 0  # torch CPU threads (0 = default)
-    device: str = "cpu"  # torch device of the world's models ("cuda" on a GPU machine)
+    device: str = "auto"  # where ComfyUI runs the world: "auto" (CUDA when available), "cpu" or "cuda"
+    precision: str = "fp32"  # "fp32": what ComfyUI's KSampler computes on a CPU (the node comparison needs it); "bf16" autocast is faster
 
     def check(self) -> None:
         self.hypernet = self.hypernet or default_hypernet()
@@ -81,23 +77,27 @@ class EvalConfig:
             raise SystemExit(f"--strengths {self.strengths!r}: give comma-separated numbers, e.g. -1,0,1") from None
         if self.seeds_per_shape < 1 or self.lineas_steps < 1:
             raise SystemExit("--seeds-per-shape and --lineas-steps must be at least 1.")
-        check_device(self.device)
+        if self.device != "auto":
+            check_device(self.device)
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise SystemExit(f"--precision {self.precision!r}: use fp32, bf16 or fp16.")
 
     def strength_list(self) -> list[float]:
         return [float(x) for x in self.strengths.split(",") if x.strip()]
 
 
-def image_metrics(backend: WorldBackend, imgs: torch.Tensor, concept: str, ref: torch.Tensor, concept_emb: torch.Tensor) -> dict:
-    """Per-image inducement, CLIP score, and content kept relative to ``ref`` (the unsteered images)."""
-    from trainer.world import metrics as M
+def image_metrics(backend: ComfyBackend, imgs: torch.Tensor, concept: str, ref: torch.Tensor, concept_emb: torch.Tensor) -> dict:
+    """Per-image inducement, CLIP score, and content kept relative to ``ref`` (the unsteered images);
+    images ``(B, H, W, 3)`` in [0, 1] as VAE Decode outputs them."""
+    from hypertransport_world import metrics as M
 
     ind = [M.inducement(im, concept) for im in imgs]
     with torch.no_grad():
-        img_emb = backend.encoder.encode_image(imgs.permute(0, 2, 3, 1))
+        img_emb = backend.encoder.encode_image(imgs)
         clip = (img_emb @ concept_emb).tolist()
         # a second, learned view of content: the world CLIP's zero-shot shape class, steered vs unsteered
-        shape_txt = backend.encoder.encode_text([f"a {s}" for s in backend.W.SHAPES])
-        ref_shape = (backend.encoder.encode_image(ref.permute(0, 2, 3, 1)) @ shape_txt.T).argmax(1)
+        shape_txt = backend.encoder.encode_text([f"a {s}" for s in scene.SHAPES])
+        ref_shape = (backend.encoder.encode_image(ref) @ shape_txt.T).argmax(1)
         shape_kept_clip = ((img_emb @ shape_txt.T).argmax(1) == ref_shape).float().tolist()
     shape_kept, moved = [], []
     for im, r in zip(imgs, ref):
@@ -124,14 +124,18 @@ def _grid_concepts(concepts: list[str], backend, n: int) -> set[str]:
     return set(keep)
 
 
-def evaluate(cfg: EvalConfig, backend: WorldBackend | None = None, progress: bool = True) -> dict:
+def evaluate(cfg: EvalConfig, backend: ComfyBackend | None = None, progress: bool = True) -> dict:
     cfg.check()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     hn = load_hypernet(cfg.hypernet)
     tcfg = train_config_of(hn)
-    backend = backend or make_backend(dataclasses.replace(tcfg, backend="world", world_weights=cfg.world_weights,
-                                                          device=cfg.device))
+    if backend is None:
+        from trainer.comfyui import import_comfyui
+
+        import_comfyui(cpu=True if cfg.device == "cpu" else None)
+        backend = ComfyBackend.world(cfg.world_weights, precision=cfg.precision, form=tcfg.form, steps=tcfg.sampler_steps,
+                                     guidance=tcfg.guidance)
     hn.check_concept(backend.encoder.concept("red"))  # refuses a hypernet trained with another encoder
     if cfg.concepts:
         concepts = read_list(cfg.concepts)
@@ -149,13 +153,12 @@ def evaluate(cfg: EvalConfig, backend: WorldBackend | None = None, progress: boo
     seen = set(hn.training_summary.get("train_concepts", []))
     grid_set = _grid_concepts(concepts, backend, cfg.grid_concepts)
     n_lineas = len(concepts) if cfg.lineas_concepts == 0 else max(0, min(cfg.lineas_concepts, len(concepts)))
-    shapes = [s for s in backend.W.SHAPES for _ in range(cfg.seeds_per_shape)]
+    shapes = [s for s in scene.SHAPES for _ in range(cfg.seeds_per_shape)]
     seeds = [1000 + i for i in range(len(shapes))]
-    neutral = [backend.W.neutral_prompt(s) for s in shapes]
+    neutral = [scene.neutral_prompt(s) for s in shapes]
     os.makedirs(cfg.out, exist_ok=True)
 
-    with torch.no_grad():
-        base = backend.run(neutral, seeds)
+    base = backend.images(neutral, seeds)
     lam_list = cfg.strength_list()
     results = {"config": dataclasses.asdict(cfg), "train_config": dataclasses.asdict(tcfg), "concepts": {},
                "strengths": lam_list, "held_out": [c for c in concepts if c not in seen]}
@@ -169,7 +172,7 @@ def evaluate(cfg: EvalConfig, backend: WorldBackend | None = None, progress: boo
         # ht_text: time from the concept's words to its intervention (encode + one hypernet pass)
         t = time.perf_counter()
         steerings["ht_text"] = (hn.steering(backend.encoder.concept(concept)), time.perf_counter() - t)
-        ref_img = backend.reference_images(concept, 1, np.random.default_rng(_concept_seed(tcfg, concept, "eval-ref")))
+        ref_img = backend.reference_images(concept, 1, np.random.default_rng(concept_seed(tcfg, concept, "eval-ref")))
         t = time.perf_counter()
         steerings["ht_image"] = (hn.steering(backend.encoder.image_concept(ref_img, concept)), time.perf_counter() - t)
         if ci < n_lineas:
@@ -182,11 +185,10 @@ def evaluate(cfg: EvalConfig, backend: WorldBackend | None = None, progress: boo
                                         LinEASConfig(steps=cfg.lineas_steps, lr=cfg.lineas_lr))
             steerings["lineas"] = (st, time.perf_counter() - t + t_targets)
             entry["lineas_target_seconds"] = t_targets
-        with torch.no_grad():
-            imgs = {"none": base, "prompt": backend.run(backend.paired_prompts(concept, shapes)[1], seeds)}
-            for name, (st, _) in steerings.items():
-                with steer(backend.root, [(st, 1.0)]):
-                    imgs[name] = backend.run(neutral, seeds)
+        imgs = {"none": base, "prompt": backend.images(backend.source.paired_prompts(concept, shapes)[1], seeds)}
+        for name, (st, _) in steerings.items():
+            with steer(backend.root, [(st, 1.0)]):
+                imgs[name] = backend.images(neutral, seeds)
         for name, im in imgs.items():
             m = image_metrics(backend, im, concept, base, emb)
             entry["methods"][name] = {k: _mean(v) for k, v in m.items()}
@@ -194,12 +196,11 @@ def evaluate(cfg: EvalConfig, backend: WorldBackend | None = None, progress: boo
         # strength sweep of ht_text
         sweep, grid = [], []
         st = steerings["ht_text"][0]
-        with torch.no_grad():
-            for lam in lam_list:
-                with steer(backend.root, [(st, lam)]):
-                    im = backend.run(neutral, seeds)
-                sweep.append(_mean(image_metrics(backend, im, concept, base, emb)["inducement"]))
-                grid.append(im[0])
+        for lam in lam_list:
+            with steer(backend.root, [(st, lam)]):
+                im = backend.images(neutral, seeds)
+            sweep.append(_mean(image_metrics(backend, im, concept, base, emb)["inducement"]))
+            grid.append(im[0])
         rho = spearmanr(lam_list, sweep).statistic if np.std(sweep) > 0 else 0.0
         entry["sweep"] = {"inducement": sweep, "spearman": float(rho)}
         if concept in grid_set:
@@ -268,7 +269,7 @@ def write_figures(results: dict, grid_rows, cfg: EvalConfig) -> None:
         for r, (concept, ims, prompted, _) in enumerate(grid_rows):
             for j, im in enumerate(list(ims) + [prompted]):
                 ax = axes[r][j]
-                ax.imshow(im.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+                ax.imshow(im.clamp(0, 1).numpy(), interpolation="nearest")
                 ax.set_xticks([]), ax.set_yticks([])
                 if r == 0:
                     ax.set_title(f"λ={lam[j]:g}" if j < len(lam) else "prompt", fontsize=8)

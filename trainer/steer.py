@@ -11,7 +11,6 @@ not the concept was in its training set.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -23,8 +22,7 @@ import torch
 from PIL import Image
 
 from hypertransport_core import HyperTransportError, load_hypernet, steer
-from trainer.backends import WORLD_WEIGHTS, default_hypernet
-from trainer.train import make_backend, train_config_of
+from trainer.config import WORLD_WEIGHTS, default_hypernet, train_config_of
 
 
 def load_image(path: str) -> torch.Tensor:
@@ -45,8 +43,9 @@ def load_image(path: str) -> torch.Tensor:
 
 
 def to_png(imgs: list[torch.Tensor], path: str, scale: int = 8) -> None:
-    row = torch.cat([im.clamp(0, 1) for im in imgs], dim=-1)  # (3, H, W*n)
-    arr = (row.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    """Images ``(H, W, 3)`` in [0, 1] side by side, upscaled ``scale`` times (nearest neighbour)."""
+    row = torch.cat([im.clamp(0, 1) for im in imgs], dim=1)  # (H, W*n, 3)
+    arr = (row.numpy() * 255).round().astype(np.uint8)
     img = Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     img.save(path)
@@ -61,7 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", default="a circle", help="the text prompt of the generation")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--hypernet", default="", help="hypernet file (default: runs/world/hypernet.safetensors from "
-                   "trainer/train.py, else the one shipped in trainer/world/weights)")
+                   "trainer/train.py, else the one shipped in hypertransport_world/weights)")
     p.add_argument("--world-weights", default=WORLD_WEIGHTS, help="folder with the world's models")
     p.add_argument("--out", default="steered.png", help="output PNG")
     p.add_argument("--single", action="store_true", help="write only the steered image")
@@ -71,18 +70,21 @@ def main(argv=None) -> int:
     a.hypernet = a.hypernet or default_hypernet()
     if not os.path.isfile(a.hypernet):
         raise SystemExit(f"--hypernet {a.hypernet!r} does not exist. Fix: run `python trainer/train.py` first, or pass a hypernet file.")
+    from trainer.backend import ComfyBackend
+    from trainer.comfyui import import_comfyui
+
     try:
         hn = load_hypernet(a.hypernet)
-        tcfg = dataclasses.replace(train_config_of(hn), backend="world", world_weights=a.world_weights)
-        backend = make_backend(tcfg)
+        tcfg = train_config_of(hn)
+        import_comfyui()
+        backend = ComfyBackend.world(a.world_weights, form=tcfg.form, steps=tcfg.sampler_steps, guidance=tcfg.guidance)
         concept = backend.encoder.concept(a.concept) if a.concept else backend.encoder.image_concept(load_image(a.image), os.path.basename(a.image))
         steering = hn.steering(concept)
     except HyperTransportError as e:
         raise SystemExit(str(e)) from None
-    with torch.no_grad():
-        base = backend.run([a.prompt], [a.seed])[0]
-        with steer(backend.root, [(steering, a.strength)]):
-            out = backend.run([a.prompt], [a.seed])[0]
+    base = backend.images([a.prompt], [a.seed])[0]
+    with steer(backend.root, [(steering, a.strength)]):
+        out = backend.images([a.prompt], [a.seed])[0]
     to_png([out] if a.single else [base, out], a.out)
     print(f"wrote {a.out}: {'steered' if a.single else 'unsteered | steered'} '{a.prompt}' by {concept.label!r} at strength {a.strength:g}")
     return 0

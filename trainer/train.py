@@ -19,7 +19,6 @@ The run folder (``--out``) gets ``hypernet.safetensors`` (the core's file format
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -33,118 +32,33 @@ if __package__ in (None, ""):  # `python trainer/train.py`: make the repo root i
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
-from hypertransport_core import (
-    HyperNet,
-    HyperNetConfig,
-    LinEASConfig,
-    Steering,
-    capture_pooled,
-    fit_lineas,
-    save_hypernet,
-    steer,
-    w2_quantile,
-)
-from hypertransport_core.files import _atomic_save
-from trainer.backends import WORLD_WEIGHTS, WorldBackend
-from trainer.config import build_parser, check_device, resolve
+from hypertransport_core import HyperNet, HyperNetConfig, LinEASConfig, Steering, fit_lineas, save_hypernet
+from hypertransport_core.encoders import text_projection
+from hypertransport_core.lineas import steered_loss
+from trainer.backend import ComfyBackend
+from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.config import TrainConfig, build_parser, resolve, train_config_of
+from trainer.targets import compute_targets, concept_seed, load_or_compute_targets
 
 log = logging.getLogger("hypertransport.train")
 
-
-@dataclass
-class TrainConfig:
-    backend: str = "world"  # "world": the embedded default model shipped in trainer/world/weights
-    world_weights: str = WORLD_WEIGHTS  # folder with world_clip/world_unet .safetensors (backend "world")
-    out: str = "runs/world"  # run folder: hypernet, checkpoint, target cache, logs
-    seed: int = 0  # seeds the split, the batches and the hypernet init
-    holdout_frac: float = 0.25  # share of concepts held out (never seen by the hypernet)
-    holdout: str = ""  # file of held-out concept names, one per line (replaces holdout_frac)
-    concepts: str = ""  # file restricting the concept list, one per line (default: all of the backend's)
-    n_target: int = 24  # target prompts per concept whose activations are cached
-    concepts_per_step: int = 16  # concepts in one batch
-    prompts_per_concept: int = 3  # source prompts per concept in one batch
-    balance_kinds: float = 1.0  # a kind's share of each batch ~ (its training concepts)^this: 1 = proportional (uniform over concepts), 0 = equal shares
-    steps: int = 200  # optimizer steps
-    lr: float = 3e-3  # AdamW learning rate
-    weight_decay: float = 0.0  # AdamW weight decay
-    hidden: int = 512  # hypernet trunk width
-    depth: int = 1  # hypernet trunk layers (1 generalizes to held-out pattern compositions better than 2 on the embedded world)
-    rank: int = 16  # rank of each site's head
-    dropout: float = 0.0  # dropout in the hypernet trunk while training
-    image_frac: float = 0.25  # share of training concepts given as a reference-image embedding
-    n_refs: int = 8  # reference images rendered per concept (image-embedding inputs)
-    loss: str = "w2_channels"  # "w2_channels" (per-channel W2, quantile-interpolated) or "sliced"
-    sampler_steps: int = 4  # sampler steps per generation
-    guidance: float = 2.0  # classifier-free guidance of the sampler (1 = none)
-    form: str = "pooled"  # map form at spatial (GroupNorm) sites: "pooled" or "elementwise"
-    ckpt_every: int = 50  # steps between checkpoints (0: only at the end)
-    eval_every: int = 100  # steps between held-out loss evaluations (0: only at the end)
-    threads: int = 0  # torch CPU threads (0: torch's default)
-    device: str = "cpu"  # --backend world: torch device of the world's models ("cuda", "cuda:1"); the hypernet stays on the CPU. Not recorded as a property of the hypernet
-    max_minutes: float = 14.0  # stop early (checkpoint + hypernet saved) after this long, a guard for slow machines (0: no limit)
-    resume: bool = False  # continue from <out>/checkpoint.safetensors
-    model: str = ""  # --backend comfy: checkpoint or diffusion-model .safetensors, loaded with ComfyUI's own loaders
-    text_encoders: str = ""  # --backend comfy: comma-separated text encoder files, when --model holds none
-    clip_type: str = "stable_diffusion"  # --backend comfy: ComfyUI CLIPType of --text-encoders (stable_diffusion, sdxl, pixart, flux, ...)
-    clip_arch: str = "ViT-L-14"  # --backend comfy: open_clip architecture of the concept encoder (or an open_clip config .json)
-    clip_weights: str = ""  # --backend comfy: local open_clip weights file of the concept encoder
-    concept_list: str = ""  # --backend comfy: concept<TAB>category file (default trainer/data/concepts.tsv)
-    neutral_prompts: str = ""  # --backend comfy: neutral prompts, one a line (default trainer/data/neutral_prompts.txt)
-    resolution: int = 0  # --backend comfy: image side in pixels (0: the family's default)
-    timesteps: str = ""  # --backend comfy: comma-separated fixed timesteps, one per step (default: the family's, DMD2 999,749,499,249)
-    precision: str = "auto"  # "fp32", "bf16" or "fp16" autocast of the diffusion model ("auto": bf16 for the world on CPU, fp32 for comfy)
-    grad_checkpoint: bool = False  # --backend comfy: recompute block activations in backward (less memory, slower)
-    cache: str = "memory"  # target cache: "memory" (<out>/targets.safetensors, loaded whole) or "disk" (<out>/targets/ shards, read per batch)
-    cache_chunk: int = 4  # --cache disk: concepts per target shard
-
-    def check(self) -> None:
-        """Raise ``SystemExit`` with the fix for the first bad value."""
-        def bad(name, why):
-            raise SystemExit(f"--{name.replace('_', '-')}={getattr(self, name)!r}: {why}")
-
-        if self.backend not in ("world", "comfy"):
-            bad("backend", "must be 'world' (the embedded model) or 'comfy' (a ComfyUI model file, with --model).")
-        if self.cache not in ("memory", "disk"):
-            bad("cache", "must be 'memory' or 'disk'.")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            bad("precision", "must be auto, fp32, bf16 or fp16.")
-        if self.cache_chunk < 1:
-            bad("cache_chunk", "must be at least 1.")
-        if not 0 < self.holdout_frac < 1:
-            bad("holdout_frac", "must be between 0 and 1 (e.g. 0.25).")
-        for name in ("n_target", "concepts_per_step", "prompts_per_concept", "steps", "hidden", "depth", "rank", "sampler_steps", "n_refs"):
-            if getattr(self, name) < 1:
-                bad(name, "must be at least 1.")
-        if self.n_target < 2 or self.prompts_per_concept < 2:
-            bad("prompts_per_concept" if self.prompts_per_concept < 2 else "n_target", "needs at least 2 samples to compare distributions.")
-        if not self.lr > 0:
-            bad("lr", "must be > 0 (e.g. 3e-3).")
-        if not 0 <= self.image_frac <= 1:
-            bad("image_frac", "must be in [0, 1].")
-        if not 0 <= self.dropout < 1:
-            bad("dropout", "must be in [0, 1) (e.g. 0.1).")
-        if not 0 <= self.balance_kinds <= 1:
-            bad("balance_kinds", "must be in [0, 1] (1: batches proportional to each kind's size, 0: equal shares).")
-        if self.loss not in ("w2_channels", "sliced"):
-            bad("loss", "must be 'w2_channels' or 'sliced'.")
-        if self.form not in ("pooled", "elementwise"):
-            bad("form", "must be 'pooled' or 'elementwise'.")
-        if self.guidance < 1:
-            bad("guidance", "must be >= 1.")
-        check_device(self.device)
-        for name in ("holdout", "concepts"):
-            if getattr(self, name) and not os.path.isfile(getattr(self, name)):
-                bad(name, "file does not exist. Fix: give a text file with one concept name per line.")
+__all__ = ["Run", "TrainConfig", "TrainingDiverged", "build", "compute_targets", "evaluate_loss", "fit_concept_lineas",
+           "make_backend", "save_final", "train", "train_config_of", "train_step"]
 
 
-# Fields that change what a checkpoint means; a resume with other values is refused.
-_RESUME_KEYS = ("backend", "seed", "holdout_frac", "holdout", "concepts", "n_target", "concepts_per_step",
-                "prompts_per_concept", "balance_kinds", "lr", "weight_decay", "hidden", "depth", "rank", "dropout", "image_frac", "n_refs",
-                "loss", "sampler_steps", "guidance", "form", "model", "concept_list", "neutral_prompts", "resolution",
-                "timesteps")
+class TrainingDiverged(SystemExit):
+    """The loss or the gradient became NaN/Inf: the step is not applied and nothing is saved, so the last
+    checkpoint (the last good state) stays as it was."""
+
+    def __init__(self, run, loss: float, grad_norm: float):
+        last = f"step {run.step // run.cfg.ckpt_every * run.cfg.ckpt_every}" if run.cfg.ckpt_every else "the start"
+        super().__init__(
+            f"training diverged at step {run.step + 1}: loss {loss}, gradient norm {grad_norm}. Nothing was saved; "
+            f"{os.path.join(run.cfg.out, 'checkpoint.safetensors')} still holds {last}. Fix: lower --lr (now {run.cfg.lr:g}) "
+            "and --resume, or start afresh; check the model and concept files if it happens at once."
+        )
 
 
 @dataclass
@@ -152,7 +66,7 @@ class Run:
     """Everything a training run holds."""
 
     cfg: TrainConfig
-    backend: WorldBackend
+    backend: ComfyBackend
     train: list[str]
     holdout: list[str]
     hypernet: HyperNet
@@ -175,18 +89,16 @@ def read_list(path: str) -> list[str]:
 
 def split_concepts(all_names: list[str], cfg: TrainConfig) -> tuple[list[str], list[str]]:
     """(train, holdout). ``--holdout FILE`` fixes the held-out list; else a seeded share per kind."""
-    names = list(all_names)
-    if cfg.concepts:
-        wanted = read_list(cfg.concepts)
-        unknown = [c for c in wanted if c not in names]
+    def listed(flag: str, path: str) -> list[str]:
+        got = read_list(path)
+        unknown = [c for c in got if c not in all_names]
         if unknown:
-            raise SystemExit(f"--concepts: {unknown[:5]} are not concepts of this backend. Fix: check the spelling.")
-        names = wanted
+            raise SystemExit(f"--{flag}: {unknown[:5]} are not concepts of this backend. Fix: check the spelling.")
+        return got
+
+    names = listed("concepts", cfg.concepts) if cfg.concepts else list(all_names)
     if cfg.holdout:
-        held = read_list(cfg.holdout)
-        unknown = [c for c in held if c not in all_names]
-        if unknown:
-            raise SystemExit(f"--holdout: {unknown[:5]} are not concepts of this backend. Fix: check the spelling.")
+        held = listed("holdout", cfg.holdout)
     else:
         rng = np.random.default_rng(cfg.seed)
         held = [names[i] for i in sorted(rng.choice(len(names), max(1, round(cfg.holdout_frac * len(names))), replace=False))]
@@ -196,10 +108,6 @@ def split_concepts(all_names: list[str], cfg: TrainConfig) -> tuple[list[str], l
     return train, held
 
 
-def _concept_seed(cfg: TrainConfig, concept: str, salt: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{cfg.seed}/{salt}/{concept}".encode()).digest()[:4], "little")
-
-
 def encode_concepts(backend, concepts: list[str], cfg: TrainConfig) -> tuple[dict, dict]:
     """Text embedding of each concept name and ``n_refs`` single-image embeddings of its renders."""
     enc = backend.encoder
@@ -207,92 +115,22 @@ def encode_concepts(backend, concepts: list[str], cfg: TrainConfig) -> tuple[dic
     text_emb = {c: text[i] for i, c in enumerate(concepts)}
     image_emb = {}
     for c in concepts:
-        refs = backend.reference_images(c, cfg.n_refs, np.random.default_rng(_concept_seed(cfg, c, "refs")))
+        refs = backend.reference_images(c, cfg.n_refs, np.random.default_rng(concept_seed(cfg, c, "refs")))
         image_emb[c] = enc.encode_image(refs).cpu()
     return text_emb, image_emb
 
 
-def targets_key(backend, concepts: list[str], cfg: TrainConfig) -> str:
-    ident = {
-        "encoder": backend.encoder.identity,
-        "unet": _module_fingerprint(backend.root),
-        "concepts": concepts,
-        "sites": [s.name for s in backend.sites],
-        **{k: getattr(cfg, k) for k in ("seed", "n_target", "sampler_steps", "guidance")},
-    }
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _module_fingerprint(m: torch.nn.Module) -> str:
-    from hypertransport_core import weights_fingerprint
-
-    return weights_fingerprint(m)
-
-
-@torch.no_grad()
-def compute_targets(backend, concepts: list[str], cfg: TrainConfig, chunk: int = 4, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Pooled activations of every site at every sampler step for each concept's target prompts.
-
-    Returns ``{site: (n_concepts, sampler_steps, n_target, C)}`` (float32). Only the conditional rows are
-    kept (with guidance the unconditional rows carry no concept).
-    """
-    sites = backend.sites
-    out = {s.name: [] for s in sites}
-    n = cfg.n_target
-    it = range(0, len(concepts), chunk)
-    for lo in tqdm(it, desc="target activations", disable=not progress, unit="chunk"):
-        group = concepts[lo : lo + chunk]
-        prompts, seeds = [], []
-        for c in group:
-            rng = np.random.default_rng(_concept_seed(cfg, c, "targets"))
-            prompts += backend.target_prompts(c, n, rng)
-            seeds += [int(s) for s in rng.integers(0, 2**31 - 1, n)]
-        with capture_pooled(backend.root, sites, detach=True, rows=backend.cond_rows) as acts:
-            backend.run(prompts, seeds)
-        for s in sites:
-            per_step = torch.stack(acts[s.name]).cpu()  # (steps, G*n, C); the cache lives in CPU memory or on disk
-            out[s.name].append(per_step.view(len(acts[s.name]), len(group), n, -1).transpose(0, 1))
-    return {k: torch.cat(v) for k, v in out.items()}
-
-
-def load_or_compute_targets(backend, concepts: list[str], cfg: TrainConfig, progress: bool = True) -> dict[str, torch.Tensor]:
-    """The target cache at ``<out>/targets.safetensors``, recomputed only when its key differs."""
-    if cfg.cache == "disk":  # shards under <out>/targets/, read lazily per batch (trainer/cache.py)
-        from trainer.cache import load_or_compute_disk
-
-        return load_or_compute_disk(backend, concepts, cfg, progress)
-    path = os.path.join(cfg.out, "targets.safetensors")
-    key = targets_key(backend, concepts, cfg)
-    if os.path.isfile(path):
-        with safe_open(path, "pt") as f:
-            if (f.metadata() or {}).get("key") == key:
-                log.info("target activations: reusing %s", path)
-                return {k: f.get_tensor(k).float() for k in f.keys()}
-    t0 = time.perf_counter()
-    targets = compute_targets(backend, concepts, cfg, progress=progress)
-    os.makedirs(cfg.out, exist_ok=True)
-    _atomic_save({k: v.half() for k, v in targets.items()}, {"key": key, "concepts": concepts}, path)
-    log.info("target activations: %d concepts in %.1f s -> %s", len(concepts), time.perf_counter() - t0, path)
-    return {k: v.half().float() for k, v in targets.items()}  # same precision as a reloaded cache
-
-
 # --------------------------------------------------------------------------------------- build
-def train_config_of(hypernet) -> TrainConfig:
-    """The training config a hypernet file records (unknown keys from other versions are ignored; the device
-    it was trained on is not carried over: a hypernet trained on a GPU evaluates on the CPU by default)."""
-    saved = dict(getattr(hypernet, "training_summary", {}).get("config", {}))
-    saved.pop("device", None)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in saved.items() if k in known})
+def make_backend(cfg: TrainConfig) -> ComfyBackend:
+    """The backend ``cfg`` asks for: the embedded world, or a ComfyUI model file."""
+    from trainer.comfyui import import_comfyui
 
-
-def make_backend(cfg: TrainConfig):
+    import_comfyui(cpu=None if cfg.device in ("auto", "cuda") or cfg.device.startswith("cuda") else True)
+    precision = cfg.precision
     if cfg.backend == "world":
-        return WorldBackend.load(cfg.world_weights, steps=cfg.sampler_steps, guidance=cfg.guidance, form=cfg.form,
-                                 precision="bf16" if cfg.precision == "auto" else cfg.precision, device=cfg.device)
+        return ComfyBackend.world(cfg.world_weights, precision="bf16" if precision == "auto" else precision, form=cfg.form,
+                                  steps=cfg.sampler_steps, guidance=cfg.guidance)
     if cfg.backend == "comfy":
-        from trainer.comfy_backend import CONCEPTS_TSV, NEUTRAL_PROMPTS, ComfyBackend
-
         for name in ("model", "clip_weights"):
             if not getattr(cfg, name) or not os.path.isfile(getattr(cfg, name)):
                 raise SystemExit(f"--{name.replace('_', '-')}={getattr(cfg, name)!r}: --backend comfy needs an existing file "
@@ -302,9 +140,9 @@ def make_backend(cfg: TrainConfig):
         return ComfyBackend.from_files(
             cfg.model, clip_arch=cfg.clip_arch, clip_weights=cfg.clip_weights,
             text_encoders=[p for p in cfg.text_encoders.split(",") if p], clip_type=cfg.clip_type,
-            concept_list=cfg.concept_list or CONCEPTS_TSV, neutral_prompts=cfg.neutral_prompts or NEUTRAL_PROMPTS,
-            precision="fp32" if cfg.precision == "auto" else cfg.precision, steps=cfg.sampler_steps, guidance=cfg.guidance, form=cfg.form,
-            resolution=cfg.resolution or None, grad_checkpoint=cfg.grad_checkpoint,
+            concept_list=cfg.concept_list or None, neutral_prompts=cfg.neutral_prompts or None,
+            precision="fp32" if precision == "auto" else precision, steps=cfg.sampler_steps, guidance=cfg.guidance,
+            form=cfg.form, resolution=cfg.resolution or None, grad_checkpoint=cfg.grad_checkpoint,
             timesteps=[int(t) for t in cfg.timesteps.split(",") if t.strip()] or None, ref_cache=os.path.join(cfg.out, "refs"),
         )
     raise SystemExit(f"unknown backend {cfg.backend!r}")
@@ -324,9 +162,10 @@ def build(cfg: TrainConfig, backend=None, progress: bool = True) -> Run:
     with distributed.main_first():  # under torchrun rank 0 fills the cache, the others then read it
         targets = load_or_compute_targets(backend, concepts, cfg, progress)
     torch.manual_seed(cfg.seed)
+    proj = text_projection(backend.encoder.model)
     hn = HyperNet(
         HyperNetConfig(embed_dim=backend.encoder.identity["embed_dim"], hidden=cfg.hidden, depth=cfg.depth, rank=cfg.rank,
-                       dropout=cfg.dropout),
+                       dropout=cfg.dropout, text_width=0 if proj is None else int(proj.shape[0])),
         backend.sites,
         family=backend.family,
         encoder=backend.encoder.identity,
@@ -334,6 +173,8 @@ def build(cfg: TrainConfig, backend=None, progress: bool = True) -> Run:
     with torch.no_grad():  # modality centering from the training concepts only
         hn.mean_text.copy_(torch.stack([text_emb[c] for c in train]).mean(0))
         hn.mean_image.copy_(torch.cat([image_emb[c] for c in train]).mean(0))
+        if proj is not None:  # kept in the file: a text tower without a projection can still encode concepts
+            hn.text_projection.copy_(proj.float())
     opt = torch.optim.AdamW(hn.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     run = Run(cfg, backend, train, holdout, hn, opt, text_emb, image_emb, targets, {c: i for i, c in enumerate(concepts)})
     run.shard = distributed.shard()
@@ -357,7 +198,8 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
 
 def steered_batch_loss(run: Run, concepts: list[str], modalities: list[str], rng: np.random.Generator, grad: bool = True,
                        shard: tuple[int, int] | None = None) -> torch.Tensor:
-    """OT loss of one batch: each concept steers its own block of source rows (one sampler run).
+    """OT loss of one batch: each concept steers its own block of source rows in one sampler run; the loss is
+    LinEAS's (:func:`hypertransport_core.lineas.steered_loss`), batched over the concepts.
 
     ``shard=(rank, world)`` (data parallel): every draw is that of the whole batch, then only this rank's
     concepts run; the loss is scaled by their share, so the ranks' summed gradients equal one process's."""
@@ -378,25 +220,12 @@ def steered_batch_loss(run: Run, concepts: list[str], modalities: list[str], rng
         concepts, modalities, emb = concepts[lo:hi], modalities[lo:hi], emb[lo:hi]
         prompts, seeds, K = prompts[lo * P : hi * P], seeds[lo * P : hi * P], hi - lo
     with torch.set_grad_enabled(grad):
-        w, b = hn(emb, modalities)  # (K, C)
-        if backend.rows_per_prompt == 2:  # [cond rows; uncond rows]: the maps repeat over both halves
-            w, b = torch.cat([w, w]), torch.cat([b, b])
-        steering = Steering(tuple(backend.sites), w, b)
-        with steer(backend.root, [(steering, 1.0)]), capture_pooled(backend.root, backend.sites, rows=backend.cond_rows) as acts:
-            backend.run(prompts, seeds, grad=grad)
+        w, b = hn(emb, modalities)  # (K, C): concept k steers rows k*P..(k+1)*P-1 of every chunk
         idx = torch.tensor([run.index[c] for c in concepts])
-        terms = []
-        for s in backend.sites:
-            tgt = run.targets[s.name][idx].to(acts[s.name][0].device)  # (K, steps, n, C), kept on the CPU between batches
-            for t, a in enumerate(acts[s.name]):
-                src = a.view(K, P, -1)
-                if cfg.loss == "w2_channels":
-                    terms.append(w2_quantile(src, tgt[:, t]).mean())
-                else:
-                    from hypertransport_core import sliced_w2
-
-                    terms.append(torch.stack([sliced_w2(src[k], tgt[k, t]) for k in range(K)]).mean())
-        return torch.stack(terms).mean() * share
+        targets = {s.name: list(run.targets[s.name][idx].transpose(0, 1)) for s in backend.sites}  # per step: (K, n, C)
+        loss = steered_loss(backend.root, Steering(tuple(backend.sites), w, b), lambda: backend.run(prompts, seeds, grad=grad),
+                            targets, cfg.loss, steer_rows=backend.steer_rows, capture_rows=backend.cond_rows)
+        return loss * share
 
 
 def _batch_for(run: Run, step: int) -> tuple[list[str], list[str], np.random.Generator]:
@@ -436,7 +265,9 @@ def train_step(run: Run) -> float:
         from trainer.distributed import all_reduce_grads
 
         loss = all_reduce_grads(run.hypernet, loss)
-    torch.nn.utils.clip_grad_norm_(run.hypernet.parameters(), 1.0)
+    norm = torch.nn.utils.clip_grad_norm_(run.hypernet.parameters(), 1.0)
+    if not (math.isfinite(float(loss.detach())) and math.isfinite(float(norm))):
+        raise TrainingDiverged(run, float(loss.detach()), float(norm))
     run.opt.step()
     run.step += 1
     return float(loss.detach())
@@ -476,17 +307,19 @@ class _IdentityHypernet:
 
 # --------------------------------------------------------------------------------------- LinEAS
 def fit_concept_lineas(
-    backend, concept: str, targets: dict[str, torch.Tensor], cfg: TrainConfig, config: LinEASConfig | None = None
+    backend, concept: str, targets: dict[str, torch.Tensor], cfg: TrainConfig, config: LinEASConfig | None = None,
+    callback=None,
 ) -> Steering:
     """The per-concept baseline on the same backend, targets and loss: LinEAS fitting of one concept.
 
     Args:
         targets: ``{site: (sampler_steps, n_target, C)}`` of this concept (a row of the cache).
+        callback: ``callback(step, loss)`` after each step (see :func:`hypertransport_core.fit_lineas`).
     """
     P = cfg.prompts_per_concept
     device = next(backend.root.parameters()).device  # the cache is on the CPU; the loss runs beside the model
-    tgt = {k: list(v.to(device)) for k, v in targets.items()}
-    salt = _concept_seed(cfg, concept, "lineas")
+    tgt = {k: list(v.to(device)) for k, v in targets.items()}  # per step: (n, C)
+    salt = concept_seed(cfg, concept, "lineas")
 
     def batch_fn(step: int):
         rng = np.random.default_rng([salt, step])
@@ -494,57 +327,11 @@ def fit_concept_lineas(
         seeds = [int(s) for s in rng.integers(0, 2**31 - 1, P)]
         return (lambda: backend.run(prompts, seeds, grad=True)), tgt
 
-    return fit_lineas(backend.root, backend.sites, batch_fn, config, label=concept, rows=backend.cond_rows)
+    return fit_lineas(backend.root, backend.sites, batch_fn, config, label=concept, callback=callback,
+                      steer_rows=backend.steer_rows, capture_rows=backend.cond_rows)
 
 
 # --------------------------------------------------------------------------------------- files
-def _ckpt_path(cfg: TrainConfig) -> str:
-    return os.path.join(cfg.out, "checkpoint.safetensors")
-
-
-def save_checkpoint(run: Run) -> str:
-    """Atomic checkpoint: hypernet and optimizer tensors as safetensors; config, step, history as JSON."""
-    tensors = {f"model/{k}": v for k, v in run.hypernet.state_dict().items()}
-    st = run.opt.state_dict()
-    for pid, state in st["state"].items():
-        for k, v in state.items():
-            tensors[f"opt/{pid}/{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    meta = {
-        "format": "hypertransport.checkpoint",
-        "step": str(run.step),
-        "config": json.dumps(dataclasses.asdict(run.cfg)),
-        "param_groups": json.dumps(st["param_groups"]),
-        "history": json.dumps(run.history),
-    }
-    path = _ckpt_path(run.cfg)
-    _atomic_save(tensors, meta, path)
-    return path
-
-
-def load_checkpoint(run: Run) -> None:
-    path = _ckpt_path(run.cfg)
-    if not os.path.isfile(path):
-        raise SystemExit(f"--resume: no checkpoint at {path}. Fix: drop --resume to start fresh, or point --out at the run folder.")
-    with safe_open(path, "pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    saved = json.loads(meta["config"])
-    for k in _RESUME_KEYS:
-        if saved.get(k, getattr(TrainConfig, k, None)) != getattr(run.cfg, k):
-            raise SystemExit(f"--resume: the checkpoint was made with {k}={saved.get(k)!r}, this run has {getattr(run.cfg, k)!r}. "
-                             "Fix: use the same value, or start a new --out folder.")
-    run.hypernet.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
-    state: dict = {}
-    for k, v in tensors.items():
-        if k.startswith("opt/"):
-            _, pid, name = k.split("/", 2)
-            state.setdefault(int(pid), {})[name] = v
-    run.opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-    run.step = int(meta["step"])
-    run.history = json.loads(meta["history"])
-    log.info("resumed from %s at step %d", path, run.step)
-
-
 def save_final(run: Run, seconds: float) -> str:
     path = os.path.join(run.cfg.out, "hypernet.safetensors")
     training = {
