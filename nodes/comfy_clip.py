@@ -18,6 +18,7 @@ vocabulary as ComfyUI's), not from ComfyUI's prompt tokenizer, whose ``(word:1.2
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import weakref
@@ -35,14 +36,14 @@ from hypertransport_core.clip_layouts import (
     text_spec,
 )
 from hypertransport_core.concepts import Concept
-from hypertransport_core.encoders import to_model_input, tower_fingerprint
+from hypertransport_core.encoders import body_spec, concept_texts, text_body, to_model_input, tower_fingerprint
 from hypertransport_core.errors import HyperTransportError
 
 from . import model_files as mf
 
 log = logging.getLogger(__name__)
 
-_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tower module -> (spec, fingerprint)
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tower module -> {spec json: fingerprint}
 _TOKENIZERS: dict[tuple[str, int], object] = {}
 _LOCK = threading.Lock()
 
@@ -56,6 +57,7 @@ class Tower:
     module: torch.nn.Module  # SDClipModel (text) or CLIPVisionModelProjection (image)
     fingerprint: str | None
     why_not: str = ""  # when fingerprint is None
+    body_fingerprint: str | None = None  # text towers: the tower without its projection (SD1.5 checkpoints hold none)
 
     def describe(self) -> str:
         return f"{self.name} (fingerprint {self.fingerprint})" if self.fingerprint else f"{self.name} ({self.why_not})"
@@ -86,17 +88,20 @@ def _own_weights(patcher) -> None:
         mm.load_model_gpu(patcher)
 
 
-def _fingerprint(module: torch.nn.Module, patcher, spec: dict, canonical) -> str:
-    """The tower's fingerprint, cached per module object (ComfyUI never reloads weights into a live CLIP)."""
+def _fingerprint(module: torch.nn.Module, patcher, spec: dict, canonical, part=None) -> str:
+    """The tower's fingerprint (of ``part(state dict)`` when given), cached per module object and spec (ComfyUI never
+    reloads weights into a live CLIP)."""
+    key = json.dumps(spec, sort_keys=True)
     with _LOCK:
-        hit = _FINGERPRINTS.get(module)
-    if hit is not None and hit[0] == spec:
-        return hit[1]
+        hit = _FINGERPRINTS.get(module, {}).get(key)
+    if hit is not None:
+        return hit
     _own_weights(patcher)
     with torch.no_grad():
-        fp = tower_fingerprint(canonical(module.state_dict()), spec)
+        sd = canonical(module.state_dict())
+        fp = tower_fingerprint(part(sd) if part else sd, spec)
     with _LOCK:
-        _FINGERPRINTS[module] = (spec, fp)
+        _FINGERPRINTS.setdefault(module, {})[key] = fp
     return fp
 
 
@@ -121,7 +126,8 @@ def text_towers(clip) -> list[Tower]:
             continue
         layer = tr.text_model.encoder.layers[0]
         spec = text_spec(layer.self_attn.heads, _act_name(layer.mlp.activation), "argmax", True)
-        out.append(Tower(label, m, _fingerprint(tr, patcher, spec, hf_text_to_open_clip)))
+        body = _fingerprint(tr, patcher, body_spec(spec), hf_text_to_open_clip, text_body)
+        out.append(Tower(label, m, _fingerprint(tr, patcher, spec, hf_text_to_open_clip), body_fingerprint=body))
     return out
 
 
@@ -157,7 +163,7 @@ def _tokenizer(arch: str, context_length: int):
             return _TOKENIZERS[key]
     import open_clip
 
-    mf._ensure_arch(arch)
+    mf.ensure_arch(arch)
     tok = open_clip.get_tokenizer(arch, context_length=context_length)
     with _LOCK:
         _TOKENIZERS[key] = tok
@@ -168,31 +174,30 @@ class ComfyTextEncoder:
     """Encodes text with a text tower of a ComfyUI ``CLIP`` (the same interface the nodes use of
     :class:`~hypertransport_core.encoders.ConceptEncoder`)."""
 
-    def __init__(self, clip, tower: Tower, identity: dict):
-        self.clip, self.tower, self.identity = clip, tower, dict(identity)
+    def __init__(self, clip, tower: Tower, identity: dict, projection: torch.Tensor | None = None):
+        self.clip, self.tower, self.identity, self.projection = clip, tower, dict(identity), projection
 
     def describe(self) -> str:
-        return f"ComfyUI CLIP {self.tower.name}"
+        how = "with the hypernet's own text projection" if self.projection is not None else ""
+        return f"ComfyUI CLIP {self.tower.name} {how}".strip()
 
     @torch.no_grad()
     def encode_text(self, texts) -> torch.Tensor:
         """``(n, d)`` unit-norm embeddings, as open_clip's ``encode_text`` gives them."""
         import comfy.model_management as mm
 
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = [t.strip() for t in texts]
-        if not texts or any(not t for t in texts):
-            raise HyperTransportError("concept text is empty. Fix: type a concept, e.g. 'watercolor'.")
+        texts = concept_texts(texts)
         tr = self.tower.module.transformer
         n_pos = tr.text_model.embeddings.position_embedding.weight.shape[0]
         tokens = _tokenizer(self.identity.get("arch", ""), n_pos)(list(texts))
         mm.load_model_gpu(self.clip.patcher)  # as CLIP.encode_from_tokens does: ComfyUI picks the device
         device = tr.get_input_embeddings().weight.device
         eot = tokens.argmax(dim=-1)  # open_clip's 'argmax' pooling: the EOT token has the highest id
-        _, _, projected, _ = tr(
+        _, _, projected, pooled = tr(
             tokens.to(device), None, num_tokens=(eot + 1).tolist(), intermediate_output=None, dtype=torch.float32
         )
+        if self.projection is not None:  # the tower has no projection of its own (SD1.5): the hypernet's
+            projected = pooled.float() @ self.projection.to(pooled.device, torch.float32)
         return F.normalize(projected.float(), dim=-1).cpu()
 
     def concept(self, text: str) -> Concept:
@@ -226,12 +231,19 @@ class ComfyImageEncoder:
 # ---------------------------------------------------------------------------------- choice ---
 def _choose(handle, obj, what: str, tower_kind: str, towers, make, clip_weights: str, node: str):
     want = (handle.encoder or {}).get(f"{tower_kind}_fingerprint")
+    body = (handle.encoder or {}).get(f"{tower_kind}_body_fingerprint")
+    proj = getattr(handle.net, "text_projection", None) if tower_kind == TEXT else None
     arch = (handle.encoder or {}).get("arch", "?")
     if want:
         found = towers()
         for t in found:
             if t.fingerprint == want:
-                return make(t)
+                return make(t, None)
+        for t in found:  # the same tower without its projection (ComfyUI leaves an SD1.5 clip_l's unloaded)
+            if body and proj is not None and t.body_fingerprint == body:
+                log.info("%s: %s is the hypernet's text tower without its projection: using the projection the "
+                         "hypernet file keeps.", node, t.name)
+                return make(t, proj)
         held = ", ".join(t.describe() for t in found) or "no CLIP tower"
         why = (
             f"the connected {what} is not the hypernet's encoder: hypernet {handle.name} needs {arch} with "
@@ -264,7 +276,7 @@ def text_encoder_for(handle, clip, clip_weights: str, node: str = "Encode Concep
         "CLIP",
         TEXT,
         lambda: text_towers(clip),
-        lambda t: ComfyTextEncoder(clip, t, handle.encoder),
+        lambda t, proj: ComfyTextEncoder(clip, t, handle.encoder, proj),
         clip_weights,
         node,
     )
@@ -280,7 +292,7 @@ def image_encoder_for(handle, clip_vision, clip_weights: str, node: str = "Encod
         "CLIP_VISION",
         IMAGE,
         lambda: [image_tower(clip_vision)],
-        lambda t: ComfyImageEncoder(clip_vision, t, handle.encoder),
+        lambda t, _proj: ComfyImageEncoder(clip_vision, t, handle.encoder),
         clip_weights,
         node,
     )

@@ -16,22 +16,24 @@ from comfy_api.latest import io, ui
 from hypertransport_core.concepts import Concept, combine_concepts
 from hypertransport_core.errors import HyperTransportError
 from hypertransport_core.files import load_hypernet, load_steering, read_header, save_steering
-from hypertransport_core.interventions import Steering
-from hypertransport_core.sites import check_sites, detect_family
+from hypertransport_core.interventions import Steering, block_matches
+from hypertransport_core.sites import block_presets, check_sites, detect_family
 
 from . import comfy_clip, patching
 from . import model_files as mf
 
 CATEGORY = "HyperTransport"
+LOADERS, CONCEPTS, STEERING, FILES = (f"{CATEGORY}/{c}" for c in ("loaders", "concepts", "steering", "files"))
 
 HyperNetType = io.Custom("HT_HYPERNET")
 ConceptType = io.Custom("HT_CONCEPT")
 SteeringType = io.Custom("HT_STEERING")
 
-_STRENGTH = dict(default=1.0, min=-10.0, max=10.0, step=0.05)
+_STRENGTH = dict(default=1.0, min=patching.STRENGTH_RANGE[0], max=patching.STRENGTH_RANGE[1], step=0.05)
 _STRENGTH_TIP = (
-    "How strongly the concept is applied: 0 leaves the model unchanged, 1 the full learned map, "
-    "above 1 extrapolates, negative removes the concept (inverse map)."
+    "How strongly the concept is applied, from -10 to 10: 0 leaves the model unchanged, 1 the full learned map, "
+    "above 1 extrapolates; negative applies the inverse map, which pushes away from the concept (towards an "
+    "opposite; at -1 it can break the object)."
 )
 _START_TIP = "Fraction of the sampling at which steering starts (0 = first step)."
 _END_TIP = "Fraction of the sampling at which steering stops (1 = last step)."
@@ -51,29 +53,62 @@ def check_model(model, family: str, sites, what: str) -> None:
     check_sites(sites, dm, what=what)
 
 
-_WEIGHTED = re.compile(r"^\((?P<text>.*):\s*(?P<w>[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)\s*\)$")
+_NUMBER = r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"
+_WEIGHTED = re.compile(r"^(?P<text>.*?)\s*\*\s*(?P<w>\S+)$")
+_EMPHASIS = re.compile(r"^\(.*:\s*\S*\s*\)$")
+MAX_CONCEPT_LINES = 16
+MAX_CONCEPT_WEIGHT = 10.0
 
 
 def parse_concepts(text: str) -> list[tuple[str, float]]:
-    """One concept per line; ``(text:weight)`` gives a weight (negative subtracts), else weight 1."""
+    """One concept per line, ``text * weight`` for a weight (negative subtracts), else weight 1.
+
+    The weights mix concept *embeddings* (Combine Concepts' weighted sum), which is not what ComfyUI's
+    prompt emphasis ``(word:1.2)`` does to tokens, so that spelling is refused with the fix.
+    """
     out = []
     for line in (text or "").splitlines():
         line = line.strip()
         if not line:
             continue
+        if _EMPHASIS.match(line):
+            raise HyperTransportError(
+                f"Encode Concept: {line!r} looks like ComfyUI's prompt emphasis, which weights tokens; here weights mix "
+                "whole concepts. Fix: write the line as 'text * weight', e.g. 'watercolor * 0.7'."
+            )
         m = _WEIGHTED.match(line)
-        out.append((m["text"].strip(), float(m["w"])) if m else (line, 1.0))
+        if m:
+            if not re.fullmatch(_NUMBER, m["w"]):
+                raise HyperTransportError(
+                    f"Encode Concept: in {line!r} the weight {m['w']!r} is not a number. Fix: write e.g. 'watercolor * 0.7'."
+                )
+            w = float(m["w"])
+            if not math.isfinite(w) or abs(w) > MAX_CONCEPT_WEIGHT:
+                raise HyperTransportError(
+                    f"Encode Concept: in {line!r} the weight {w:g} is outside -{MAX_CONCEPT_WEIGHT:g}..{MAX_CONCEPT_WEIGHT:g}. "
+                    "Fix: use a weight like 0.5 or -1."
+                )
+            out.append((m["text"].strip(), w))
+        else:
+            out.append((line, 1.0))
+        if len(out) > MAX_CONCEPT_LINES:
+            raise HyperTransportError(
+                f"Encode Concept: more than {MAX_CONCEPT_LINES} concept lines. Fix: combine at most {MAX_CONCEPT_LINES} "
+                "concepts in one node (chain Combine Concepts for more)."
+            )
     if not out or any(not t for t, _ in out):
         raise HyperTransportError(
             "Encode Concept: the concept text is empty. Fix: type a concept, e.g. 'watercolor', one per line, "
-            "optionally weighted as '(watercolor:0.7)'."
+            "optionally weighted as 'watercolor * 0.7'."
         )
     return out
 
 
 def parse_block_strengths(text: str) -> dict[str, float]:
-    """``prefix: multiplier`` per line (``*`` = every other site); empty means 1 everywhere."""
+    """``block: multiplier`` per line (``*`` = every other site); empty means 1 everywhere. A block is a site
+    name or a prefix of whole dotted segments (``blocks.2`` is block 2, never block 20)."""
     out: dict[str, float] = {}
+    lo, hi = patching.STRENGTH_RANGE
     for i, line in enumerate((text or "").splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
@@ -85,11 +120,29 @@ def parse_block_strengths(text: str) -> dict[str, float]:
             v = float("nan")
         if not sep or not key.strip() or not math.isfinite(v):
             raise HyperTransportError(
-                f"Apply Steering (Advanced): block_strengths line {i} {line!r} is not 'prefix: number'. "
+                f"Apply Steering (Advanced): block_strengths line {i} {line!r} is not 'block: number'. "
                 "Fix: write e.g. 'input_blocks: 0.5' or '*: 1.0', one per line."
+            )
+        if not lo <= v <= hi:
+            raise HyperTransportError(
+                f"Apply Steering (Advanced): block_strengths line {i} gives {key.strip()!r} the multiplier {v:g}, outside "
+                f"{lo:g}..{hi:g}. Fix: use a multiplier like 0.5 (or 0 to switch the block off)."
             )
         out[key.strip()] = v
     return out
+
+
+def check_blocks(mult: dict[str, float], sites) -> None:
+    """Refuse a block name that matches no site (a typo would otherwise steer that block at full strength)."""
+    names = [s.name for s in sites]
+    for key in mult:
+        if key != "*" and not any(block_matches(key, n) for n in names):
+            tops = sorted({n.split(".")[0].split("@")[0] for n in names})
+            raise HyperTransportError(
+                f"Apply Steering (Advanced): block {key!r} matches none of the steering's {len(names)} sites. "
+                f"Fix: use a site name or a prefix of whole dotted segments, e.g. {', '.join(tops[:6])} "
+                "(Load HyperNet's info lists the blocks)."
+            )
 
 
 def _check_widgets(check) -> bool | str:
@@ -106,19 +159,48 @@ def _strength(strength: float, node: str) -> float:
 
 
 # ------------------------------------------------------------------------------------ nodes ---
+class LoadEmbeddedWorld(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HyperTransportLoadEmbeddedWorld",
+            display_name="HyperTransport Load Embedded World",
+            category=LOADERS,
+            description="Loads the embedded world shipped in this pack: a tiny text-to-image model of 32x32 images of one "
+            "coloured, patterned circle, square or triangle, in ComfyUI's own classes (SD UNet, CLIP text, CLIP vision, "
+            "pixel-space VAE). Its hypernet, world_hypernet.safetensors, is listed in Load HyperNet. Sample it with an "
+            "Empty Latent Image of 256x256 (a 32x32 latent), KSampler euler/simple, 4 steps, cfg 2, then VAE Decode.",
+            inputs=[],
+            outputs=[
+                io.Model.Output(tooltip="The world's diffusion model (ComfyUI's SD UNet in pixel space, flow matching)."),
+                io.Clip.Output(tooltip="The world's text encoder (ComfyUI's CLIP text model, HT-World-CLIP's text tower)."),
+                io.Vae.Output(tooltip="ComfyUI's pixel-space VAE: the latent is the image."),
+                io.ClipVision.Output(tooltip="HT-World-CLIP's image tower, for Encode Reference Image."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls) -> io.NodeOutput:
+        from hypertransport_world import model as WM
+
+        with torch.inference_mode(False):  # plain tensors: the world can also be trained through (Fit Steering)
+            w = WM.load(mf.WORLD_WEIGHTS)
+        return io.NodeOutput(w.model, w.clip, w.vae, w.clip_vision)
+
+
 class LoadHyperNet(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="HyperTransportLoadHyperNet",
-            display_name="Load HyperNet",
-            category=CATEGORY,
+            display_name="HyperTransport Load HyperNet",
+            category=LOADERS,
             description="Loads a HyperTransport hypernetwork (.safetensors from models/hypertransport), checks the "
             "file before reading its tensors, and tells which model family and CLIP encoder it needs.",
             inputs=[
                 io.Combo.Input(
                     "hypernet_name",
-                    options=mf.list_files(mf.HYPERNET_FOLDER),
+                    options=mf.list_files(mf.HYPERNET_FOLDER, kind="hypertransport.hypernet"),
                     tooltip="Hypernet file in ComfyUI/models/hypertransport.",
                 ),
             ],
@@ -144,18 +226,19 @@ class EncodeConcept(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="HyperTransportEncodeConcept",
-            display_name="Encode Concept",
-            category=CATEGORY,
+            display_name="HyperTransport Encode Concept",
+            category=CONCEPTS,
             description="Encodes a concept phrase with the CLIP text encoder the hypernet was trained with: the "
             "connected CLIP when it holds that encoder, else open_clip weights from the model folders. Several "
-            "concepts: one per line, weighted as '(text:weight)'; a negative weight subtracts.",
+            "concepts: one per line (at most 16), weighted as 'text * weight'; a negative weight subtracts.",
             inputs=[
                 HyperNetType.Input("hypernet", tooltip="The hypernet whose encoder to use (from Load HyperNet)."),
                 io.String.Input(
                     "text",
                     multiline=True,
                     default="watercolor painting",
-                    tooltip="The concept, e.g. 'watercolor'. One per line; '(text:0.5)' sets a weight.",
+                    tooltip="The concept, e.g. 'watercolor'. One per line (at most 16); 'watercolor * 0.5' sets a weight "
+                    "(-10..10) in the weighted sum of the concepts' embeddings.",
                 ),
                 io.Combo.Input(
                     "clip_weights",
@@ -197,8 +280,8 @@ class EncodeReferenceImage(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="HyperTransportEncodeReferenceImage",
-            display_name="Encode Reference Image",
-            category=CATEGORY,
+            display_name="HyperTransport Encode Reference Image",
+            category=CONCEPTS,
             description="Encodes reference image(s) with the CLIP image encoder of the hypernet (the connected "
             "CLIP_VISION when it is that encoder, else open_clip weights); a batch is averaged. "
             "Any size; grayscale and alpha are handled (alpha composited on a neutral background).",
@@ -239,8 +322,8 @@ class CombineConcepts(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="HyperTransportCombineConcepts",
-            display_name="Combine Concepts",
-            category=CATEGORY,
+            display_name="HyperTransport Combine Concepts",
+            category=CONCEPTS,
             description="Weighted sum of up to three concepts (text or image), re-normalized. A negative weight "
             "subtracts: 'a' 1 and 'b' -1 steers towards the difference of a and b.",
             inputs=[
@@ -276,12 +359,34 @@ class CombineConcepts(io.ComfyNode):
         return io.NodeOutput(combine_concepts(parts))
 
 
-def _steering_for(hypernet, concept) -> Steering:
+def _steering_for(hypernet, concept, node: str) -> Steering:
     if not isinstance(concept, Concept):
-        raise HyperTransportError("expected a CONCEPT from Encode Concept / Encode Reference Image / Combine Concepts.")
+        raise HyperTransportError(
+            f"{node}: the concept input holds a {type(concept).__name__}, not a CONCEPT. Fix: connect Encode Concept, "
+            "Encode Reference Image or Combine Concepts."
+        )
     steering = hypernet.net.steering(concept)
     steering.meta["hypernet"] = hypernet.name
     return steering
+
+
+def _source_steering(node: str, hypernet, concept, steering) -> tuple[Steering, str]:
+    """The steering to apply and a label: a STEERING as it is, or a HYPERNET's maps for a CONCEPT (exactly one of the two)."""
+    if steering is not None and (hypernet is not None or concept is not None):
+        raise HyperTransportError(f"{node}: connect either a steering, or a hypernet and a concept, not both. "
+                                  "Fix: disconnect one of them.")
+    if steering is not None:
+        if not isinstance(steering, Steering):
+            raise HyperTransportError(
+                f"{node}: the steering input holds a {type(steering).__name__}, not a STEERING. Fix: connect Make "
+                "Steering, Fit Steering or Load Steering."
+            )
+        return steering, f"steering {steering.meta.get('file') or steering.meta.get('label') or ''}".strip()
+    if hypernet is None or concept is None:
+        raise HyperTransportError(f"{node}: nothing to apply. Fix: connect a hypernet and a concept (Load HyperNet, Encode "
+                                  "Concept), or a steering (Make, Fit or Load Steering).")
+    st = _steering_for(hypernet, concept, node)
+    return st, f"hypernet {hypernet.name} ({st.meta.get('label', '')!r})"
 
 
 class ApplySteering(io.ComfyNode):
@@ -289,44 +394,47 @@ class ApplySteering(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="HyperTransportApplySteering",
-            display_name="Apply Steering",
-            category=CATEGORY,
-            description="Steers the model towards (strength > 0) or away from (strength < 0) a concept, with the "
-            "maps the hypernet produces for it. Patches a clone only; strength 0 returns the model as is. "
-            "Over the whole sampling the maps are folded into the norm weights where possible (free per step).",
+            display_name="HyperTransport Apply Steering",
+            category=STEERING,
+            description="Steers the model towards a concept (strength > 0) or pushes it away (strength < 0), with the "
+            "maps a hypernet makes for a concept, or a STEERING (made, fitted or loaded). Patches a clone only; "
+            "strength 0 returns the model as is. Over the whole sampling the maps are folded into the norm weights "
+            "where possible (free per step). Also: concept slider, style steering, activation steering.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to steer (stacks with LoRAs and other patches)."),
-                HyperNetType.Input("hypernet", tooltip="From Load HyperNet; must be trained for this model family."),
+                HyperNetType.Input("hypernet", optional=True,
+                                   tooltip="From Load HyperNet (with a concept); must be trained for this model family."),
                 ConceptType.Input(
-                    "concept", tooltip="From Encode Concept, Encode Reference Image or Combine Concepts."
+                    "concept", optional=True, tooltip="From Encode Concept, Encode Reference Image or Combine Concepts."
                 ),
                 io.Float.Input("strength", tooltip=_STRENGTH_TIP, **_STRENGTH),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001, tooltip=_START_TIP),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001, tooltip=_END_TIP),
+                SteeringType.Input("steering", optional=True,
+                                   tooltip="Instead of hypernet + concept: a STEERING from Make, Fit or Load Steering."),
             ],
             outputs=[io.Model.Output(tooltip="The steered model (a patched clone).")],
         )
 
     @classmethod
-    def validate_inputs(cls, strength=None, start_percent=None, end_percent=None) -> bool | str:
-        def check():
-            if strength is not None:
-                _strength(strength, "Apply Steering")
-            if start_percent is not None and end_percent is not None:
-                patching.check_range(start_percent, end_percent)
-
-        return _check_widgets(check)
+    def validate_inputs(cls, strength=None) -> bool | str:
+        # strength only: ComfyUI attaches the message to every input named here, and skips its own min/max
+        # check for them (so the bound is checked here, NaN included); start/end are checked when the node runs
+        return True if strength is None else _check_widgets(lambda: _strength(strength, "Apply Steering"))
 
     @classmethod
-    def execute(cls, model, hypernet, concept, strength=1.0, start_percent=0.0, end_percent=1.0) -> io.NodeOutput:
-        lam = _strength(strength, "Apply Steering")
-        patching.check_range(start_percent, end_percent)
-        if lam == 0.0:
+    def execute(cls, model, hypernet=None, concept=None, strength=1.0, start_percent=0.0, end_percent=1.0,
+                steering=None) -> io.NodeOutput:
+        node = "Apply Steering"
+        lam = _strength(strength, node)
+        if lam == 0.0:  # the model as it is (the step range is checked where it is used, in patching.attach)
             return io.NodeOutput(model)
-        check_model(model, hypernet.family, hypernet.net.sites, f"hypernet {hypernet.name}")
-        steering = _steering_for(hypernet, concept)
+        st, what = _source_steering(node, hypernet, concept, steering)
+        check_model(model, hypernet.family if steering is None else st.meta.get("family", "generic"),
+                    hypernet.net.sites if steering is None else st.sites, what)
         return io.NodeOutput(
-            patching.attach(model, [(steering, lam)], start_percent=start_percent, end_percent=end_percent, mode="auto")
+            patching.attach(model, [(st, lam)], start_percent=start_percent, end_percent=end_percent, mode="auto",
+                            label=f"{node} ({what})")
         )
 
 
@@ -335,8 +443,8 @@ class MakeSteering(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="HyperTransportMakeSteering",
-            display_name="Make Steering",
-            category=CATEGORY,
+            display_name="HyperTransport Make Steering",
+            category=STEERING,
             description="Runs the hypernet once on a concept and outputs its maps (STEERING), to save as a small "
             "file or apply with Apply Steering (Advanced).",
             inputs=[
@@ -348,7 +456,7 @@ class MakeSteering(io.ComfyNode):
 
     @classmethod
     def execute(cls, hypernet, concept) -> io.NodeOutput:
-        return io.NodeOutput(_steering_for(hypernet, concept))
+        return io.NodeOutput(_steering_for(hypernet, concept, "Make Steering"))
 
 
 class SaveSteering(io.ComfyNode):
@@ -356,8 +464,8 @@ class SaveSteering(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="HyperTransportSaveSteering",
-            display_name="Save Steering",
-            category=CATEGORY,
+            display_name="HyperTransport Save Steering",
+            category=FILES,
             description="Saves a STEERING as a small .safetensors file in output/hypertransport_steerings; Load "
             "Steering lists it, and it works without the hypernet or the CLIP weights.",
             is_output_node=True,
@@ -405,14 +513,14 @@ class LoadSteering(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="HyperTransportLoadSteering",
-            display_name="Load Steering",
-            category=CATEGORY,
+            display_name="HyperTransport Load Steering",
+            category=FILES,
             description="Loads a saved STEERING file (models/hypertransport_steerings or output/hypertransport_steerings);"
             " no hypernet or CLIP weights needed.",
             inputs=[
                 io.Combo.Input(
                     "steering_name",
-                    options=mf.list_files(mf.STEERING_FOLDER),
+                    options=mf.list_files(mf.STEERING_FOLDER, kind="hypertransport.steering"),
                     tooltip="Steering file saved by Save Steering.",
                 ),
             ],
@@ -434,18 +542,39 @@ class LoadSteering(io.ComfyNode):
         return io.NodeOutput(s, info, ui=ui.PreviewText(info))
 
 
+def parse_batch_strengths(text: str, node: str) -> tuple[float, ...] | None:
+    """``"-1, 0, 0.5, 1"`` → one strength per image of the batch (``None`` when empty)."""
+    items = [x.strip() for x in (text or "").replace(";", ",").split(",") if x.strip()]
+    if not items:
+        return None
+    try:
+        vals = tuple(float(x) for x in items)
+    except ValueError:
+        raise HyperTransportError(f"{node}: batch_strengths {text!r} is not a comma-separated list of numbers. "
+                                  "Fix: write e.g. '-1, 0, 0.5, 1' (one per image of the batch).") from None
+    lo, hi = patching.STRENGTH_RANGE
+    if len(vals) > 256 or not all(lo <= v <= hi for v in vals):  # NaN fails the range test too
+        raise HyperTransportError(f"{node}: batch_strengths {text!r}: at most 256 numbers from {lo:g} to {hi:g}. "
+                                  "Fix: write e.g. '-1, 0, 0.5, 1'.")
+    return vals
+
+
+PRESETS = ("all", "input", "middle", "output", "fine", "coarse", "early", "late")
+
+
 class ApplySteeringAdvanced(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="HyperTransportApplySteeringAdvanced",
-            display_name="Apply Steering (Advanced)",
-            category=CATEGORY,
-            description="Applies a STEERING with per-block strengths, a choice of cond/uncond rows, and hooks or "
-            "folded weights. Patches a clone only; strength 0 returns the model as is.",
+            display_name="HyperTransport Apply Steering (Advanced)",
+            category=STEERING,
+            description="Applies a STEERING with the controls of a LoRA or ControlNet: per-block strengths and block "
+            "presets, one strength per image of the batch, a mask (steer only a region), a ramp over the steps, "
+            "cond/uncond rows, and hooks or folded weights. Patches a clone only; strength 0 returns the model as is.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to steer."),
-                SteeringType.Input("steering", tooltip="From Make Steering or Load Steering."),
+                SteeringType.Input("steering", tooltip="From Make, Fit or Load Steering."),
                 io.Float.Input("strength", tooltip=_STRENGTH_TIP, **_STRENGTH),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001, tooltip=_START_TIP),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001, tooltip=_END_TIP),
@@ -454,8 +583,8 @@ class ApplySteeringAdvanced(io.ComfyNode):
                     options=list(patching.MODES),
                     default="auto",
                     tooltip="hooks: forward hooks during the chosen steps; folded: maps written into the "
-                    "norms' weights (whole sampling, all rows, free per step; pooled sites stay "
-                    "hooks); auto: folded when the range is the whole sampling.",
+                    "norms' weights (whole sampling, all rows, one strength, no mask, no ramp; free per step; pooled "
+                    "sites stay hooks); auto: folded when that is possible.",
                 ),
                 io.Combo.Input(
                     "rows",
@@ -468,63 +597,146 @@ class ApplySteeringAdvanced(io.ComfyNode):
                     "block_strengths",
                     multiline=True,
                     default="",
-                    tooltip="Per-block multipliers of strength, one 'site-name-prefix: number' per line, "
-                    "longest prefix wins, '*' for the rest; e.g. 'input_blocks: 0.5' or "
-                    "'blocks.2: 0'. Empty: 1 everywhere.",
+                    tooltip="Per-block multipliers of strength (-10..10), one 'block: number' per line; a block is "
+                    "a site name or a prefix of whole dotted segments ('blocks.2' is block 2, not 20), the longest "
+                    "wins, '*' for the rest; e.g. 'input_blocks: 0.5' or 'blocks.2: 0'. Empty: 1 everywhere. "
+                    "Load HyperNet's info lists the blocks.",
                 ),
+                io.Combo.Input("preset", options=list(PRESETS), default="all", optional=True,
+                               tooltip="Steer only a group of blocks: UNets (SD1.5, SDXL, the embedded world) input, middle, "
+                               "output, fine (highest resolution) or coarse (lowest); DiTs and Flux early, middle, late. "
+                               "block_strengths lines apply on top."),
+                io.String.Input("batch_strengths", default="", optional=True,
+                                tooltip="One strength per image of the batch, e.g. '-1, 0, 0.5, 1' (a sweep in one "
+                                "KSampler run; cond and uncond rows alike), each times strength. Empty: every image "
+                                "gets strength. Needs hooks."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Steer only where the mask is 1 (resized to every site's resolution; token sites "
+                              "by token position). Outside it every site's output is the unsteered one. Needs hooks."),
+                io.Combo.Input("ramp", options=list(patching.RAMPS), default="constant", optional=True,
+                               tooltip="Over the steered steps: constant strength, ease in (0 at the first step, full "
+                               "at the last) or ease out (full, then down to 0). Needs hooks."),
             ],
             outputs=[io.Model.Output(tooltip="The steered model (a patched clone).")],
         )
 
     @classmethod
-    def validate_inputs(cls, strength=None, start_percent=None, end_percent=None, block_strengths=None) -> bool | str:
-        def check():
-            if strength is not None:
-                _strength(strength, "Apply Steering (Advanced)")
-            if start_percent is not None and end_percent is not None:
-                patching.check_range(start_percent, end_percent)
-            if block_strengths is not None:
-                parse_block_strengths(block_strengths)
-
-        return _check_widgets(check)
+    def validate_inputs(cls, strength=None) -> bool | str:
+        return True if strength is None else _check_widgets(lambda: _strength(strength, "Apply Steering (Advanced)"))
 
     @classmethod
-    def execute(
-        cls,
-        model,
-        steering,
-        strength=1.0,
-        start_percent=0.0,
-        end_percent=1.0,
-        mode="auto",
-        rows="all",
-        block_strengths="",
-    ) -> io.NodeOutput:
+    def execute(cls, model, steering, strength=1.0, start_percent=0.0, end_percent=1.0, mode="auto", rows="all",
+                block_strengths="", preset="all", batch_strengths="", mask=None, ramp="constant") -> io.NodeOutput:
         node = "Apply Steering (Advanced)"
         lam = _strength(strength, node)
-        patching.check_range(start_percent, end_percent)
         mult = parse_block_strengths(block_strengths)
-        if lam == 0.0 or (mult and all(v == 0.0 for v in mult.values()) and "*" in mult):
+        per_image = parse_batch_strengths(batch_strengths, node)
+        if lam == 0.0 or (per_image is not None and not any(per_image)) or (mult and "*" in mult and not any(mult.values())
+                                                                            and preset == "all"):
             return io.NodeOutput(model)
-        if not isinstance(steering, Steering):
-            raise HyperTransportError(f"{node}: expected a STEERING from Make Steering or Load Steering.")
-        what = f"steering {steering.meta.get('file') or steering.meta.get('label') or ''}".strip()
-        check_model(model, steering.meta.get("family", "generic"), steering.sites, what)
-        spec = lam if not mult else {k: lam * v for k, v in {"*": 1.0, **mult}.items()}
+        st, what = _source_steering(node, None, None, steering)
+        check_model(model, st.meta.get("family", "generic"), st.sites, what)
+        if preset != "all":
+            groups = block_presets(st.sites)
+            if preset not in groups:
+                raise HyperTransportError(f"{node}: preset {preset!r} does not apply to this steering's blocks; it has "
+                                          f"{', '.join(groups) or 'none'}. Fix: pick one of those, or 'all'.")
+            mult = {"*": 0.0, **{b: 1.0 for b in groups[preset]}, **mult}
+        check_blocks(mult, st.sites)
+        base = lam if per_image is None else tuple(lam * v for v in per_image)
+        spec = base if not mult else {k: patching.scale_spec(base, v) for k, v in {"*": 1.0, **mult}.items()}
+        if mask is not None and (not torch.is_tensor(mask) or mask.ndim not in (2, 3)):
+            raise HyperTransportError(f"{node}: the mask input is not a MASK (found {type(mask).__name__}). Fix: connect a "
+                                      "mask (Load Image's MASK output, Solid Mask, ...).")
+        region = None if mask is None else (mask[None] if mask.ndim == 2 else mask).float().clamp(0, 1)
         return io.NodeOutput(
             patching.attach(
-                model, [(steering, spec)], start_percent=start_percent, end_percent=end_percent, rows=rows, mode=mode
+                model, [(st, spec)], start_percent=start_percent, end_percent=end_percent, rows=rows, mode=mode,
+                label=f"{node} ({what})", ramp=ramp, per_image=None if per_image is None else len(per_image), region=region,
             )
         )
 
 
+class FitSteering(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HyperTransportFitSteering",
+            display_name="HyperTransport Fit Steering (LinEAS)",
+            category=STEERING,
+            description="Fits one concept's steering on the connected model itself (LinEAS: every norm's map, end to end, "
+            "with the optimal-transport loss the hypernet is trained with), for models no hypernet exists for. "
+            "Slower than a hypernet (seconds on the embedded world, minutes on SDXL) but needs nothing else; the result "
+            "is a small STEERING to apply or save. Progress shows in the queue; Cancel stops it within a step; the same "
+            "inputs again reuse the result.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to fit the steering for (the one you will steer)."),
+                io.Clip.Input("clip", tooltip="The model's text encoder (it encodes the prompts, as CLIP Text Encode does)."),
+                io.String.Input("concept", default="watercolor painting", tooltip="The concept, e.g. 'watercolor'."),
+                io.String.Input(
+                    "prompts", multiline=True, default="",
+                    tooltip="Prompts to fit on, one per line; '{concept}' marks where the concept goes (else ', concept' is "
+                    "appended); the prompt without it is the neutral one. Empty: 8 everyday prompts. For the embedded "
+                    "world: 'a {concept} circle', 'a {concept} square', 'a {concept} triangle'.",
+                ),
+                io.Int.Input("steps", default=60, min=1, max=10000, tooltip="Optimizer steps (LinEAS: 50 already works well)."),
+                io.Float.Input("learning_rate", default=0.01, min=1e-5, max=1.0, step=0.001, tooltip="Adam learning rate."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seeds the prompts' order and the noise."),
+                io.Int.Input("sampler_steps", default=0, min=0, max=100, optional=True,
+                             tooltip="Sampler steps of each fitting generation; 0: the model's own (DMD2: 4, Nitro: 1, the "
+                             "embedded world: 4)."),
+                io.Float.Input("cfg", default=0.0, min=0.0, max=30.0, step=0.1, optional=True,
+                               tooltip="Guidance of the fitting generations; 0: the model's (1 for distilled models, 2 for "
+                               "the embedded world)."),
+                io.Int.Input("resolution", default=0, min=0, max=4096, step=8, optional=True,
+                             tooltip="Image side of the fitting generations in pixels; 0: the model's (SDXL/DMD2, PixArt, "
+                             "Flux 1024, SD1.5 512, the embedded world 32). Smaller is faster."),
+            ],
+            outputs=[SteeringType.Output(display_name="STEERING", tooltip="The fitted maps for this concept.")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, concept, prompts="", steps=60, learning_rate=0.01, seed=0, sampler_steps=0,
+                cfg=0.0, resolution=0) -> io.NodeOutput:
+        import comfy.model_management as mm
+        import comfy.utils
+
+        fit = _trainer_module("fit")
+        settings = fit.FitSettings(steps=int(steps), lr=float(learning_rate), seed=int(seed), sampler_steps=int(sampler_steps),
+                                   cfg=float(cfg), resolution=int(resolution))
+        bar = comfy.utils.ProgressBar(int(steps))
+
+        def on_step(step, total, loss):
+            mm.throw_exception_if_processing_interrupted()  # Cancel: stops here, nothing is returned or cached
+            bar.update_absolute(step, total)
+
+        st = fit.fit_steering(model, clip, concept, prompts, settings, on_step=on_step)
+        return io.NodeOutput(st)
+
+
+def _trainer_module(name: str):
+    """This pack's ``trainer.<name>`` (Fit Steering samples with the trainer's code); refuses another ``trainer``."""
+    import importlib
+
+    mod = importlib.import_module(f"trainer.{name}")
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.abspath(mod.__file__).startswith(here):
+        raise HyperTransportError(
+            f"Fit Steering: the module 'trainer' comes from {mod.__file__}, not from this pack ({here}). Fix: rename the "
+            "other 'trainer' package on Python's path, or install this pack's requirements in its own environment."
+        )
+    return mod
+
+
 NODES = [
+    LoadEmbeddedWorld,
     LoadHyperNet,
     EncodeConcept,
     EncodeReferenceImage,
     CombineConcepts,
     ApplySteering,
     MakeSteering,
+    FitSteering,
     SaveSteering,
     LoadSteering,
     ApplySteeringAdvanced,

@@ -8,6 +8,12 @@ Folders (registered with ``folder_paths``, so ``extra_model_paths.yaml`` can add
   and ``output/hypertransport_steerings`` (where Save Steering writes).
 * CLIP weights for Encode Concept / Encode Reference Image: ``clip`` (= ``text_encoders``),
   ``clip_vision`` and ``hypertransport``, in open_clip's layout.
+* The embedded world's folder (``hypertransport_world/weights`` inside this pack) is added to
+  ``hypertransport``, so its hypernet and its CLIP are found without copying anything.
+
+File lists leave out temporary files (``.tmp-*`` from an interrupted save) and, for Load HyperNet and
+Load Steering, every ``.safetensors`` whose header is not of that kind (the world's UNet and CLIP files
+share the folder).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from dataclasses import dataclass
 from hypertransport_core.encoders import ConceptEncoder
 from hypertransport_core.errors import HyperTransportError
 from hypertransport_core.hypernet import HyperNet
+from hypertransport_core.tensorfile import is_temporary, read_layout
 
 HYPERNET_FOLDER = "hypertransport"
 STEERING_FOLDER = "hypertransport_steerings"
@@ -29,12 +36,16 @@ WEIGHT_EXTS = {".safetensors", ".bin", ".pt", ".pth"}
 AUTO = "auto (match the hypernet's encoder)"
 
 
+WORLD_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hypertransport_world", "weights")
+
+
 def register_folders() -> None:
     """Add our folders to ComfyUI's ``folder_paths`` (idempotent)."""
     import folder_paths
 
     root = os.path.join(folder_paths.models_dir, HYPERNET_FOLDER)
     folder_paths.add_model_folder_path(HYPERNET_FOLDER, root, is_default=True)
+    folder_paths.add_model_folder_path(HYPERNET_FOLDER, WORLD_WEIGHTS)
     folder_paths.folder_names_and_paths[HYPERNET_FOLDER][1].update({".safetensors", ".json"})
     folder_paths.add_model_folder_path(
         STEERING_FOLDER, os.path.join(folder_paths.models_dir, STEERING_FOLDER), is_default=True
@@ -49,14 +60,39 @@ def steering_output_dir() -> str:
     return os.path.join(folder_paths.get_output_directory(), STEERING_FOLDER)
 
 
-def list_files(folder: str, exts=(".safetensors",)) -> list[str]:
+def list_files(folder: str, exts=(".safetensors",), kind: str | None = None) -> list[str]:
+    """File names in a model folder with one of ``exts``, temporary files left out; with ``kind``
+    (``"hypertransport.hypernet"``/``"hypertransport.steering"``), only files whose header says so."""
     import folder_paths
 
     try:
         names = folder_paths.get_filename_list(folder)
     except KeyError:
         return []
-    return [n for n in names if os.path.splitext(n)[1].lower() in exts]
+    out = [n for n in names if os.path.splitext(n)[1].lower() in exts and not is_temporary(n)]
+    if kind is not None:
+        out = [n for n in out if _kind_of(folder_paths.get_full_path(folder, n)) == kind]
+    return out
+
+
+_KINDS: dict[tuple, str | None] = {}
+
+
+def _kind_of(path: str | None) -> str | None:
+    """The ``format`` a file's header records (cached per path, size and mtime); ``None`` for an unreadable file."""
+    if not path:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _KINDS:
+        try:
+            _KINDS[key] = read_layout(path).metadata.get("format")
+        except HyperTransportError:
+            _KINDS[key] = None
+    return _KINDS[key]
 
 
 def full_path(folder: str, name: str, node: str) -> str:
@@ -117,10 +153,12 @@ class HyperNetHandle:
         enc = self.encoder
         n = len(self.net.sites)
         c = sum(s.channels for s in self.net.sites)
+        from hypertransport_core.sites import describe_blocks
+
         return (
             f"{self.name}: model family {self.family}, encoder {enc.get('arch', '?')} "
             f"(fingerprint {str(enc.get('fingerprint', '?'))[:12]}, {enc.get('embed_dim', '?')}-d), "
-            f"{n} sites / {c:,} channels"
+            f"{n} sites / {c:,} channels; {describe_blocks(self.net.sites)}"
         )
 
 
@@ -134,7 +172,7 @@ def _norm(s: str) -> str:
     return re.sub(r"[^a-z0-9]", "", s.lower())
 
 
-def _ensure_arch(arch: str) -> None:
+def ensure_arch(arch: str) -> None:
     """Register ``<hypertransport folder>/<arch>.json`` with open_clip when it does not know ``arch``."""
     import open_clip
 
@@ -152,7 +190,7 @@ def _load_encoder(arch: str, path: str) -> ConceptEncoder:
         if key in _ENCODERS:
             _ENCODERS.move_to_end(key)
             return _ENCODERS[key]
-    _ensure_arch(arch)
+    ensure_arch(arch)
     enc = ConceptEncoder.from_open_clip(arch, weights=path)
     with _LOCK:
         _ENCODERS[key] = enc
@@ -196,13 +234,17 @@ def encoder_for(handle: HyperNetHandle, clip_weights: str, node: str) -> Concept
                 "(or in models/clip_vision or models/hypertransport) and refresh, or pick the file in clip_weights."
             )
     found = []
-    for path in candidates:
-        enc = _load_encoder(arch, path)
+    for path in candidates:  # every candidate is tried: one that fails to load does not hide the others
+        try:
+            enc = _load_encoder(arch, path)
+        except Exception as e:  # open_clip/torch raise many types for a file that is not these weights
+            found.append(f"{os.path.basename(path)} (does not load as {arch}: {type(e).__name__}: {str(e).splitlines()[0][:120]})")
+            continue
         if not fp or enc.identity.get("fingerprint") == fp:
             return enc
         found.append(f"{os.path.basename(path)} (fingerprint {enc.identity.get('fingerprint')})")
     raise HyperTransportError(
         f"{node}: hypernet {handle.name} was trained with encoder {arch} fingerprint {fp}; "
-        f"found {', '.join(found)}. Fix: use the CLIP weights the hypernet was trained with "
-        "(Load HyperNet shows its encoder), or a hypernet trained for these weights."
+        f"found {', '.join(found)}. Fix: put the CLIP weights the hypernet was trained with in models/clip "
+        "(Load HyperNet shows its encoder) and pick it in clip_weights, or use a hypernet trained for these weights."
     )

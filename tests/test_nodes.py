@@ -83,7 +83,8 @@ def test_every_node_documented(D):
         assert s.node_id.startswith("HyperTransport"), s.node_id
         assert s.node_id not in ids
         ids.add(s.node_id)
-        assert s.description and s.display_name and s.category == "HyperTransport", s.node_id
+        assert s.description and s.display_name.startswith("HyperTransport "), s.node_id  # not ComfyUI's "Load Hypernetwork"
+        assert s.category.startswith("HyperTransport/"), s.node_id
         for i in s.inputs:
             assert i.tooltip, f"{s.node_id}.{i.id} has no tooltip"
         for o in s.outputs:
@@ -170,6 +171,7 @@ def test_two_clones_independent(sd15, D):
 
 
 def test_stacks_with_itself(sd15, D, P):
+    ref = sd15.sample(sd15.model)
     s1 = D.MakeSteering.execute(sd15.hn, sd15.concept).args[0]
     s2 = D.MakeSteering.execute(sd15.hn, sd15.concept2).args[0]
     for mode in ("hooks", "folded"):
@@ -179,7 +181,7 @@ def test_stacks_with_itself(sd15, D, P):
         out = sd15.sample(m12)
         assert not torch.equal(out, sd15.sample(m1))
         torch.testing.assert_close(out, sd15.sample(both), rtol=1e-3, atol=1e-3)
-    assert torch.equal(sd15.sample(sd15.model), sd15.sample(sd15.model))
+    assert torch.equal(sd15.sample(sd15.model), ref)  # the shared model is as it was before any steering
 
 
 def test_stacks_with_lora_patch_and_other_wrapper(sd15, D):
@@ -258,14 +260,32 @@ def test_step_range_honoured(sd15, D, P):
         D.ApplySteering.execute(sd15.model, sd15.hn, sd15.concept, 1.0, 0.8, 0.2)
 
 
-def test_rows_cond_uncond(sd15, D):
+def test_rows_cond_uncond(sd15, D, P):
     steering = D.MakeSteering.execute(sd15.hn, sd15.concept).args[0]
-    ref = sd15.sample(sd15.model)
-    outs = {}
-    for rows in ("all", "cond", "uncond"):
-        (m,) = D.ApplySteeringAdvanced.execute(sd15.model, steering, 1.0, 0.0, 1.0, "auto", rows, "").args
-        outs[rows] = sd15.sample(m)
-    assert len({tuple(o.flatten()[:8].tolist()) for o in (*outs.values(), ref)}) == 4
+
+    def run(rows, cfg):
+        (m,) = D.ApplySteeringAdvanced.execute(sd15.model, steering, 1.0, 0.0, 1.0, "hooks", rows, "").args
+        return sd15.comfy.sample(m, sd15.pos, sd15.neg, seed=42, steps=2, cfg=cfg, latent_shape=sd15.shape)
+
+    ref1 = sd15.comfy.sample(sd15.model, sd15.pos, sd15.neg, seed=42, steps=2, cfg=1.0, latent_shape=sd15.shape)
+    # cfg 1: ComfyUI runs only the conditional rows, so "cond" is "all" and "uncond" steers nothing
+    assert torch.equal(run("cond", 1.0), run("all", 1.0)) and not torch.equal(run("all", 1.0), ref1)
+    assert torch.equal(run("uncond", 1.0), ref1)
+    # cfg 2: the chunk ComfyUI labels 0 (cond) or 1 (uncond) is the one steered, whatever the batch order
+    (m,) = D.ApplySteeringAdvanced.execute(sd15.model, steering, 1.0, 0.0, 1.0, "hooks", "cond", "").args
+    (w,) = P.wrappers_of(m)
+    dm = sd15.model.model.diffusion_model
+    x, ctx = torch.randn(4, 4, 8, 8), torch.randn(4, 8, 64)
+    for order in ([0, 1], [1, 0]):
+        with torch.no_grad():
+            plain = dm(x, torch.tensor([5.0] * 4), context=ctx)
+            with w.plan.hooks(dm, P.rows_for({"cond_or_uncond": order}, "cond")):
+                steered = dm(x, torch.tensor([5.0] * 4), context=ctx)
+        cond = slice(0, 2) if order == [0, 1] else slice(2, 4)
+        unc = slice(2, 4) if order == [0, 1] else slice(0, 2)
+        assert torch.equal(steered[unc], plain[unc]) and not torch.allclose(steered[cond], plain[cond])
+    outs = {rows: run(rows, 2.0) for rows in ("all", "cond", "uncond")}
+    assert len({tuple(o.flatten()[:8].tolist()) for o in outs.values()}) == 3
 
 
 def test_per_block_strength(sd15, D):
@@ -283,6 +303,35 @@ def test_per_block_strength(sd15, D):
     assert zero is sd15.model
     with pytest.raises(ValueError, match="block_strengths"):
         D.ApplySteeringAdvanced.execute(sd15.model, steering, 1.0, 0.0, 1.0, "hooks", "all", "input_blocks")
+    with pytest.raises(ValueError, match="block 'input_block' matches none of the steering's .* sites. Fix: .*input_blocks"):
+        D.ApplySteeringAdvanced.execute(sd15.model, steering, 1.0, 0.0, 1.0, "hooks", "all", "input_block: 0.5")
+    with pytest.raises(ValueError, match="multiplier 1e\\+09, outside -10..10"):
+        D.ApplySteeringAdvanced.execute(sd15.model, steering, 1.0, 0.0, 1.0, "hooks", "all", "*: 1e9")
+
+
+def test_absurd_maps_and_non_finite_outputs_are_errors_not_images(sd15, D, P):
+    from hypertransport_core import Steering
+
+    steering = D.MakeSteering.execute(sd15.hn, sd15.concept).args[0]
+    b = steering.b.clone()
+    b[3] = 3e38
+    huge = Steering(steering.sites, steering.w, b, dict(steering.meta))
+    with pytest.raises(ValueError, match=f"map at site '{steering.sites[0].name}' has a shift c of magnitude 3e\\+38"):
+        D.ApplySteeringAdvanced.execute(sd15.model, huge, 1.0, 0.0, 1.0, "hooks", "all", "")
+    assert not sd15.model.patches and not P.wrappers_of(sd15.model)
+    # a model call that returns NaN under the steering: an error naming the steering, not a black image
+    (m,) = D.ApplySteeringAdvanced.execute(sd15.model, steering, 1.0, 0.0, 1.0, "hooks", "all", "").args
+    (w,) = P.wrappers_of(m)
+
+    class Exec:
+        class_obj = sd15.model.model
+
+        def __call__(self, x, t, *a, **k):
+            return torch.full_like(x, float("nan"))
+
+    with pytest.raises(ValueError, match="produced NaN/Inf at sigma .*Fix: lower the strength"):
+        w(Exec(), torch.zeros(2, 4, 8, 8), torch.tensor([1.0, 1.0]), transformer_options={})
+    assert no_hooks_left(sd15.model)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -299,19 +348,15 @@ def test_half_precision_models(comfy, D, make_hypernet, dtype):
 
 def test_maps_follow_the_activation_device_and_dtype(P, sd15, D):
     steering = D.MakeSteering.execute(sd15.hn, sd15.concept).args[0]
-    w = P.SteeringWrapper([(steering, 1.0)])
-    moved = w.on_device(torch.device("meta"))
-    assert moved[0][0].w.device.type == "meta" and w.on_device(torch.device("meta")) is moved
-    prep = w.prepared(torch.device("meta"), torch.float16)
-    sm = next(iter(prep.by_module.values()))[0]
-    assert sm.a.device.type == "meta" and sm.a.dtype == torch.float16
-    assert w.prepared(torch.device("meta"), torch.float16) is prep
-    # an activation in another dtype/device than prepared still gets maps of its own dtype
+    (m,) = D.ApplySteeringAdvanced.execute(sd15.model, steering, 1.0, 0.0, 1.0, "hooks", "all", "").args
+    (w,) = P.wrappers_of(m)
+    sm = next(iter(w.plan.maps.values()))
+    a, c, _ = sm.cast(torch.device("meta"), torch.float16)
+    assert a.device.type == "meta" and a.dtype == torch.float16 and sm.cast(torch.device("meta"), torch.float16)[0] is a
+    # an activation in another dtype gets maps of its own dtype
     site = sm.site
     z = torch.randn(2, site.channels, 3, 3) if site.channel_dim == 1 else torch.randn(2, 5, site.channels)
-    sm32 = w.prepared(torch.device("cpu"), torch.float32).by_module[site.module][0]
-    out = P._apply(z.to(torch.bfloat16), sm32, None)
-    assert out.dtype == torch.bfloat16
+    assert sm(z.to(torch.bfloat16)).dtype == torch.bfloat16
 
 
 def test_clones_share_the_maps(sd15, D, P):
@@ -335,7 +380,7 @@ def test_clones_share_the_maps(sd15, D, P):
 def test_encode_concepts_and_combine(sd15, D):
     enc = D.EncodeConcept.execute
     single = enc(sd15.hn, "watercolor").args[0]
-    multi = enc(sd15.hn, "watercolor\n(a pencil sketch:-0.5)").args[0]
+    multi = enc(sd15.hn, "watercolor\na pencil sketch * -0.5").args[0]
     assert single.modality == "text" and abs(float(single.embedding.norm()) - 1) < 1e-5
     combined = D.CombineConcepts.execute(single, 1.0, sd15.concept2, -0.5, None, 1.0).args[0]
     torch.testing.assert_close(multi.embedding, combined.embedding)
@@ -402,9 +447,9 @@ def test_other_encoder_is_refused(sd15, D):
         D.ApplySteering.execute(sd15.model, sd15.hn, alien, 1.0, 0.0, 1.0)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_strength(sd15, D, bad):
-    with pytest.raises(ValueError, match="finite"):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e9, -10.5])
+def test_non_finite_or_out_of_range_strength(sd15, D, bad):
+    with pytest.raises(ValueError, match="strength is .*; it must be a number from -10 to 10. Fix"):
         D.ApplySteering.execute(sd15.model, sd15.hn, sd15.concept, bad, 0.0, 1.0)
 
 
@@ -421,30 +466,41 @@ def test_corrupt_hypernet_file(comfy_base, D):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_prepared_hooks_match_core_steer(comfy, D, P, make_hypernet, family):
-    """The wrapper's precomputed maps give what hypertransport_core.hooks.steer gives."""
+def test_node_hooks_equal_core_steer_around_the_sampler(comfy, D, P, make_hypernet, family):
+    """The node's wrapper (ComfyUI glue: sigma range, rows) adds nothing to the core engine's arithmetic:
+    its images equal those of hypertransport_core.steer() held around the whole sampler run."""
+    from hypertransport_core import steer
+
     if family not in _CACHE:
         _CACHE[family] = Fam(comfy, D, make_hypernet, family)
     f = _CACHE[family]
     steering = D.MakeSteering.execute(f.hn, f.concept).args[0]
-    outs = {}
-    for engine in ("prepared", "core"):
-        for lam in (0.7, -0.6):
-            m = f.model.clone()
-            m.add_wrapper_with_key(P._wrappers_mp(), P.WRAPPER_KEY, P.SteeringWrapper([(steering, lam)], engine=engine))
-            outs[engine, lam] = f.sample(m)
     for lam in (0.7, -0.6):
-        torch.testing.assert_close(outs["prepared", lam], outs["core", lam], rtol=1e-3, atol=1e-3)
+        (m,) = D.ApplySteeringAdvanced.execute(f.model, steering, lam, 0.0, 1.0, "hooks", "all", "").args
+        node = f.sample(m)
+        with steer(f.model.model.diffusion_model, [(steering, lam)]):
+            core = f.sample(f.model)
+        assert not torch.equal(node, f.sample(f.model))
+        torch.testing.assert_close(node, core, rtol=0, atol=0)
 
 
 def test_validate_inputs_refuses_before_running(D):
-    assert D.ApplySteering.validate_inputs(strength=1.0, start_percent=0.0, end_percent=1.0) is True
-    assert "finite" in D.ApplySteering.validate_inputs(strength=float("nan"), start_percent=0.0, end_percent=1.0)
-    assert "start_percent" in D.ApplySteering.validate_inputs(strength=1.0, start_percent=0.8, end_percent=0.2)
+    assert D.ApplySteering.validate_inputs(strength=1.0) is True
+    assert "from -10 to 10" in D.ApplySteering.validate_inputs(strength=float("nan"))
+    assert "from -10 to 10" in D.ApplySteering.validate_inputs(strength=1e9)
+    assert "from -10 to 10" in D.ApplySteeringAdvanced.validate_inputs(strength=-11.0)
     assert D.ApplySteering.validate_inputs(strength=None) is True  # a widget fed by a link: checked at run time
     assert "empty" in D.EncodeConcept.validate_inputs(text=" ")
-    assert D.EncodeConcept.validate_inputs(text="(watercolor:0.5)") is True
-    assert "block_strengths" in D.ApplySteeringAdvanced.validate_inputs(strength=1.0, block_strengths="oops")
+    assert D.EncodeConcept.validate_inputs(text="watercolor * 0.5\noil painting") is True
+    assert "prompt emphasis" in D.EncodeConcept.validate_inputs(text="(watercolor:0.5)")
+    assert "'abc' is not a number" in D.EncodeConcept.validate_inputs(text="red * abc")
+    assert "outside -10..10" in D.EncodeConcept.validate_inputs(text="red * 1e39")
+    assert "more than 16 concept lines" in D.EncodeConcept.validate_inputs(text="red\n" * 17)
+    import inspect
+
+    # one input per validate_inputs: ComfyUI attaches the message to every input the function names
+    for node in (D.ApplySteering, D.ApplySteeringAdvanced, D.EncodeConcept):
+        assert len(inspect.signature(node.validate_inputs).parameters) == 1, node
 
 
 def test_folded_maps_in_a_partially_loaded_model(comfy, D, P, make_hypernet):
@@ -476,3 +532,58 @@ def test_folded_maps_in_a_partially_loaded_model(comfy, D, P, make_hypernet):
     torch.testing.assert_close(low, full, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         assert torch.equal(f.model.model.apply_model(x, t, c_crossattn=ctx), ref)
+
+
+def test_loading_the_nodes_imports_neither_pot_nor_the_trainer():
+    """POT is a training dependency (the loss); the nodes load without it, and without the trainer's modules."""
+    import subprocess
+    import sys
+
+    import ht_devkit
+
+    code = (
+        "import sys; sys.path.insert(0, %r); import ht_devkit; ht_devkit.setup_comfy(); ht_devkit.load_pack(); "
+        "import hypertransport_pack.nodes.definitions; "
+        "print(sorted(m for m in sys.modules if m == 'ot' or m.startswith('ot.') or m.startswith('trainer.t')))"
+    ) % str(ht_devkit.REPO)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr[-2000:]
+
+
+def test_a_comfyui_without_the_v3_api_gets_a_warning(tmp_path):
+    """Inside a ComfyUI too old for the V3 node API the pack says so (and registers nothing), not silence."""
+    import subprocess
+    import sys
+
+    import ht_devkit
+
+    (tmp_path / "comfy").mkdir()
+    (tmp_path / "comfy" / "__init__.py").write_text("")  # a ComfyUI with no comfy_api package
+    code = (
+        "import importlib.util, logging, sys; logging.basicConfig(level=logging.INFO); "
+        "import comfy; "
+        f"spec = importlib.util.spec_from_file_location('htpack', {str(ht_devkit.REPO / '__init__.py')!r}, "
+        f"submodule_search_locations=[{str(ht_devkit.REPO)!r}]); "
+        "m = importlib.util.module_from_spec(spec); sys.modules['htpack'] = m; spec.loader.exec_module(m); "
+        "print('entrypoint', m.comfy_entrypoint)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert "entrypoint None" in out.stdout, out.stdout + out.stderr
+    assert "no V3 node API" in out.stderr and "Update ComfyUI to 0.3.75" in out.stderr, out.stderr
+
+
+def test_packaging_for_the_registry():
+    import tomllib
+
+    import ht_devkit
+
+    repo = ht_devkit.REPO
+    meta = tomllib.loads((repo / "pyproject.toml").read_text())
+    comfy = meta["tool"]["comfy"]
+    assert comfy["requires-comfyui"].startswith(">=") and comfy["Icon"].endswith("docs/icon.png")
+    assert (repo / "docs" / "icon.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Permission is hereby granted" in (repo / "LICENSE").read_text()
+    for wf in (repo / "workflows").glob("*.json"):  # the template browser shows <name>.jpg beside <name>.json
+        thumb = wf.with_suffix(".jpg")
+        assert thumb.is_file() and thumb.read_bytes()[:3] == b"\xff\xd8\xff", f"{wf.name} has no thumbnail"

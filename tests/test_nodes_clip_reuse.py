@@ -15,7 +15,6 @@ import asyncio
 import copy
 import json
 import logging
-import uuid
 
 import pytest
 import torch
@@ -23,39 +22,19 @@ import torch.nn.functional as F
 
 pytestmark = pytest.mark.comfy
 
-ARCH = "ht-reuse-clip"
-NOFILE_ARCH = "ht-reuse-nofile"  # registered, but no weights file anywhere
-CFG = {
-    "embed_dim": 32,
-    "quick_gelu": True,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 3},
-}
-#: ComfyUI text-model config of the same sizes (over ComfyUI's own sd1_clip_config.json / clip_config_bigg.json)
-TE_CFG = {
-    "hidden_size": 32,
-    "intermediate_size": 128,
-    "num_attention_heads": 2,
-    "num_hidden_layers": 3,
-    "hidden_act": "quick_gelu",
-    "max_position_embeddings": 77,
-    "eos_token_id": 49407,
-}
-CV_CFG = {
-    "attention_dropout": 0.0,
-    "dropout": 0.0,
-    "hidden_act": "quick_gelu",
-    "hidden_size": 64,
-    "image_size": 32,
-    "intermediate_size": 256,
-    "layer_norm_eps": 1e-05,
-    "model_type": "clip_vision_model",
-    "num_attention_heads": 2,
-    "num_channels": 3,
-    "num_hidden_layers": 2,
-    "patch_size": 16,
-    "projection_dim": 32,
-}
+from ht_devkit.clips import (  # noqa: E402
+    ARCH,
+    CFG,
+    CV_CFG,
+    NOFILE_ARCH,
+    _open_clip_model,
+    _text_sd,
+    _vision_sd,
+    comfy_clip_vision,
+    comfy_sd15_clip,
+    comfy_sdxl_clip,
+)
+
 TEXTS = ["watercolor", "a red cube, on a table!", "neon " * 40]  # the last one is truncated at 77 tokens
 
 
@@ -73,76 +52,6 @@ def CC(pack):
 @pytest.fixture(scope="module")
 def MF(pack):
     return pack.nodes.model_files
-
-
-def _open_clip_model(seed):
-    import open_clip
-
-    torch.manual_seed(seed)
-    return open_clip.create_model(ARCH, pretrained=None).eval()
-
-
-def _text_sd(model) -> dict:
-    """The text tower in ComfyUI's layout, converted by ComfyUI's own function."""
-    import comfy.utils
-
-    from hypertransport_core.clip_layouts import open_clip_tower
-
-    sd = {k: v.clone() for k, v in open_clip_tower(model.state_dict(), "text").items()}
-    return comfy.utils.clip_text_transformers_convert(sd, "", "")
-
-
-def _vision_sd(model) -> dict:
-    import comfy.clip_vision
-
-    sd = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("visual.")}
-    return comfy.clip_vision.convert_to_transformers(sd, "visual.")
-
-
-def _check_loaded(result):
-    missing, unexpected = result
-    assert not missing and not unexpected, (missing, unexpected)
-
-
-def comfy_sd15_clip(model, dtype=None, te_cfg=TE_CFG):
-    """``comfy.sd.CLIP`` with an ``SD1ClipModel`` (clip_l) holding ``model``'s text tower."""
-    import comfy.sd
-    import comfy.sd1_clip
-    from comfy.supported_models_base import ClipTarget
-
-    opts = {"clip_l_model_config": dict(te_cfg)}
-    if dtype is not None:
-        opts["dtype"] = dtype
-    clip = comfy.sd.CLIP(ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel), model_options=opts)
-    _check_loaded(clip.load_sd(_text_sd(model)))
-    return clip
-
-
-def comfy_sdxl_clip(model_l, model_g):
-    """``comfy.sd.CLIP`` with an ``SDXLClipModel``: clip_l from ``model_l``, clip_g from ``model_g`` (fp16)."""
-    import comfy.sd
-    import comfy.sdxl_clip
-    from comfy.supported_models_base import ClipTarget
-
-    opts = {"clip_l_model_config": dict(TE_CFG), "clip_g_model_config": dict(TE_CFG)}
-    clip = comfy.sd.CLIP(ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel), model_options=opts)
-    _check_loaded(clip.cond_stage_model.clip_l.load_sd(_text_sd(model_l)))
-    _check_loaded(clip.cond_stage_model.clip_g.load_sd(_text_sd(model_g)))
-    return clip
-
-
-def comfy_clip_vision(model, tmp_path, cfg=CV_CFG, fp32=False):
-    """``comfy.clip_vision.ClipVisionModel`` from a JSON config of the tiny sizes, holding ``model``'s image tower
-    (in ComfyUI's text-encoder dtype for this device, fp16 on the CPU; ``fp32=True`` casts it before loading)."""
-    import comfy.clip_vision
-
-    path = tmp_path / f"cv_{uuid.uuid4().hex}.json"
-    path.write_text(json.dumps(cfg))
-    cv = comfy.clip_vision.ClipVisionModel(str(path))
-    if fp32:
-        cv.model.float()
-    _check_loaded(cv.load_sd(_vision_sd(model)))
-    return cv
 
 
 class World:
@@ -283,7 +192,7 @@ def test_token_ids_agree_with_comfyuis_tokenizer(W):
 
 # --------------------------------------------------------------------------- text: (a), (b) ---
 def test_text_through_comfy_clip_equals_open_clip(W, D, MF, monkeypatch):
-    text = "\n".join(["watercolor", "(a red cube, on a table!:0.5)"])
+    text = "\n".join(["watercolor", "a red cube, on a table! * 0.5"])
     ref = _emb(D.EncodeConcept.execute(W.hn, text, f"{ARCH}.safetensors"))
     forbid_open_clip(monkeypatch, MF)
     got = _emb(D.EncodeConcept.execute(W.hn, text, f"{ARCH}.safetensors", W.clip32))
@@ -313,7 +222,7 @@ def test_no_open_clip_load_when_the_clip_matches(W, D, no_open_clip):
     img = D.EncodeReferenceImage.execute(W.hn, W.images, "auto (match the hypernet's encoder)", W.cv).args[0]
     mixed = D.CombineConcepts.execute(c, 1.0, img, 0.5).args[0]
     assert mixed.modality == "mixed"
-    with pytest.raises(AssertionError, match="open_clip loading path"):  # the guard itself works
+    with pytest.raises(ValueError, match="does not load as .*open_clip loading path"):  # the guard itself works
         D.EncodeConcept.execute(W.hn, "watercolor", "auto (match the hypernet's encoder)")
 
 
@@ -446,3 +355,50 @@ def test_through_comfyuis_executor(W, comfy):
     assert ex.success, ex.status_messages
     torch.testing.assert_close(got["text"].embedding, W.enc.encode_text(["watercolor"])[0], atol=2e-5, rtol=0)
     assert _cos(got["image"].embedding, W.enc.image_concept(W.images).embedding) > 0.9999
+
+
+def test_auto_search_tries_every_candidate_and_names_each(W, D, comfy_base, monkeypatch):
+    """A candidate file that does not load does not hide the next one; when none fits, each is named."""
+    import folder_paths
+
+    broken = comfy_base / "models" / "clip" / f"{ARCH}-broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a model}")
+    folder_paths.filename_list_cache.clear()
+    try:
+        c = D.EncodeConcept.execute(W.hn, "watercolor", "auto (match the hypernet's encoder)").args[0]
+        assert c.encoder["fingerprint"] == W.enc.identity["fingerprint"]  # the good file, found after the broken one
+        good = comfy_base / "models" / "clip" / f"{ARCH}.safetensors"
+        monkeypatch.setattr(folder_paths, "get_filename_list", lambda f: [broken.name] if f == "text_encoders" else [])
+        with pytest.raises(ValueError, match=f"found {broken.name} \\(does not load as {ARCH}: .*Fix: put the CLIP weights"):
+            D.EncodeConcept.execute(W.hn, "watercolor", "auto (match the hypernet's encoder)")
+        assert good.exists()
+    finally:
+        broken.unlink()
+        folder_paths.filename_list_cache.clear()
+
+
+def test_clip_without_its_text_projection_uses_the_hypernets(W, D, comfy, comfy_base, no_open_clip):
+    """An SD1.5 checkpoint's clip_l has no text projection (ComfyUI leaves it unloaded): the tower still matches
+    before its projection, and the projection the hypernet file keeps completes the encoding."""
+    import folder_paths
+
+    from hypertransport_core.encoders import text_projection
+
+    proj = text_projection(W.model)
+    dm = comfy.tiny_sd15().model.diffusion_model
+    name = "reuse_with_projection.safetensors"
+    from hypertransport_core.files import save_hypernet
+
+    save_hypernet(str(comfy_base / "models" / "hypertransport" / name),
+                  comfy.random_hypernet(dm, W.enc.identity, seed=3, text_projection=proj))
+    folder_paths.filename_list_cache.clear()
+    hn = D.LoadHyperNet.execute(name).args[0]
+    clip = comfy_sd15_clip(W.model, dtype=torch.float32)
+    with torch.no_grad():  # what an SD1.5 checkpoint leaves there: not the encoder's projection
+        clip.cond_stage_model.clip_l.transformer.text_projection.weight.copy_(torch.randn(32, 32))
+    got = D.EncodeConcept.execute(hn, "watercolor", "auto (match the hypernet's encoder)", clip).args[0]
+    want = W.enc.encode_text(["watercolor"])[0]
+    torch.testing.assert_close(got.embedding, want, atol=1e-5, rtol=0)
+    # without the kept projection the same CLIP does not match (and the open_clip path is forbidden here)
+    with pytest.raises(ValueError, match="not the hypernet's encoder.*open_clip loading path"):
+        D.EncodeConcept.execute(W.hn, "watercolor", "auto (match the hypernet's encoder)", clip)
