@@ -1,7 +1,7 @@
 """Shared fixtures. ComfyUI fixtures skip (with the reason) when no ComfyUI tree is found.
 
 * ``comfy``: ComfyUI imported in-process on the CPU, its base directory a session temp folder
-  (so ``folder_paths`` finds the test's model files); returns :mod:`comfy_host`.
+  (so ``folder_paths`` finds the test's model files); returns the dev kit :mod:`ht_devkit`.
 * ``pack``: this repository imported as a custom-node package, as ComfyUI does.
 * ``encoder``: a tiny random open_clip encoder written to the temp ``models/clip``.
 * ``make_hypernet``: writes a random-but-nonzero hypernet for a model into ``models/hypertransport``.
@@ -20,7 +20,7 @@ if str(REPO) not in sys.path:
     sys.path.append(str(REPO))  # hypertransport_core; appended so ComfyUI's `nodes` keeps precedence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import comfy_host  # noqa: E402
+import ht_devkit  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The tiny test models are far faster on one thread, and the machine's cores are shared: oversubscribed
@@ -40,15 +40,15 @@ def comfy_base(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def comfy(comfy_base):
-    if comfy_host.find_comfyui() is None:
-        pytest.skip(comfy_host.MISSING_REASON)
-    comfy_host.setup_comfy(base_directory=comfy_base)
+    if ht_devkit.find_comfyui() is None:
+        pytest.skip(ht_devkit.MISSING)
+    ht_devkit.setup_comfy(base_directory=comfy_base)
     import folder_paths
 
     assert Path(folder_paths.models_dir) == comfy_base / "models", (
         "folder_paths was imported before the test base directory was set"
     )
-    return comfy_host
+    return ht_devkit
 
 
 @pytest.fixture(scope="session")

@@ -1,17 +1,17 @@
 """End to end: a real ComfyUI server on loopback with this pack in its custom_nodes.
 
-Every workflow in ``workflows/api/`` is posted as the user would run it, after swapping only what
-cannot exist on a CPU test machine (see :func:`stand_in`): the SDXL checkpoint becomes a tiny SD1.5
-UNet (plus a tiny LoRA, TAESD, and random conditioning for CLIP-L/G), the Nitro/PixArt files a
-one-block PixArt-Sigma (random conditioning for T5-XXL, TAESDXL). The HyperTransport nodes, the
-graph and the hypernet file names stay as in the workflow; the hypernets are made for the stand-ins.
+Every workflow in ``workflows/api/`` is posted as the user would run it. The embedded-world template runs
+exactly as shipped (its model and hypernet come with the pack). The others get only what cannot exist on
+a CPU test machine swapped (see :func:`stand_in`): the SDXL checkpoint becomes a tiny SD1.5 UNet (plus a
+tiny LoRA, TAESD, and random conditioning for CLIP-L/G), the Nitro/PixArt files a one-block PixArt-Sigma
+(random conditioning for T5-XXL, TAESDXL). The HyperTransport nodes, the graph and the hypernet file names
+stay as in the workflow; the hypernets are made for the stand-ins.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 API = sorted((WORKFLOWS / "api").glob("*.json"))
 HT_NODES = {
+    "HyperTransportLoadEmbeddedWorld",
     "HyperTransportLoadHyperNet",
     "HyperTransportEncodeConcept",
     "HyperTransportEncodeReferenceImage",
@@ -36,8 +37,11 @@ HT_NODES = {
 
 
 def stand_in(prompt: dict, names: dict) -> dict:
-    """The workflow with its model files replaced by the tiny random ones (see module docstring)."""
+    """The workflow with its model files replaced by the tiny random ones (see module docstring); the
+    embedded-world template as it is."""
     p = copy.deepcopy(prompt)
+    if any(n["class_type"] == "HyperTransportLoadEmbeddedWorld" for n in p.values()):
+        return p
     pixart = any(n["class_type"] == "UNETLoader" for n in p.values())
     clip_sources = set()
     for nid, n in list(p.items()):
@@ -94,8 +98,11 @@ def test_nodes_registered(comfy_server):
     for nid in HT_NODES:
         d = info[nid]
         assert d["description"] and d["category"] == "HyperTransport"
-    lh = info["HyperTransportLoadHyperNet"]["input"]["required"]["hypernet_name"]
-    assert "hypertransport_sdxl_dmd2.safetensors" in json.dumps(lh)
+    lh = json.dumps(info["HyperTransportLoadHyperNet"]["input"]["required"]["hypernet_name"])
+    assert "hypertransport_sdxl_dmd2.safetensors" in lh
+    assert "world_hypernet.safetensors" in lh  # the pack's world folder, registered: no copying
+    assert "world_unet.safetensors" not in lh and "HT-World-CLIP.safetensors" not in lh  # not hypernets
+    assert ".tmp-" not in lh
     templates = comfy_server.get("/workflow_templates")
     assert sorted(templates["HyperTransport"]) == sorted(p.stem for p in API)
 
@@ -105,8 +112,9 @@ def test_workflow_files_are_current():
     assert ui == [p.stem for p in API] and len(API) >= 5
     for p in WORKFLOWS.glob("*.json"):
         wf = json.loads(p.read_text())
-        assert any(n["type"] == "Note" and "models/" in n["widgets_values"][0] for n in wf["nodes"]), (
-            f"{p.name} must name its model files in a Note"
+        notes = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "Note"]
+        assert any("models/" in t or "nothing to download" in t for t in notes), (
+            f"{p.name} must name its model files (or say it needs none) in a Note"
         )
 
 
@@ -118,15 +126,15 @@ def test_workflow_runs(comfy_server, path):
     assert imgs, "the workflow saved no image"
     for im in imgs:
         assert im.ndim == 3 and im.shape[2] == 3 and im.std() > 0
-    if path.stem == "strength_sweep":
-        assert len(imgs) == 5
+    if path.stem == "strength_sweep":  # one KSampler run, one strength per image of the batch
+        assert len(imgs) == 5 and sum(n["class_type"] == "KSampler" for n in json.loads(path.read_text()).values()) == 1
         zero = imgs[1]  # strengths -1, 0, 0.5, 1, 1.5
         assert all(not np.array_equal(zero, imgs[i]) for i in (0, 2, 3, 4))
         plain = stand_in(load_api("strength_sweep"), comfy_server.names)
-        for nid in [k for k, n in plain.items() if n["class_type"] == "HyperTransportApplySteering"]:
+        for nid in [k for k, n in plain.items() if n["class_type"] == "HyperTransportApplySteeringAdvanced"]:
             plain[nid]["inputs"]["strength"] = 0.0
         ref = images_of(comfy_server, comfy_server.run(plain))
-        assert all(np.array_equal(zero, r) for r in ref), "strength 0 must be the unsteered image, bit for bit"
+        assert np.array_equal(zero, ref[1]), "strength 0 must be the unsteered image, bit for bit"
     if path.stem == "combine_concepts":
         saved = list((comfy_server.base / "output" / "hypertransport_steerings").glob("watercolor_minus_autumn*"))
         assert saved and saved[0].stat().st_size < 256 * 1024
@@ -160,7 +168,13 @@ def test_saved_steering_loads_without_hypernet(comfy_server):
 
 BAD_INPUTS = {
     "empty text": ({("5", "text"): "   "}, "empty"),
-    "NaN strength": ({("11", "strength"): float("nan")}, "finite"),
+    "NaN strength": ({("11", "strength"): float("nan")}, "from -10 to 10"),
+    "huge strength": ({("11", "strength"): 1e9}, "from -10 to 10"),
+    "emphasis-like weight": ({("5", "text"): "(red:abc)"}, "prompt emphasis"),
+    "weight not a number": ({("5", "text"): "red * abc"}, "'abc' is not a number"),
+    "weight out of range": ({("5", "text"): "red * 1e39"}, "outside -10..10"),
+    "too many concept lines": ({("5", "text"): "red\n" * 17}, "more than 16 concept lines"),
+    "hostile hypernet header": ({("4", "hypernet_name"): "deep_header.safetensors"}, "'depth' is 500"),
     "corrupted hypernet file": ({("4", "hypernet_name"): "corrupt.safetensors"}, "corrupt.safetensors"),
     "hypernet for another family": ({("4", "hypernet_name"): "hypertransport_pixart.safetensors"}, "pixart"),
     "end before start": ({("11", "start_percent"): 0.9, ("11", "end_percent"): 0.1}, "start_percent"),
@@ -197,10 +211,6 @@ def test_odd_reference_images(comfy_server, image, ok):
     assert comfy_server.get("/system_stats")["system"]
 
 
-def test_nan_survives_json():
-    assert math.isnan(json.loads(json.dumps({"s": float("nan")}))["s"])
-
-
 def test_generated_files_are_current(comfy):
     """workflows/*.json, workflows/api/*.json and docs/NODES.md match workflows/build_workflows.py."""
     import subprocess
@@ -212,3 +222,50 @@ def test_generated_files_are_current(comfy):
     assert r.returncode == 0, (
         f"stale generated files; run `python workflows/build_workflows.py`:\n{r.stdout}{r.stderr[-2000:]}"
     )
+
+
+def test_validation_message_names_only_the_bad_input(comfy_server):
+    entry = comfy_server.run(_apply(comfy_server, {("11", "strength"): 1e9}))
+    errors = entry["response"]["node_errors"]["11"]["errors"]
+    assert [e["extra_info"]["input_name"] for e in errors] == ["strength"], errors
+
+
+def test_advanced_node_refuses_typos_and_huge_multipliers(comfy_server):
+    p = stand_in(load_api("text_steering_sdxl_dmd2"), comfy_server.names)
+    p["61"] = {"class_type": "HyperTransportMakeSteering", "inputs": {"hypernet": ["4", 0], "concept": ["5", 0]}}
+    base = {"model": ["3", 0], "steering": ["61", 0], "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0,
+            "mode": "hooks", "rows": "all"}
+    for blocks, expect in (("input_block: 0.5", "matches none of the steering"), ("*: 1e9", "outside -10..10")):
+        p["11"] = {"class_type": "HyperTransportApplySteeringAdvanced", "inputs": {**base, "block_strengths": blocks}}
+        entry = comfy_server.run(p)
+        assert entry["status"]["status_str"] == "error" and expect in error_text(entry), error_text(entry)
+    assert comfy_server.get("/system_stats")["system"]
+
+
+# ------------------------------------------------------------------------ the embedded world ---
+def test_world_template_runs_and_steers(comfy_server):
+    """The shipped template as it is: the same seeds unsteered, by a phrase at -1, 0.5, 1, and by a reference
+    image; images measured from pixels (the phrase is a colour the shipped hypernet never saw)."""
+    import time
+
+    import hypertransport_world.metrics as M
+    from workflows.build_workflows import WORLD_CONCEPT, WORLD_REFERENCE_PROMPT
+
+    prompt = load_api("world_steering")
+    t0 = time.perf_counter()
+    entry = comfy_server.run(prompt)
+    seconds = time.perf_counter() - t0
+    assert entry["status"]["status_str"] == "success", error_text(entry) + comfy_server.log()[-2000:]
+    rows = {}
+    for nid, out in entry["outputs"].items():
+        imgs = [np.asarray(Image.open(comfy_server.base / i["type"] / i.get("subfolder", "") / i["filename"])) for i in out["images"]]
+        rows[prompt[nid]["_meta"]["title"]] = [im[::8, ::8] for im in imgs]  # shown 8x upscaled (nearest)
+    assert len(rows) == 5 and all(len(v) == 4 and v[0].shape == (32, 32, 3) for v in rows.values()), rows.keys()
+    ind = {k: float(np.mean([M.inducement(im, WORLD_CONCEPT) for im in v])) for k, v in rows.items()}
+    none, full, half, neg = (ind["unsteered"], ind[f"{WORLD_CONCEPT}, strength +1"], ind[f"{WORLD_CONCEPT}, strength +0.5"],
+                             ind[f"{WORLD_CONCEPT}, strength -1"])
+    assert full > half > none + 0.05 and full > none + 0.2 and neg < none, ind
+    pattern = WORLD_REFERENCE_PROMPT.split()[1]  # "a coarse-checkered square": the reference image's pattern
+    ref = {k: float(np.mean([M.inducement(im, pattern) for im in rows[k]])) for k in ("unsteered", "reference image, strength +1")}
+    assert ref["reference image, strength +1"] > ref["unsteered"], ref
+    print(f"world template: {seconds:.1f} s on the server; inducement of {WORLD_CONCEPT!r} {ind}, of {pattern!r} {ref}")

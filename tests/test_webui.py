@@ -1,9 +1,12 @@
-"""The web UI in a headless Chromium: it lists the nodes and loads every workflow with none missing.
+"""The web UI in a headless Chromium: it lists the nodes, loads every workflow with none missing, and runs the
+embedded-world template from the browser with its images shown in the graph.
 
 Needs Debian's ``chromium`` (``apt-get update && apt-get install -y chromium``); skipped with the
 reason otherwise. Chromium is driven over the DevTools protocol (aiohttp's websocket client, already a
 ComfyUI dependency), on loopback only. A screenshot per workflow is written to the test's temp folder;
-with ``HT_UPDATE_SCREENSHOT=1`` the text-steering one also replaces ``docs/screenshot.png``.
+with ``HT_UPDATE_SCREENSHOT=1`` the world template's (after it ran) replaces ``docs/world_steering.png``,
+the text-steering one ``docs/screenshot.png``, and each workflow's screenshot becomes its template-browser
+thumbnail ``workflows/<name>.jpg``.
 """
 
 from __future__ import annotations
@@ -84,7 +87,9 @@ def chromium(comfy_server, tmp_path_factory):
     exe = find_chromium()
     if exe is None:
         pytest.skip("no Chromium found; install it with `apt-get update && apt-get install -y chromium`")
-    port = comfy_server.__class__.__module__ and __import__("comfy_host").free_port()
+    import ht_devkit
+
+    port = ht_devkit.free_port()
     profile = tmp_path_factory.mktemp("chromium_profile")
     proc = subprocess.Popen(
         [
@@ -175,3 +180,70 @@ def test_web_ui_lists_nodes_and_loads_workflows(comfy_server, chromium, tmp_path
     if os.environ.get("HT_UPDATE_SCREENSHOT") == "1":
         (REPO / "docs").mkdir(exist_ok=True)
         shutil.copy(shot, REPO / "docs" / "screenshot.png")
+        for wf in WORKFLOWS:
+            if wf.stem not in RAN:  # those that run in the browser get a thumbnail of their results instead
+                write_thumbnail(tmp_path / f"{wf.stem}.png", REPO / "workflows" / f"{wf.stem}.jpg")
+
+
+RAN = ("world_steering", "fit_steering")
+
+
+def write_thumbnail(png: Path, jpg: Path, box=None) -> None:
+    """A 512x288 JPEG of a screenshot (or of ``box`` of it), as ComfyUI's template browser shows beside a workflow."""
+    from PIL import Image
+
+    im = Image.open(png).convert("RGB")
+    if box:
+        im = im.crop(box)
+    im.thumbnail((1024, 576))
+    canvas = Image.new("RGB", (1024, 576), (32, 32, 32))
+    canvas.paste(im, ((1024 - im.width) // 2, (576 - im.height) // 2))
+    canvas.resize((512, 288), Image.LANCZOS).save(jpg, quality=85)
+
+
+@pytest.mark.parametrize("name", RAN)
+def test_template_runs_from_the_browser_and_shows_its_images(comfy_server, chromium, tmp_path, name):
+    """Queue the template as a user would (the UI's own queue call), then look at the graph: every preview
+    node shows its images, and the screenshot holds them."""
+    import aiohttp
+
+    wf = json.loads((REPO / "workflows" / f"{name}.json").read_text())
+    previews = [n["id"] for n in wf["nodes"] if n["type"] == "PreviewImage"]
+
+    async def session():
+        async with aiohttp.ClientSession() as s, s.ws_connect(chromium, max_msg_size=0) as ws:
+            cdp = CDP(ws)
+            await cdp.call("Page.enable")
+            await cdp.call("Runtime.enable")
+            await cdp.call("Page.navigate", url=comfy_server.url + "/")
+            await cdp.wait_for("!!(window.app && window.app.graph && window.LiteGraph)")
+            await cdp.js(f"app.loadGraphData({json.dumps(wf)}, true, true, {json.dumps(name)}).then(() => true)")
+            await asyncio.sleep(1.0)
+            t0 = time.time()
+            await cdp.js("app.queuePrompt(0, 1).then(() => true)")
+            shown = (
+                "(() => { const ids = " + json.dumps(previews) + ";"
+                " return ids.every(id => { const n = app.graph.getNodeById(id);"
+                " return n && n.imgs && n.imgs.length > 0 && n.imgs.every(i => i.complete && i.naturalWidth > 0); }); })()"
+            )
+            await cdp.wait_for(shown, timeout=240)
+            seconds = time.time() - t0
+            await asyncio.sleep(1.0)
+            counts = await cdp.js("(() => " + json.dumps(previews) + ".map(id => app.graph.getNodeById(id).imgs.length))()")
+            # frame the preview nodes: the right part of the graph
+            xs = [n["pos"][0] for n in wf["nodes"] if n["type"] == "PreviewImage"]
+            await cdp.js(f"(() => {{ app.canvas.ds.scale = 0.55; app.canvas.ds.offset = [{-min(xs) + 1500}, 60];"
+                         " app.canvas.setDirty(true, true); return true; })()")
+            await asyncio.sleep(1.0)
+            shot = await cdp.call("Page.captureScreenshot", format="png")
+            return counts, seconds, base64.b64decode(shot["data"])
+
+    counts, seconds, png = asyncio.run(session())
+    assert counts == [4] * len(previews), counts  # four seeds per row, every row shown
+    out = tmp_path / f"{name}.png"
+    out.write_bytes(png)
+    assert out.stat().st_size > 50_000
+    print(f"{name} from the browser: {seconds:.1f} s until every image was shown")
+    if os.environ.get("HT_UPDATE_SCREENSHOT") == "1":
+        shutil.copy(out, REPO / "docs" / f"{name}.png")
+        write_thumbnail(out, REPO / "workflows" / f"{name}.jpg", box=(1000, 0, 1920, 1080))

@@ -1,82 +1,16 @@
-"""A real ComfyUI to test the node pack against, in-process or as a server; no GPU needed.
+"""Tiny random-weight models from ComfyUI's own classes, random hypernets and a tiny open_clip encoder.
 
-Which ComfyUI (first found wins):
-
-1. ``$COMFYUI_DIR``;
-2. the ComfyUI holding this pack, when the repository sits in ``<ComfyUI>/custom_nodes/``;
-3. ``<repo>/.comfyui/ComfyUI`` (what ``scripts/get_comfyui.sh`` unpacks).
-
-Import-order gotchas handled by :func:`setup_comfy`:
-
-* ``comfy.model_management`` reads ``comfy.cli_args.args`` at import time, so ``args.cpu`` (and
-  ``args.base_directory``) are set first.
-* ``nodes.py`` puts ``<ComfyUI>/comfy`` first on ``sys.path``; ComfyUI's top-level ``utils`` package
-  must be imported before ``nodes`` or ``import server`` fails later.
-* This repository has a ``nodes/`` folder too: ComfyUI's directory goes to the front of ``sys.path``
-  so ``import nodes`` means ComfyUI's ``nodes.py``; the pack is imported as a package under its own
-  name (:func:`load_pack`), exactly as ComfyUI's ``load_custom_node`` does.
-* ComfyUI allocates layers uninitialised (``torch.empty``): every tiny model is filled by
-  :func:`init_random_` from a fixed seed.
+ComfyUI allocates layers uninitialised (``torch.empty``): every tiny model is filled by
+:func:`init_random_` from a fixed seed. Model files written here are detected by ComfyUI's own loaders.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-PACK_MODULE = "hypertransport_pack"
 
-
-if str(REPO) not in sys.path:
-    sys.path.append(str(REPO))  # appended: ComfyUI's own `nodes` module keeps precedence over our `nodes/`
-from trainer.comfy_backend import find_comfyui  # noqa: E402  (one search order for the trainer and the tests)
-
-MISSING_REASON = (
-    "ComfyUI not found (looked at $COMFYUI_DIR, the ComfyUI holding this repo in custom_nodes/, and "
-    f"{REPO / '.comfyui' / 'ComfyUI'}). Fix: run `bash scripts/get_comfyui.sh` or set COMFYUI_DIR."
-)
-
-
-def setup_comfy(base_directory: str | os.PathLike | None = None):
-    """Import ComfyUI in-process on the CPU. Returns ``comfy.model_management``."""
-    root = find_comfyui()
-    if root is None:
-        raise RuntimeError(MISSING_REASON)
-    if "nodes" in sys.modules and not str(getattr(sys.modules["nodes"], "__file__", "")).startswith(str(root)):
-        del sys.modules["nodes"]  # our nodes/ package imported by mistake: ComfyUI's nodes.py is meant
-    if str(root) in sys.path:
-        sys.path.remove(str(root))
-    sys.path.insert(0, str(root))
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True  # same as `main.py --cpu`
-    comfy.cli_args.args.disable_all_custom_nodes = True
-    if base_directory is not None:
-        comfy.cli_args.args.base_directory = str(base_directory)
-    import comfy.model_management as mm
-    import utils.extra_config  # noqa: F401  (must precede `import nodes`)
-
-    return mm
-
-
-def load_pack(name: str = PACK_MODULE):
-    """Import this repository as a ComfyUI custom-node package (``__init__.py`` by file location)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-# --------------------------------------------------------------------------------------------
-# tiny random-weight models from ComfyUI's own classes
-# --------------------------------------------------------------------------------------------
 def init_random_(module, seed: int = 0):
     """Fill every parameter deterministically (ComfyUI layers start as uninitialised memory)."""
     import torch
@@ -430,8 +364,10 @@ def random_hypernet(
     form: str | None = None,
     seed: int = 0,
     scale: float = 0.2,
+    text_projection=None,
 ):
-    """A :class:`HyperNet` for ``diffusion_model``'s sites with random, non-zero heads (not the identity)."""
+    """A :class:`HyperNet` for ``diffusion_model``'s sites with random, non-zero heads (not the identity);
+    ``text_projection`` ``(width, d)``: the encoder's, kept in the file."""
     import torch
 
     from hypertransport_core.hypernet import HyperNet, HyperNetConfig
@@ -441,7 +377,8 @@ def random_hypernet(
     sites = list_sites(diffusion_model, family, form=form)
     torch.manual_seed(seed)
     hn = HyperNet(
-        HyperNetConfig(embed_dim=int(encoder_identity["embed_dim"]), hidden=16, depth=1, rank=2),
+        HyperNetConfig(embed_dim=int(encoder_identity["embed_dim"]), hidden=16, depth=1, rank=2,
+                       text_width=0 if text_projection is None else int(text_projection.shape[0])),
         sites,
         family=family,
         encoder=dict(encoder_identity),
@@ -450,6 +387,8 @@ def random_hypernet(
     with torch.no_grad():
         for p in (hn.channel_w, hn.channel_b, hn.offset_w, hn.offset_b):
             p.copy_(torch.randn(p.shape, generator=g) * scale)
+        if text_projection is not None:
+            hn.text_projection.copy_(text_projection)
     return hn.eval()
 
 
@@ -463,223 +402,61 @@ def write_hypernet(base: str | os.PathLike, name: str, diffusion_model, encoder_
     return name
 
 
-# --------------------------------------------------------------------------------------------
-# a real server on loopback
-# --------------------------------------------------------------------------------------------
-E2E_NODES_SRC = '''"""Test-only nodes for the HyperTransport end-to-end tests (written by tests/comfy_host.py)."""
-import torch
+#: a smaller UNet of the world's kind (ComfyUI's UNetModel, SD1.5 names, 3-channel pixels) for fast trainer tests
+TINY_WORLD_UNET = {
+    "model_channels": 32,
+    "num_res_blocks": [1, 1],
+    "channel_mult": [1, 2],
+    "transformer_depth": [0, 1],
+    "transformer_depth_output": [0, 0, 1, 1],
+    "disable_self_attentions": [True, True],
+}
 
 
-class HTTestConditioning:
-    """Random CONDITIONING of a given width: stands in for text encoders too large to fake (CLIP-G, T5-XXL)."""
+def tiny_world(seed: int = 0, weights_dir: str | None = None):
+    """The world's CLIP, VAE and CLIP_VISION with a small random UNet in its place (``WorldModels``)."""
+    import torch
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"text": ("STRING", {"default": ""}), "seed": ("INT", {"default": 0}),
-                             "dim": ("INT", {"default": 768, "min": 1, "max": 8192}),
-                             "tokens": ("INT", {"default": 8, "min": 1, "max": 512})}}
+    from hypertransport_world import model as WM
 
-    RETURN_TYPES = ("CONDITIONING",)
-    FUNCTION = "run"
-    CATEGORY = "testing"
-
-    def run(self, text, seed, dim, tokens):
-        g = torch.Generator().manual_seed(seed + len(text))
-        return ([[torch.randn((1, tokens, dim), generator=g), {}]],)
+    base = WM.new_diffusion_model(torch.float32, config={**WM.UNET_CONFIG, **TINY_WORLD_UNET})
+    init_random_(base.diffusion_model, seed)
+    return WM.load(weights_dir or WM.WEIGHTS_DIR, unet=WM.patcher_for(base))
 
 
-NODE_CLASS_MAPPINGS = {"HTTestConditioning": HTTestConditioning}
-'''
+def tiny_world_backend(seed: int = 0, steps: int = 2, guidance: float = 2.0, **kw):
+    """A trainer backend on :func:`tiny_world` (meaningless images, real code paths)."""
+    from trainer.backend import ComfyBackend
+
+    return ComfyBackend.world(models=tiny_world(seed), steps=steps, guidance=guidance, **kw)
 
 
-def prepare_server_base(base: str | os.PathLike) -> dict:
-    """Everything a server needs under ``base``: model files, the tiny encoder, hypernets named as the
-    workflows expect (made for the tiny stand-in models), a corrupt file, input images, this pack in
-    ``custom_nodes/`` (a symlink) and the test-only nodes. Returns the names written."""
-    import numpy as np
-    from PIL import Image
+class HashTextEncoder:
+    """Stands in for a text encoder too large to build here (CLIP-G, T5-XXL): a fixed random token embedding
+    per prompt (seeded by a hash of the text), in CLIPTextEncode's output form ``[cond, extras]``. Equal
+    prompts give equal conditioning."""
 
-    base = Path(base)
-    names = write_model_files(base)
-    enc = write_tiny_encoder(base)
-    dms = {k: build_from_file(base / "models" / "diffusion_models" / names[k]) for k in ("sd15", "pixart")}
-    write_hypernet(base, "hypertransport_sdxl_dmd2.safetensors", dms["sd15"], enc.identity, seed=1)
-    write_hypernet(base, "hypertransport_pixart.safetensors", dms["pixart"], enc.identity, seed=2)
-    (base / "models" / "hypertransport" / "corrupt.safetensors").write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{oops")
-    inp = base / "input"
-    inp.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(inp / "example.png")
-    Image.fromarray(rng.integers(0, 255, (1, 1, 4), dtype=np.uint8), "RGBA").save(inp / "odd_rgba.png")
-    Image.fromarray(rng.integers(0, 255, (7, 300), dtype=np.uint8), "L").save(inp / "odd_gray.png")
-    (inp / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
-    cn = base / "custom_nodes"
-    cn.mkdir(parents=True, exist_ok=True)
-    link = cn / "HyperTransport"
-    if not link.exists():
-        link.symlink_to(REPO, target_is_directory=True)
-    (cn / "ht_e2e_test_nodes").mkdir(exist_ok=True)
-    (cn / "ht_e2e_test_nodes" / "__init__.py").write_text(E2E_NODES_SRC)
-    return {**names, "encoder": enc.identity}
+    def __init__(self, dim: int, tokens: int = 8, pooled_dim: int | None = None):
+        self.dim, self.tokens, self.pooled_dim = dim, tokens, pooled_dim
+
+    def __call__(self, prompt: str) -> list:
+        import hashlib
+
+        import torch
+
+        seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little") % 2**63
+        g = torch.Generator().manual_seed(seed)
+        cond = torch.randn((1, self.tokens, self.dim), generator=g)
+        extras = {"pooled_output": torch.randn((1, self.pooled_dim), generator=g)} if self.pooled_dim else {}
+        return [cond, extras]
 
 
-def free_port() -> int:
-    import socket
+def tiny_backend(patcher, encoder, context_dim: int, *, pooled_dim: int | None = None, concepts=None, neutral=None,
+                 tokens: int = 8, **kw):
+    """A trainer backend on a tiny random-weight ComfyUI model with :class:`HashTextEncoder` conditioning
+    (``pooled_dim``: 1280 for SDXL, the vector width for Flux); concepts from the shipped list by default."""
+    from trainer.backend import ComfyBackend
+    from trainer.concepts import ListedConcepts, read_concepts, read_prompts
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``main.py --cpu`` on 127.0.0.1 with ``--base-directory base``; stopped by its own PID."""
-
-    def __init__(self, base: str | os.PathLike, port: int | None = None, python: str = sys.executable):
-        import subprocess
-
-        self.base = Path(base)
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        root = find_comfyui()
-        if root is None:
-            raise RuntimeError(MISSING_REASON)
-        self.log_path = self.base / "server.log"
-        self._log = open(self.log_path, "w")
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("HT_TEST_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
-        self.proc = subprocess.Popen(
-            [
-                python,
-                "main.py",
-                "--cpu",
-                "--listen",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--base-directory",
-                str(self.base),
-                "--disable-auto-launch",
-                "--disable-api-nodes",
-            ],
-            cwd=root,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        deadline = time.time() + 180
-        while True:
-            try:
-                self.get("/system_stats")
-                break
-            except Exception:
-                if self.proc.poll() is not None or time.time() > deadline:
-                    self.stop()
-                    raise RuntimeError("ComfyUI server did not start:\n" + self.log()[-4000:]) from None
-                time.sleep(0.25)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def get(self, path: str, timeout: float = 30):
-        import json
-        import urllib.request
-
-        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
-            return json.loads(r.read())
-
-    def post_prompt(self, prompt: dict) -> tuple[int, dict]:
-        """POST /prompt; returns ``(http status, body)`` (validation errors come back as 400)."""
-        import json
-        import urllib.error
-        import urllib.request
-        import uuid
-
-        data = json.dumps({"prompt": prompt, "client_id": str(uuid.uuid4())}).encode()
-        req = urllib.request.Request(self.url + "/prompt", data=data, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
-
-    def wait(self, prompt_id: str, timeout: float = 300) -> dict:
-        """The history entry of a finished prompt (success or error)."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            h = self.get(f"/history/{prompt_id}")
-            if prompt_id in h and h[prompt_id].get("status", {}).get("completed") is not None:
-                st = h[prompt_id]["status"]
-                if st["completed"] or st.get("status_str") == "error":
-                    return h[prompt_id]
-            time.sleep(0.1)
-        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s:\n{self.log()[-3000:]}")
-
-    def run(self, prompt: dict, timeout: float = 300) -> dict:
-        status, body = self.post_prompt(prompt)
-        if status != 200:
-            return {"status": {"status_str": "invalid", "completed": False}, "response": body, "http": status}
-        return self.wait(body["prompt_id"], timeout)
-
-    def stop(self):
-        import signal
-        import subprocess
-
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
-# ------------------------------------------------------------------ ComfyUI's real executor, no HTTP
-class DummyServer:
-    """What ``execution.PromptExecutor`` touches on the server."""
-
-    client_id = None
-    last_node_id = None
-    last_prompt_id = None
-    sockets_metadata: dict = {}
-
-    def send_sync(self, event, data, sid=None):
-        pass
-
-    def queue_updated(self):
-        pass
-
-
-def prompt_executor():
-    """A ``PromptExecutor`` without caching (every prompt runs every node)."""
-    import execution
-
-    return execution.PromptExecutor(DummyServer(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
-
-
-def run_prompt(ex, prompt: dict):
-    """Validate ``prompt`` (API form) as the server does, then execute it on ``ex``; returns ``ex``."""
-    import asyncio
-    import uuid
-
-    import execution
-
-    pid = str(uuid.uuid4())
-    valid = asyncio.run(execution.validate_prompt(pid, prompt, None))
-    assert valid[0], valid
-    ex.execute(prompt, pid, {}, valid[2])
-    return ex
-
-
-def constant_node(name: str, return_types: tuple[str, ...], values: tuple):
-    """Register a test node ``name`` without inputs that outputs ``values``; returns its class."""
-    import nodes
-
-    cls = type(name, (), {
-        "RETURN_TYPES": return_types,
-        "FUNCTION": "run",
-        "CATEGORY": "testing",
-        "INPUT_TYPES": classmethod(lambda cls: {"required": {}}),
-        "run": lambda self: values,
-    })
-    nodes.NODE_CLASS_MAPPINGS[name] = cls
-    return cls
+    source = ListedConcepts(concepts if concepts is not None else read_concepts(), neutral if neutral is not None else read_prompts())
+    return ComfyBackend(patcher, HashTextEncoder(context_dim, tokens, pooled_dim), encoder, source, **kw)
