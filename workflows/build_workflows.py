@@ -5,8 +5,8 @@
 * ``workflows/api/<name>.json``: the API form (``POST /prompt``), used by the end-to-end tests.
 * ``docs/NODES.md``: every node's inputs and outputs, from the node schemas.
 
-Regenerate after editing (needs a ComfyUI, found as ``tests/comfy_host.py`` finds it, to read the
-nodes' widget order)::
+Regenerate after editing (needs a ComfyUI, found as :func:`trainer.comfyui.find_comfyui` finds it, to read
+the nodes' widget order)::
 
     .venv/bin/python workflows/build_workflows.py          # writes the files
     .venv/bin/python workflows/build_workflows.py --check  # exit 1 if the files are stale
@@ -38,6 +38,19 @@ PIXART_NOTE = """Files this workflow needs:
 - models/vae/sdxl_vae.safetensors  (PixArt-Sigma uses the SDXL VAE)
 - models/hypertransport/hypertransport_pixart.safetensors  (a hypernet trained for PixArt)
 - the hypernet's CLIP weights (see Load HyperNet's info), e.g. models/clip/ViT-L-14.safetensors."""
+
+WORLD_NOTE = """The embedded world ships with this pack: nothing to download.
+It is a tiny text-to-image model of 32x32 images (one coloured, patterned circle, square or triangle), in
+ComfyUI's own classes, with its HyperTransport hypernet (world_hypernet.safetensors, listed by Load HyperNet).
+Its concepts are 139 CSS colours ("dark orange", "slate blue") and 26 fill patterns ("coarse-checkered",
+"diagonal-striped", "left-gradient"). Top to bottom: the same four seeds unsteered, steered by the phrase at
+strengths -1, 0.5 and 1, and steered by a reference image (made here by the world itself from its prompt).
+Negative strength applies the inverse map: it pushes away from the concept, towards an opposite colour, and
+at -1 can break the object. Images are upscaled 8x (nearest) to be seen."""
+
+WORLD_CONCEPT = "dark orange"  # held out of the shipped hypernet's training: it never saw this concept
+WORLD_REFERENCE_PROMPT = "a coarse-checkered square"
+WORLD_STRENGTHS = (-1.0, 0.5, 1.0)
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
@@ -169,44 +182,56 @@ STRENGTHS = (-1.0, 0.0, 0.5, 1.0, 1.5)
 
 
 def strength_sweep() -> list[Node]:
-    nodes = [n for n in _sdxl_base() if n.id != 10]
-    nodes.append(
-        Node(
-            5,
-            "HyperTransportEncodeConcept",
-            {"hypernet": L(4), "text": "watercolor painting", "clip_weights": "auto (match the hypernet's encoder)"},
-            (420, 400),
-        )
-    )
-    decoded = []
-    for i, s in enumerate(STRENGTHS):
-        a, k, d = 20 + i, 30 + i, 40 + i
-        y = i * 260
-        nodes.append(
-            Node(
-                a,
-                "HyperTransportApplySteering",
-                {
-                    "model": L(3),
-                    "hypernet": L(4),
-                    "concept": L(5),
-                    "strength": s,
-                    "start_percent": 0.0,
-                    "end_percent": 1.0,
-                },
-                (1300, y),
-                f"strength {s:+g}",
-            )
-        )
-        nodes.append(_ksampler(k, L(a), pos=(1700, y)))
-        nodes.append(Node(d, "VAEDecode", {"samples": L(k), "vae": L(2, 2)}, (2100, y)))
-        decoded.append(d)
-    prev = decoded[0]
-    for i, d in enumerate(decoded[1:]):  # one batch, left to right = increasing strength
-        b = 50 + i
-        nodes.append(Node(b, "ImageBatch", {"image1": L(prev), "image2": L(d)}, (2360, i * 120)))
-        prev = b
-    nodes.append(Node(12, "SaveImage", {"images": L(prev), "filename_prefix": "hypertransport_sweep"}, (2620, 0)))
+    """One concept at five strengths in ONE KSampler run: a batch of five latents, one strength each."""
+    nodes = [n for n in _sdxl_base() if n.id not in (8,)]
+    nodes += [
+        Node(5, "HyperTransportEncodeConcept",
+             {"hypernet": L(4), "text": "watercolor painting", "clip_weights": "auto (match the hypernet's encoder)"},
+             (420, 400)),
+        Node(13, "HyperTransportMakeSteering", {"hypernet": L(4), "concept": L(5)}, (420, 640)),
+        Node(11, "HyperTransportApplySteeringAdvanced",
+             {"model": L(3), "steering": L(13), "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0, "mode": "auto",
+              "rows": "all", "block_strengths": "", "preset": "all", "batch_strengths": ", ".join(f"{s:g}" for s in STRENGTHS),
+              "ramp": "constant"}, (420, 0), "one strength per image"),
+        Node(8, "EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": len(STRENGTHS)}, (860, 780),
+             f"{len(STRENGTHS)} images, one per strength"),
+        _ksampler(9, L(11)),
+        Node(12, "SaveImage", {"images": L(10), "filename_prefix": "hypertransport_sweep"}, (1740, 140)),
+    ]
+    return nodes
+
+
+FIT_NOTE = """Fit Steering needs no hypernet: it fits the concept's maps on the connected model itself (LinEAS), here the
+embedded world shipped with this pack (nothing to download). On the world a fit of 60 steps takes about half a
+minute on two CPU cores; on SDXL expect minutes on a GPU. The result is a STEERING: apply it, or save it with
+Save Steering and share the small file. The same inputs again reuse the fit (no second run).
+Prompt lines: '{concept}' marks where the concept goes; the line without it is the neutral prompt."""
+
+
+def fit_steering() -> list[Node]:
+    world = dict(sampler="euler", scheduler="simple", steps=4, cfg=2.0, seed=7)
+    nodes = [
+        Node(1, "Note", {"text": FIT_NOTE}, (0, 520), "About this workflow", (520, 260)),
+        Node(2, "HyperTransportLoadEmbeddedWorld", {}, (0, 0), "Embedded world (shipped)"),
+        Node(3, "HyperTransportFitSteering",
+             {"model": L(2, 0), "clip": L(2, 1), "concept": WORLD_CONCEPT,
+              "prompts": "a {concept} circle\na {concept} square\na {concept} triangle", "steps": 60,
+              "learning_rate": 0.01, "seed": 0, "sampler_steps": 0, "cfg": 0.0, "resolution": 0}, (0, 200), "Fit (LinEAS)"),
+        Node(4, "HyperTransportSaveSteering", {"steering": L(3), "filename_prefix": "world_dark_orange"}, (420, 520)),
+        Node(6, "CLIPTextEncode", {"text": "a circle", "clip": L(2, 1)}, (420, 0), "Prompt"),
+        Node(7, "CLIPTextEncode", {"text": "", "clip": L(2, 1)}, (420, 220), "Negative (empty)"),
+        Node(8, "EmptyLatentImage", {"width": 256, "height": 256, "batch_size": 4}, (420, 400), "4 seeds (a 32x32 latent)"),
+        Node(11, "HyperTransportApplySteering",
+             {"model": L(2, 0), "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0, "steering": L(3)}, (840, 240),
+             "steered by the fitted steering"),
+    ]
+    for r, (title, model) in enumerate((("unsteered", L(2, 0)), (f"fitted {WORLD_CONCEPT}, strength +1", L(11)))):
+        k, d, u, p = 30 + r, 40 + r, 50 + r, 70 + r
+        y = r * 260
+        nodes.append(_ksampler(k, model, pos=(1260, y), **world))
+        nodes.append(Node(d, "VAEDecode", {"samples": L(k), "vae": L(2, 2)}, (1680, y)))
+        nodes.append(Node(u, "ImageScaleBy", {"image": L(d), "upscale_method": "nearest-exact", "scale_by": 8.0}, (1920, y)))
+        nodes.append(Node(p, "PreviewImage", {"images": L(u)}, (2160, y), title, (420, 220)))
     return nodes
 
 
@@ -291,7 +316,50 @@ def pixart_nitro() -> list[Node]:
     ]
 
 
+def world_steering() -> list[Node]:
+    """The template that runs with no download: the embedded world, steered by a phrase and by an image."""
+    world = dict(sampler="euler", scheduler="simple", steps=4, cfg=2.0, seed=7)
+    nodes = [
+        Node(1, "Note", {"text": WORLD_NOTE}, (0, 760), "About this template", (520, 300)),
+        Node(2, "HyperTransportLoadEmbeddedWorld", {}, (0, 0), "Embedded world (shipped)"),
+        Node(4, "HyperTransportLoadHyperNet", {"hypernet_name": "world_hypernet.safetensors"}, (0, 260)),
+        Node(5, "HyperTransportEncodeConcept",
+             {"hypernet": L(4), "text": WORLD_CONCEPT, "clip_weights": "auto (match the hypernet's encoder)", "clip": L(2, 1)},
+             (0, 420), "Concept (a phrase)"),
+        Node(6, "CLIPTextEncode", {"text": "a circle", "clip": L(2, 1)}, (420, 0), "Prompt"),
+        Node(7, "CLIPTextEncode", {"text": "", "clip": L(2, 1)}, (420, 220), "Negative (empty)"),
+        Node(8, "EmptyLatentImage", {"width": 256, "height": 256, "batch_size": 4}, (420, 440), "4 seeds (a 32x32 latent)"),
+        Node(60, "CLIPTextEncode", {"text": WORLD_REFERENCE_PROMPT, "clip": L(2, 1)}, (420, 640), "Reference prompt"),
+        Node(61, "EmptyLatentImage", {"width": 256, "height": 256, "batch_size": 1}, (420, 860)),
+        _ksampler(62, L(2, 0), pos=(840, 640), positive=L(60), negative=L(7), latent=L(61), **{**world, "seed": 3}),
+        Node(63, "VAEDecode", {"samples": L(62), "vae": L(2, 2)}, (1260, 640), "Reference image"),
+        Node(64, "HyperTransportEncodeReferenceImage",
+             {"hypernet": L(4), "image": L(63), "clip_weights": "auto (match the hypernet's encoder)", "clip_vision": L(2, 3)},
+             (1260, 780)),
+    ]
+    rows = [("unsteered", L(2, 0))]
+    for i, s in enumerate(WORLD_STRENGTHS):
+        nodes.append(Node(20 + i, "HyperTransportApplySteering",
+                          {"model": L(2, 0), "hypernet": L(4), "concept": L(5), "strength": s, "start_percent": 0.0,
+                           "end_percent": 1.0}, (840, i * 200), f"strength {s:+g}"))
+        rows.append((f"{WORLD_CONCEPT}, strength {s:+g}", L(20 + i)))
+    nodes.append(Node(24, "HyperTransportApplySteering",
+                      {"model": L(2, 0), "hypernet": L(4), "concept": L(64), "strength": 1.0, "start_percent": 0.0,
+                       "end_percent": 1.0}, (1680, 780), "steered by the reference image"))
+    rows.append(("reference image, strength +1", L(24)))
+    for r, (title, model) in enumerate(rows):
+        k, d, u, p = 30 + r, 40 + r, 50 + r, 70 + r
+        y = r * 240
+        nodes.append(_ksampler(k, model, pos=(2100, y), **world))
+        nodes.append(Node(d, "VAEDecode", {"samples": L(k), "vae": L(2, 2)}, (2520, y)))
+        nodes.append(Node(u, "ImageScaleBy", {"image": L(d), "upscale_method": "nearest-exact", "scale_by": 8.0}, (2760, y)))
+        nodes.append(Node(p, "PreviewImage", {"images": L(u)}, (3000, y), title, (420, 220)))
+    return nodes
+
+
 WORKFLOWS = {
+    "world_steering": world_steering,
+    "fit_steering": fit_steering,
     "text_steering_sdxl_dmd2": text_steering_sdxl_dmd2,
     "reference_image_steering": reference_image_steering,
     "strength_sweep": strength_sweep,
@@ -442,10 +510,10 @@ def object_info_inprocess() -> dict:
     import asyncio
     import tempfile
 
-    sys.path.insert(0, str(REPO / "tests"))
-    import comfy_host
+    sys.path.insert(0, str(REPO))
+    import ht_devkit
 
-    comfy_host.setup_comfy(base_directory=tempfile.mkdtemp(prefix="ht_wf_"))
+    ht_devkit.setup_comfy(base_directory=tempfile.mkdtemp(prefix="ht_wf_"))
     import logging
 
     import nodes
@@ -455,7 +523,7 @@ def object_info_inprocess() -> dict:
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     finally:
         logging.disable(logging.NOTSET)
-    pack = comfy_host.load_pack()
+    pack = ht_devkit.load_pack()
     for cls in pack.nodes.NODES:
         nodes.NODE_CLASS_MAPPINGS[cls.GET_SCHEMA().node_id] = cls
     wanted = {n.type for f in WORKFLOWS.values() for n in f()} - UI_ONLY
