@@ -34,11 +34,11 @@ def parse_args(argv=None):
     p.add_argument("--clip-steps", type=int, default=2000, help="CLIP optimizer steps")
     p.add_argument("--clip-batch", type=int, default=128, help="CLIP images (and captions) per step")
     p.add_argument("--unet-minutes", type=float, default=150.0, help="UNet wall-clock guard (stops early, shortening the schedule)")
-    p.add_argument("--unet-steps", type=int, default=4000, help="UNet optimizer steps")
+    p.add_argument("--unet-steps", type=int, default=5000, help="UNet optimizer steps")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--no-eval", action="store_true", help="skip the quality evaluation at the end")
-    p.add_argument("--eval-n", type=int, default=360, help="images in the final evaluation")
+    p.add_argument("--eval-n", type=int, default=520, help="images in the final evaluation")
     p.add_argument("--eval-steps", type=int, default=8, help="sampler steps of the final evaluation")
     a = p.parse_args(argv)
     if a.clip_minutes <= 0 or a.unet_minutes <= 0:
@@ -84,7 +84,7 @@ def main(argv=None) -> None:
         C.save_clip(clip, clip_path, stats)
         C.write_open_clip_config(os.path.join(a.out, f"{C.MODEL_NAME}.json"))
         _update_stats(a.out, "clip", stats)
-    comfy_clip = WM.text_encoder(WM._open_clip_state_dict(clip_path))
+    comfy_clip = WM.text_encoder(WM.open_clip_state_dict(clip_path))
 
     if a.stage in ("all", "unet"):
         log.info("training the world UNet: %d steps on %s (guard %.0f min)", a.unet_steps, device, a.unet_minutes)

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class UNetTrainConfig:
     seed: int = 0  # seeds init, data and noise levels
     minutes: float = 150.0  # wall-clock guard (stops at whichever of minutes/steps comes first)
-    steps: int = 4000  # optimizer steps (the schedule runs over these, so a rebuild is the same recipe on any device)
+    steps: int = 5000  # optimizer steps (the schedule runs over these, so a rebuild is the same recipe on any device)
     batch: int = 64  # images per step
     lr: float = 1e-3  # AdamW learning rate (constant after warm-up, cosine over the last 30%)
     weight_decay: float = 0.01  # AdamW weight decay
