@@ -93,6 +93,7 @@ def fit_lineas(
     *,
     label: str = "",
     callback: Callable[[int, float], None] | None = None,
+    snapshot: Callable[[int, Steering], None] | None = None,
     steer_rows: RowsLike = None,
     capture_rows: RowsLike = None,
 ) -> Steering:
@@ -107,6 +108,8 @@ def fit_lineas(
         config: :class:`LinEASConfig`.
         label: the concept, stored in the result's meta.
         callback: ``callback(step, loss)`` after each step (it may raise to stop the fit: nothing is returned).
+        snapshot: ``snapshot(steps_done, steering)`` after each step with a detached copy of the maps so far
+            (for convergence curves: the caller keeps the ones it wants).
         steer_rows, capture_rows: the row layout of the model calls and the rows the loss compares (e.g.
             only the conditional chunk when the sampler runs cond and uncond rows in one batch).
 
@@ -141,6 +144,9 @@ def fit_lineas(
                 _prox_sparse_group(u, sizes, cfg.lr * cfg.l1, cfg.lr * cfg.group)
         if callback is not None:
             callback(step, loss_val)
+        if snapshot is not None:
+            d = u.detach().cpu()
+            snapshot(step + 1, Steering(sites, 1 + d[0], d[1].clone(), meta={"label": label}))
     seconds = time.perf_counter() - t0
     u = u.detach().cpu()
     meta = {
