@@ -230,10 +230,12 @@ class ComfyImageEncoder:
 
 # ---------------------------------------------------------------------------------- choice ---
 def _choose(handle, obj, what: str, tower_kind: str, towers, make, clip_weights: str, node: str):
-    want = (handle.encoder or {}).get(f"{tower_kind}_fingerprint")
-    body = (handle.encoder or {}).get(f"{tower_kind}_body_fingerprint")
+    if obj is None:
+        return mf.encoder_for(handle, clip_weights, node)
+    want = (handle.net.encoder or {}).get(f"{tower_kind}_fingerprint")
+    body = (handle.net.encoder or {}).get(f"{tower_kind}_body_fingerprint")
     proj = getattr(handle.net, "text_projection", None) if tower_kind == TEXT else None
-    arch = (handle.encoder or {}).get("arch", "?")
+    arch = (handle.net.encoder or {}).get("arch", "?")
     if want:
         found = towers()
         for t in found:
@@ -268,31 +270,11 @@ def _choose(handle, obj, what: str, tower_kind: str, towers, make, clip_weights:
 
 def text_encoder_for(handle, clip, clip_weights: str, node: str = "Encode Concept"):
     """ComfyUI's ``clip`` when one of its text towers is the hypernet's, else the open_clip weights."""
-    if clip is None:
-        return mf.encoder_for(handle, clip_weights, node)
-    return _choose(
-        handle,
-        clip,
-        "CLIP",
-        TEXT,
-        lambda: text_towers(clip),
-        lambda t, proj: ComfyTextEncoder(clip, t, handle.encoder, proj),
-        clip_weights,
-        node,
-    )
+    return _choose(handle, clip, "CLIP", TEXT, lambda: text_towers(clip),
+                   lambda t, proj: ComfyTextEncoder(clip, t, handle.net.encoder, proj), clip_weights, node)
 
 
 def image_encoder_for(handle, clip_vision, clip_weights: str, node: str = "Encode Reference Image"):
     """ComfyUI's ``clip_vision`` when it is the hypernet's image tower, else the open_clip weights."""
-    if clip_vision is None:
-        return mf.encoder_for(handle, clip_weights, node)
-    return _choose(
-        handle,
-        clip_vision,
-        "CLIP_VISION",
-        IMAGE,
-        lambda: [image_tower(clip_vision)],
-        lambda t, _proj: ComfyImageEncoder(clip_vision, t, handle.encoder),
-        clip_weights,
-        node,
-    )
+    return _choose(handle, clip_vision, "CLIP_VISION", IMAGE, lambda: [image_tower(clip_vision)],
+                   lambda t, _proj: ComfyImageEncoder(clip_vision, t, handle.net.encoder), clip_weights, node)

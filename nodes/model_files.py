@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import os
 import re
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from hypertransport_core.encoders import ConceptEncoder
 from hypertransport_core.errors import HyperTransportError
 from hypertransport_core.hypernet import HyperNet
+from hypertransport_core.lru import LRU
 from hypertransport_core.tensorfile import is_temporary, read_layout
 
 HYPERNET_FOLDER = "hypertransport"
@@ -141,31 +140,21 @@ class HyperNetHandle:
     net: HyperNet
     name: str
 
-    @property
-    def family(self) -> str:
-        return self.net.family
-
-    @property
-    def encoder(self) -> dict:
-        return self.net.encoder
-
     def describe(self) -> str:
-        enc = self.encoder
+        enc = self.net.encoder
         n = len(self.net.sites)
         c = sum(s.channels for s in self.net.sites)
         from hypertransport_core.sites import describe_blocks
 
         return (
-            f"{self.name}: model family {self.family}, encoder {enc.get('arch', '?')} "
+            f"{self.name}: model family {self.net.family}, encoder {enc.get('arch', '?')} "
             f"(fingerprint {str(enc.get('fingerprint', '?'))[:12]}, {enc.get('embed_dim', '?')}-d), "
             f"{n} sites / {c:,} channels; {describe_blocks(self.net.sites)}"
         )
 
 
 # ---------------------------------------------------------------------------------- encoders ---
-_ENCODERS: OrderedDict[tuple, ConceptEncoder] = OrderedDict()
-_LOCK = threading.Lock()
-_MAX_CACHED = 2
+_ENCODERS: LRU[ConceptEncoder] = LRU(2)
 
 
 def _norm(s: str) -> str:
@@ -186,16 +175,10 @@ def ensure_arch(arch: str) -> None:
 
 def _load_encoder(arch: str, path: str) -> ConceptEncoder:
     key = (arch, os.path.abspath(path), os.path.getmtime(path))
-    with _LOCK:
-        if key in _ENCODERS:
-            _ENCODERS.move_to_end(key)
-            return _ENCODERS[key]
-    ensure_arch(arch)
-    enc = ConceptEncoder.from_open_clip(arch, weights=path)
-    with _LOCK:
-        _ENCODERS[key] = enc
-        while len(_ENCODERS) > _MAX_CACHED:
-            _ENCODERS.popitem(last=False)
+    enc = _ENCODERS.get(key)
+    if enc is None:
+        ensure_arch(arch)
+        enc = _ENCODERS.put(key, ConceptEncoder.from_open_clip(arch, weights=path))
     return enc
 
 
@@ -206,7 +189,7 @@ def encoder_for(handle: HyperNetHandle, clip_weights: str, node: str) -> Concept
     name contains the architecture, e.g. ``ViT-L-14.safetensors``). The weights' fingerprint must
     match the one the hypernet file records.
     """
-    want = handle.encoder or {}
+    want = handle.net.encoder or {}
     arch, fp = want.get("arch"), want.get("fingerprint")
     if not arch:
         raise HyperTransportError(

@@ -542,10 +542,10 @@ def test_loading_the_nodes_imports_neither_pot_nor_the_trainer():
     import ht_devkit
 
     code = (
-        "import sys; sys.path.insert(0, %r); import ht_devkit; ht_devkit.setup_comfy(); ht_devkit.load_pack(); "
+        f"import sys; sys.path.insert(0, {str(ht_devkit.REPO)!r}); import ht_devkit; ht_devkit.setup_comfy(); ht_devkit.load_pack(); "
         "import hypertransport_pack.nodes.definitions; "
         "print(sorted(m for m in sys.modules if m == 'ot' or m.startswith('ot.') or m.startswith('trainer.t')))"
-    ) % str(ht_devkit.REPO)
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr[-2000:]
 

@@ -20,7 +20,6 @@ SINK: dict = {}
 @pytest.fixture(scope="module")
 def setup(comfy, comfy_base):
     import nodes
-
     from ht_devkit import clips
 
     assert asyncio.run(nodes.load_custom_node(str(comfy.REPO)))
@@ -128,13 +127,13 @@ def test_cancel_stops_within_a_step_and_keeps_nothing(setup):
             mm.interrupt_current_processing(True)
         mm.throw_exception_if_processing_interrupted()
 
-    before = dict(fit._CACHE)
+    before = len(fit._CACHE)
     with pytest.raises(mm.InterruptProcessingException):
         fit.fit_steering(setup["plain"], setup["clip"], "a sunset", "", fit.FitSettings(steps=50, sampler_steps=2, cfg=1.0, resolution=64),
                          on_step=on_step)
     mm.interrupt_current_processing(False)
     assert seen == [0, 1, 2]  # stopped at the step it was asked to
-    assert dict(fit._CACHE) == before  # nothing half-done is kept
+    assert len(fit._CACHE) == before  # nothing half-done is kept
 
 
 def test_bad_fit_inputs_name_the_fix(setup):
@@ -162,7 +161,7 @@ def test_world_fit_induces_like_the_evaluators_lineas(setup, comfy):
     from trainer.targets import compute_targets
     from trainer.train import fit_concept_lineas
 
-    concept, steps = "dark orange", 40
+    concept, steps = "tomato", 40
     g = {
         "1": {"class_type": "HyperTransportLoadEmbeddedWorld", "inputs": {}},
         "3": {"class_type": "HyperTransportFitSteering",

@@ -1,0 +1,66 @@
+"""The project's layering, checked statically over every module (top-level and function-level imports):
+no import cycle, nothing outside ``tests/`` imports the tests, and the core imports no other layer."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGES = ("hypertransport_core", "hypertransport_world", "trainer", "nodes", "ht_devkit", "workflows", "benchmarks", "scripts")
+
+
+def _modules() -> dict[str, pathlib.Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for p in (ROOT / pkg).rglob("*.py"):
+            name = ".".join(p.relative_to(ROOT).with_suffix("").parts)
+            out[name.removesuffix(".__init__")] = p
+    return out
+
+
+def _imports(name: str, path: pathlib.Path, known) -> set[str]:
+    """The project modules ``name`` imports (relative imports resolved; ``from pkg import mod`` is ``pkg.mod``)."""
+    pkg = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            found.update(f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names)
+    return {m for m in found if m in known and m != name} | ({m.split(".")[0] for m in found} & {"tests"})
+
+
+def test_no_import_cycle_and_nothing_imports_the_tests():
+    mods = _modules()
+    graph = {m: _imports(m, p, mods) for m, p in mods.items()}
+    assert not [m for m, deps in graph.items() if "tests" in deps]
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(m, path):
+        state[m] = 1
+        for d in graph[m] - {"tests"}:
+            if state.get(d) == 1:
+                cycles.append(path[path.index(d):] + [d])
+            elif d not in state:
+                visit(d, path + [d])
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [m])
+    assert cycles == [], cycles
+    assert len(graph) > 50  # the walk saw the project
+
+
+def test_the_core_imports_no_other_layer():
+    mods = _modules()
+    for m, p in mods.items():
+        if m.startswith("hypertransport_core"):
+            others = {d.split(".")[0] for d in _imports(m, p, mods)} - {"hypertransport_core"}
+            assert not others, (m, others)
