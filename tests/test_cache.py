@@ -45,9 +45,9 @@ def test_shards_on_disk_and_equal_to_the_memory_cache(backend, tmp_path):
     run = T.build(cfg, backend, progress=False)
     assert isinstance(run.targets, ShardedTargets)
     index = json.loads((tmp_path / "run" / "targets" / "index.json").read_text())
-    assert index["key"] == TG.targets_key(backend, run.train + run.holdout, cfg)
+    assert index["key"] == TG.targets_key(backend, run.train + run.val + run.holdout, cfg)
     assert [s["file"] for s in index["shards"]] == [f"shard-{i:05d}.safetensors" for i in range(3)]  # 10 concepts / 4
-    mem = TG.load_or_compute_targets(backend, run.train + run.holdout, _cfg(tmp_path / "m", cache="memory"), progress=False)
+    mem = TG.load_or_compute_targets(backend, run.train + run.val + run.holdout, _cfg(tmp_path / "m", cache="memory"), progress=False)
     rows = torch.tensor([0, 4, 9])
     for s in backend.sites:
         torch.testing.assert_close(run.targets[s.name][rows], mem[s.name][rows], rtol=0, atol=0)

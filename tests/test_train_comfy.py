@@ -160,7 +160,7 @@ def test_round_trip_through_the_nodes(fam, tmp_path, comfy, comfy_base, pack):
     shutil.copy(os.path.join(cfg.out, "hypernet.safetensors"), comfy_base / "models" / "hypertransport" / name)
     folder_paths.filename_list_cache.clear()
     hn = D.LoadHyperNet.execute(name).args[0]
-    assert hn.family == fam.family
+    assert hn.net.family == fam.family
     concept = D.EncodeConcept.execute(hn, "oil painting").args[0]
     _, ckw, shape = comfy.FAMILIES[fam.family]
     pos, neg = comfy.random_cond(seed=1, **ckw), comfy.random_cond(seed=2, **ckw)

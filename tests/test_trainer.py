@@ -46,7 +46,8 @@ def test_batches_balance_concept_kinds(backend, tmp_path):
     held.write_text("navy\n")
     shares = {}
     for alpha in (0.0, 0.5, 1.0):
-        run = T.build(_cfg(tmp_path, holdout=str(held), balance_kinds=alpha, concepts_per_step=4), backend, progress=False)
+        run = T.build(_cfg(tmp_path, holdout=str(held), balance_kinds=alpha, concepts_per_step=4, val_frac=0.0), backend,
+                      progress=False)
         kinds = [backend.concept_info(c).kind for c in run.train]
         n_pat, n_col = kinds.count("pattern"), kinds.count("colour")
         p = T._kind_balanced_probs(run)
@@ -68,12 +69,13 @@ def test_split_holds_out_concepts_and_file_format(backend, tmp_path):
     cfg = _cfg(tmp_path, steps=2)
     run = T.train(cfg, backend, progress=False)
     assert set(run.train).isdisjoint(run.holdout) and len(run.holdout) >= 0.2 * len(CONCEPTS)
+    assert run.val and set(run.val).isdisjoint(run.train + run.holdout)
     meta = read_header(os.path.join(cfg.out, "hypernet.safetensors"), expect="hypertransport.hypernet")
     assert meta["model_family"] == "sd15"  # the world's UNet is ComfyUI's SD UNet: the SD1.5 site table
-    assert meta["training"]["holdout_concepts"] == run.holdout
+    assert meta["training"]["holdout_concepts"] == run.holdout and meta["training"]["val_concepts"] == run.val
     assert [s.name for s in meta["site_list"]] == [s.name for s in backend.sites]
     split = json.loads((tmp_path / "run" / "split.json").read_text())
-    assert split["holdout"] == run.holdout
+    assert (split["train"], split["val"], split["test"]) == (run.train, run.val, run.holdout)
 
 
 def test_holdout_file_is_respected(backend, tmp_path):
@@ -81,7 +83,7 @@ def test_holdout_file_is_respected(backend, tmp_path):
     held.write_text("navy\ncoarse-checkered\n")
     run = T.build(_cfg(tmp_path, holdout=str(held)), backend, progress=False)
     assert run.holdout == ["navy", "coarse-checkered"]
-    assert "navy" not in run.train
+    assert "navy" not in run.train + run.val
 
 
 def test_target_cache_is_reused(backend, tmp_path, monkeypatch):

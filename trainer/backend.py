@@ -173,7 +173,7 @@ class ComfyBackend:
             mm.load_models_gpu([patcher], force_full_load=True)
         self.device = next(self.root.parameters()).device
         self.sites: list[Site] = list_sites(self.root, self.family, form=form)
-        self.sigmas = sampling.sigmas_for(patcher, self.scheduler, self.steps, timesteps)
+        self.sigmas = sampling.sigmas_for(patcher, self.scheduler, self.steps, timesteps or self.defaults.timesteps.get(self.steps))
         self.grad_checkpoint = bool(grad_checkpoint) and enable_gradient_checkpointing(self.root, self.family) > 0
         self._call = _CallContext()
         import comfy.patcher_extension as pe

@@ -120,18 +120,19 @@ def resolve(cls, ns: argparse.Namespace):
 
 @dataclass
 class TrainConfig:
-    backend: str = "world"  # "world": the embedded default model shipped in trainer/world/weights
+    backend: str = "world"  # "world": the embedded default model shipped in hypertransport_world/weights
     world_weights: str = WORLD_WEIGHTS  # folder with the world's files (backend "world"): HT-World-CLIP and world_unet .safetensors
     out: str = "runs/world"  # run folder: hypernet, checkpoint, target cache, logs
     seed: int = 0  # seeds the split, the batches and the hypernet init
     holdout_frac: float = 0.25  # share of concepts held out (never seen by the hypernet)
     holdout: str = ""  # file of held-out concept names, one per line (replaces holdout_frac)
+    val_frac: float = 0.15  # share of the other concepts kept out of training as the validation set (choose configurations on it; the held-out test concepts stay untouched)
     concepts: str = ""  # file restricting the concept list, one per line (default: all of the backend's)
-    n_target: int = 24  # target prompts per concept whose activations are cached
+    n_target: int = 16  # target prompts per concept whose activations are cached
     concepts_per_step: int = 16  # concepts in one batch
-    prompts_per_concept: int = 3  # source prompts per concept in one batch
+    prompts_per_concept: int = 2  # source prompts per concept in one batch
     balance_kinds: float = 1.0  # a kind's share of each batch ~ (its training concepts)^this: 1 = proportional (uniform over concepts), 0 = equal shares
-    steps: int = 200  # optimizer steps
+    steps: int = 130  # optimizer steps (the default run fits ~10 min on two idle CPU cores; the shipped hypernet trained longer)
     lr: float = 3e-3  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     hidden: int = 512  # hypernet trunk width
@@ -145,7 +146,7 @@ class TrainConfig:
     guidance: float = 2.0  # classifier-free guidance of the sampler (1 = none)
     form: str = "pooled"  # map form at spatial (GroupNorm) sites: "pooled" or "elementwise"
     ckpt_every: int = 50  # steps between checkpoints (0: only at the end)
-    eval_every: int = 100  # steps between held-out loss evaluations (0: only at the end)
+    eval_every: int = 50  # steps between validation-loss evaluations (0: only at the end)
     threads: int = 0  # torch CPU threads (0: torch's default)
     device: str = "auto"  # where ComfyUI runs the model: "auto" (CUDA when available), "cpu" (ComfyUI --cpu) or "cuda"; the hypernet stays on the CPU. Not carried over by hypernet files
     max_minutes: float = 14.0  # stop early (checkpoint + hypernet saved) after this long, a guard for slow machines (0: no limit)
@@ -179,6 +180,8 @@ class TrainConfig:
             bad("cache_chunk", "must be at least 1.")
         if not 0 < self.holdout_frac < 1:
             bad("holdout_frac", "must be between 0 and 1 (e.g. 0.25).")
+        if not 0 <= self.val_frac < 1:
+            bad("val_frac", "must be in [0, 1) (e.g. 0.15; 0 = no validation set).")
         for name in ("n_target", "concepts_per_step", "prompts_per_concept", "steps", "hidden", "depth", "rank", "sampler_steps", "n_refs"):
             if getattr(self, name) < 1:
                 bad(name, "must be at least 1.")
@@ -205,7 +208,7 @@ class TrainConfig:
                 bad(name, "file does not exist. Fix: give a text file with one concept name per line.")
 
 
-RESUME_KEYS = ("backend", "seed", "holdout_frac", "holdout", "concepts", "n_target", "concepts_per_step",
+RESUME_KEYS = ("backend", "seed", "holdout_frac", "holdout", "val_frac", "concepts", "n_target", "concepts_per_step",
                 "prompts_per_concept", "balance_kinds", "lr", "weight_decay", "hidden", "depth", "rank", "dropout", "image_frac", "n_refs",
                 "loss", "sampler_steps", "guidance", "form", "model", "concept_list", "neutral_prompts", "resolution",
                 "timesteps")

@@ -19,8 +19,6 @@ import hashlib
 import json
 import logging
 import re
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -28,6 +26,7 @@ import numpy as np
 import torch
 
 from hypertransport_core import HyperTransportError, LinEASConfig, Steering, weights_fingerprint
+from hypertransport_core.lru import LRU
 from trainer.concepts import ConceptInfo, ConceptSource
 
 log = logging.getLogger("hypertransport.fit")
@@ -121,9 +120,7 @@ def _same(weight):
     return weight
 
 
-_CACHE: OrderedDict[str, Steering] = OrderedDict()
-_LOCK = threading.Lock()
-_CACHE_SIZE = 8
+_CACHE: LRU[Steering] = LRU(8)
 
 
 def cache_key(patcher, clip, concept: str, prompts: str, settings: FitSettings) -> str:
@@ -149,18 +146,14 @@ def fit_steering(patcher, clip, concept: str, prompts: str = "", settings: FitSe
     if not concept:
         raise HyperTransportError("Fit Steering: the concept is empty. Fix: type a concept, e.g. 'watercolor'.")
     key = cache_key(patcher, clip, concept, prompts, settings) if use_cache else None
-    with _LOCK:
-        if key in _CACHE:
-            _CACHE.move_to_end(key)
-            log.info("Fit Steering: %r reused from the cache", concept)
-            return _CACHE[key]
+    cached = _CACHE.get(key) if key is not None else None
+    if cached is not None:
+        log.info("Fit Steering: %r reused from the cache", concept)
+        return cached
     with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes in inference mode
         steering = _fit(patcher, clip, concept, prompts, settings, on_step)
     if key is not None:
-        with _LOCK:
-            _CACHE[key] = steering
-            while len(_CACHE) > _CACHE_SIZE:
-                _CACHE.popitem(last=False)
+        _CACHE.put(key, steering)
     return steering
 
 

@@ -1,6 +1,6 @@
 """Steer one generation of the embedded world from a concept's words or a reference image.
 
-    python trainer/steer.py --concept "dark orange" --strength 1 --out orange.png
+    python trainer/steer.py --concept "tomato" --strength 1 --out tomato.png
     python trainer/steer.py --image my_reference.png --prompt "a square" --strength 0.7 --out out.png
 
 Writes a PNG: the unsteered image and the steered one side by side (upscaled, nearest neighbour),

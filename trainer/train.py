@@ -68,7 +68,7 @@ class Run:
     cfg: TrainConfig
     backend: ComfyBackend
     train: list[str]
-    holdout: list[str]
+    holdout: list[str]  # the test concepts: never trained on, never used to choose anything
     hypernet: HyperNet
     opt: torch.optim.Optimizer
     text_emb: dict[str, torch.Tensor]  # concept -> (d,)
@@ -79,6 +79,7 @@ class Run:
     shard: tuple[int, int] | None = None  # (rank, world size) under torchrun: this process's share of each batch
     concept_p: np.ndarray | None = None  # sampling probability of each training concept (None: uniform), see _kind_balanced_probs
     history: list[dict] = field(default_factory=list)
+    val: list[str] = field(default_factory=list)  # validation concepts: not trained on, used to choose configurations
 
 
 # --------------------------------------------------------------------------------------- data
@@ -87,25 +88,45 @@ def read_list(path: str) -> list[str]:
         return [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
 
 
-def split_concepts(all_names: list[str], cfg: TrainConfig) -> tuple[list[str], list[str]]:
-    """(train, holdout). ``--holdout FILE`` fixes the held-out list; else a seeded share per kind."""
+def split_concepts(concepts: list, cfg: TrainConfig) -> tuple[list[str], list[str], list[str]]:
+    """(train, validation, test) names from the backend's :class:`ConceptInfo` list.
+
+    ``--holdout FILE`` fixes the test list; else ``holdout_frac`` of each kind is drawn with ``--seed``. Then
+    ``val_frac`` of each kind's remaining concepts becomes the validation set. Drawing per kind keeps every
+    split's share of colours and patterns the same."""
+    all_names = [c.name for c in concepts]
+    kind = {c.name: getattr(c, "kind", "") for c in concepts}
+
     def listed(flag: str, path: str) -> list[str]:
         got = read_list(path)
-        unknown = [c for c in got if c not in all_names]
+        unknown = [c for c in got if c not in kind]
         if unknown:
             raise SystemExit(f"--{flag}: {unknown[:5]} are not concepts of this backend. Fix: check the spelling.")
         return got
 
+    def per_kind(names: list[str], frac: float, rng: np.random.Generator, at_least: int = 0) -> set[str]:
+        """round(frac * len(names)) names (at least ``at_least``), each kind's share as close to ``frac`` as
+        whole numbers allow (largest remainders), drawn at random within each kind."""
+        kinds = list(dict.fromkeys(kind[n] for n in names))
+        groups = {k: [n for n in names if kind[n] == k] for k in kinds}
+        total = min(len(names), max(at_least, round(frac * len(names))))
+        want = {k: int(frac * len(g)) for k, g in groups.items()}
+        for k in sorted(kinds, key=lambda k: frac * len(groups[k]) - want[k], reverse=True)[: total - sum(want.values())]:
+            want[k] += 1
+        return {g[i] for k, g in groups.items() for i in rng.choice(len(g), min(want[k], len(g)), replace=False)}
+
     names = listed("concepts", cfg.concepts) if cfg.concepts else list(all_names)
-    if cfg.holdout:
-        held = listed("holdout", cfg.holdout)
-    else:
-        rng = np.random.default_rng(cfg.seed)
-        held = [names[i] for i in sorted(rng.choice(len(names), max(1, round(cfg.holdout_frac * len(names))), replace=False))]
-    train = [c for c in names if c not in held]
+    rng = np.random.default_rng(cfg.seed)
+    held = set(listed("holdout", cfg.holdout)) if cfg.holdout else per_kind(names, cfg.holdout_frac, rng, at_least=1)
+    if not held:
+        raise SystemExit("no test concepts: --holdout-frac is too small for this concept list. Fix: raise it or pass --holdout FILE.")
+    rest = [c for c in names if c not in held]
+    val = per_kind(rest, cfg.val_frac, rng) if cfg.val_frac else set()
+    train = [c for c in rest if c not in val]
     if len(train) < cfg.concepts_per_step:
-        raise SystemExit(f"only {len(train)} training concepts for --concepts-per-step {cfg.concepts_per_step}. Fix: lower it.")
-    return train, held
+        raise SystemExit(f"only {len(train)} training concepts for --concepts-per-step {cfg.concepts_per_step}. Fix: lower it "
+                         "(or --val-frac / --holdout-frac).")
+    return train, [c for c in names if c in val], [c for c in names if c in held]
 
 
 def encode_concepts(backend, concepts: list[str], cfg: TrainConfig) -> tuple[dict, dict]:
@@ -154,8 +175,8 @@ def build(cfg: TrainConfig, backend=None, progress: bool = True) -> Run:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     backend = backend or make_backend(cfg)
-    train, holdout = split_concepts([c.name for c in backend.concepts], cfg)
-    concepts = train + holdout
+    train, val, holdout = split_concepts(backend.concepts, cfg)
+    concepts = train + val + holdout
     text_emb, image_emb = encode_concepts(backend, concepts, cfg)
     from trainer import distributed
 
@@ -176,13 +197,13 @@ def build(cfg: TrainConfig, backend=None, progress: bool = True) -> Run:
         if proj is not None:  # kept in the file: a text tower without a projection can still encode concepts
             hn.text_projection.copy_(proj.float())
     opt = torch.optim.AdamW(hn.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    run = Run(cfg, backend, train, holdout, hn, opt, text_emb, image_emb, targets, {c: i for i, c in enumerate(concepts)})
+    run = Run(cfg, backend, train, holdout, hn, opt, text_emb, image_emb, targets, {c: i for i, c in enumerate(concepts)}, val=val)
     run.shard = distributed.shard()
     run.concept_p = _kind_balanced_probs(run)  # fixed for the run: computed once, not per batch
     os.makedirs(cfg.out, exist_ok=True)
     if distributed.is_main():
         with open(os.path.join(cfg.out, "split.json"), "w") as f:
-            json.dump({"train": train, "holdout": holdout}, f, indent=1)
+            json.dump({"seed": cfg.seed, "train": train, "val": val, "test": holdout}, f, indent=1)
     if cfg.resume:
         load_checkpoint(run)
     return run
@@ -308,13 +329,13 @@ class _IdentityHypernet:
 # --------------------------------------------------------------------------------------- LinEAS
 def fit_concept_lineas(
     backend, concept: str, targets: dict[str, torch.Tensor], cfg: TrainConfig, config: LinEASConfig | None = None,
-    callback=None,
+    callback=None, snapshot=None,
 ) -> Steering:
     """The per-concept baseline on the same backend, targets and loss: LinEAS fitting of one concept.
 
     Args:
         targets: ``{site: (sampler_steps, n_target, C)}`` of this concept (a row of the cache).
-        callback: ``callback(step, loss)`` after each step (see :func:`hypertransport_core.fit_lineas`).
+        callback, snapshot: see :func:`hypertransport_core.fit_lineas`.
     """
     P = cfg.prompts_per_concept
     device = next(backend.root.parameters()).device  # the cache is on the CPU; the loss runs beside the model
@@ -327,7 +348,7 @@ def fit_concept_lineas(
         seeds = [int(s) for s in rng.integers(0, 2**31 - 1, P)]
         return (lambda: backend.run(prompts, seeds, grad=True)), tgt
 
-    return fit_lineas(backend.root, backend.sites, batch_fn, config, label=concept, callback=callback,
+    return fit_lineas(backend.root, backend.sites, batch_fn, config, label=concept, callback=callback, snapshot=snapshot,
                       steer_rows=backend.steer_rows, capture_rows=backend.cond_rows)
 
 
@@ -342,7 +363,10 @@ def save_final(run: Run, seconds: float) -> str:
         "final_loss": next((h["loss"] for h in reversed(run.history) if "loss" in h), None),
         "holdout_loss": run.history[-1].get("holdout_loss") if run.history else None,
         "holdout_loss_unsteered": run.history[-1].get("holdout_loss_unsteered") if run.history else None,
+        "val_loss": next((h["val_loss"] for h in reversed(run.history) if "val_loss" in h), None),
+        "split_seed": run.cfg.seed,
         "train_concepts": run.train,
+        "val_concepts": run.val,
         "holdout_concepts": run.holdout,
         "config": dataclasses.asdict(run.cfg),
     }
@@ -364,8 +388,8 @@ def train(cfg: TrainConfig, backend=None, progress: bool = True) -> Run:
         while run.step < cfg.steps:
             loss = train_step(run)
             rec = {"step": run.step, "loss": loss, "lr": run.opt.param_groups[0]["lr"]}
-            if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < cfg.steps:
-                rec["holdout_loss"] = evaluate_loss(run, run.holdout)
+            if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < cfg.steps and run.val:
+                rec["val_loss"] = evaluate_loss(run, run.val)  # the test concepts are measured once, at the end
             run.history.append(rec)
             logf.write(json.dumps(rec) + "\n")
             logf.flush()
@@ -379,12 +403,16 @@ def train(cfg: TrainConfig, backend=None, progress: bool = True) -> Run:
     bar.close()
     if main:
         save_checkpoint(run)
-    held = evaluate_loss(run, run.holdout, batches=2)
-    ident = evaluate_loss(run, run.holdout, identity=True, batches=2)
-    run.history.append({"step": run.step, "holdout_loss": held, "holdout_loss_unsteered": ident})
+    final = {"step": run.step}
+    if run.val:
+        final["val_loss"] = evaluate_loss(run, run.val, batches=2)
+    held = final["holdout_loss"] = evaluate_loss(run, run.holdout, batches=2)
+    ident = final["holdout_loss_unsteered"] = evaluate_loss(run, run.holdout, identity=True, batches=2)
+    run.history.append(final)
     path = save_final(run, time.perf_counter() - t0) if main else ""
     if main:
-        log.info("held-out OT loss %.4g (unsteered %.4g); hypernet -> %s (%.0f s)", held, ident, path, time.perf_counter() - t0)
+        log.info("test OT loss %.4g (unsteered %.4g), validation %s; hypernet -> %s (%.0f s)", held, ident,
+                 f"{final['val_loss']:.4g}" if run.val else "-", path, time.perf_counter() - t0)
     return run
 
 
