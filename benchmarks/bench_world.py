@@ -4,7 +4,9 @@
 
 Both on the embedded world's model, in the same run and process, for concepts the hypernet never
 saw. LinEAS time includes computing its concept's target activations (a new concept has none
-cached) and the fit; HyperTransport time is text encoding plus the hypernet's forward pass.
+cached) and the fit; HyperTransport time is text encoding plus the hypernet's forward pass. Then the
+Fit Steering node's own code (``trainer/fit.py`` on the world's ComfyUI MODEL, as the node runs it) is
+timed for ``--fit-steps`` steps: its cost per step on the world.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--hypernet", default="", help="default: runs/world/hypernet.safetensors, else the shipped one")
     p.add_argument("--concepts", type=int, default=3, help="held-out concepts to time LinEAS on")
     p.add_argument("--lineas-steps", type=int, default=60, help="LinEAS steps (the evaluator's default)")
+    p.add_argument("--fit-steps", type=int, default=20, help="Fit Steering steps to time (0: skip)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     a = p.parse_args(argv)
     if a.threads:
@@ -59,7 +62,26 @@ def main(argv=None) -> int:
     h, l_ = statistics.median(ht), statistics.median(lin)
     print(f"median: HyperTransport {1000 * h:.2f} ms, LinEAS {l_:.1f} s, ratio {l_ / h:,.0f}x "
           f"(torch threads {torch.get_num_threads()}, {len(backend.sites)} sites, {sum(s.channels for s in backend.sites)} channels)")
+    if a.fit_steps:
+        fit_node_cost(concepts[0], a.fit_steps, tcfg.world_weights)
     return 0
+
+
+def fit_node_cost(concept: str, steps: int, weights: str) -> None:
+    """Seconds per step of Fit Steering on the world's MODEL: a 1-step fit (targets + one step) and a
+    ``1 + steps`` fit, the difference divided by ``steps``."""
+    from hypertransport_world import model as WM
+    from trainer import fit
+
+    world = WM.load(weights)
+    times = []
+    for n in (1, 1 + steps):
+        t = time.perf_counter()
+        fit.fit_steering(world.model, world.clip, concept, "", fit.FitSettings(steps=n), use_cache=False)
+        times.append(time.perf_counter() - t)
+    per_step = (times[1] - times[0]) / steps
+    print(f"Fit Steering node on the world: {per_step:.3f} s per step, {times[0] - per_step:.1f} s of targets and set-up; "
+          f"a 60-step fit {times[0] + 59 * per_step:.1f} s")
 
 
 if __name__ == "__main__":

@@ -35,29 +35,39 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from hypertransport_core import LinEASConfig, Steering, load_hypernet, steer
+from hypertransport_core import Steering, load_hypernet
 from hypertransport_world import scene
 from trainer.backend import ComfyBackend
 from trainer.config import WORLD_WEIGHTS, build_parser, check_device, default_hypernet, resolve, train_config_of
-from trainer.targets import compute_targets, concept_seed
-from trainer.train import fit_concept_lineas, read_list
+from trainer.measure import EvalSet, hard_first, lineas_for, mean_inducement, steered_images, world_backend
+from trainer.targets import concept_seed
+from trainer.train import read_list
 
 log = logging.getLogger("hypertransport.evaluate")
 
 METHODS = ("none", "prompt", "lineas", "ht_text", "ht_image")
+SPLITS = {"test": "holdout_concepts", "val": "val_concepts", "train": "train_concepts"}
+
+
+def provenance(summary: dict) -> dict[str, str]:
+    """concept -> "test" / "val" / "train": where the hypernet's training put it."""
+    return {c: name for name, key in SPLITS.items() for c in summary.get(key, [])}
 
 
 @dataclass
 class EvalConfig:
     hypernet: str = ""  # the hypernet file to evaluate (default: runs/world/hypernet.safetensors, else the shipped one)
     world_weights: str = WORLD_WEIGHTS  # folder with the world's models
-    concepts: str = ""  # file of concepts to evaluate, one per line (default: the hypernet's held-out list)
+    concepts: str = ""  # file of concepts to evaluate, one per line (default: the hypernet's --split list)
+    split: str = "test"  # which of the hypernet's concept sets: "test" (held out: the figures to report), "val" (validation: choose configurations on it) or "train"
     out: str = "reports/world"  # report folder
-    seeds_per_shape: int = 4  # images per shape per concept and method (3 shapes)
-    strengths: str = "-1,-0.5,0,0.25,0.5,0.75,1,1.25,1.5"  # strength sweep of ht_text
-    lineas_concepts: int = 8  # concepts that also get a LinEAS fit (the first N of a shuffled list; 0 = all, -1 = none)
+    seeds_per_shape: int = 2  # images per shape per concept and method (3 shapes)
+    strengths: str = "-1,-0.5,0,0.5,1,1.5"  # strength sweep
+    sweep_methods: str = "ht_text"  # methods swept over the strengths: any of ht_text, ht_image, lineas (lineas where fitted)
+    lineas_concepts: int = 6  # concepts that also get a LinEAS fit (patterns and saturated colours first; 0 = all, -1 = none)
     lineas_steps: int = 60  # LinEAS optimizer steps per concept
     lineas_lr: float = 1e-2  # LinEAS learning rate
+    lineas_cache: str = ""  # folder keeping LinEAS fits for reuse (named by all they depend on; "" = fit every time)
     max_concepts: int = 0  # evaluate only the first N concepts (0 = all)
     grid_concepts: int = 10  # concepts shown in the strength grid PNG
     threads: int = 0  # torch CPU threads (0 = default)
@@ -77,6 +87,11 @@ class EvalConfig:
             raise SystemExit(f"--strengths {self.strengths!r}: give comma-separated numbers, e.g. -1,0,1") from None
         if self.seeds_per_shape < 1 or self.lineas_steps < 1:
             raise SystemExit("--seeds-per-shape and --lineas-steps must be at least 1.")
+        bad = [m for m in self.sweep_method_list() if m not in ("ht_text", "ht_image", "lineas")]
+        if bad or "ht_text" not in self.sweep_method_list():
+            raise SystemExit(f"--sweep-methods {self.sweep_methods!r}: a list of ht_text (required), ht_image, lineas.")
+        if self.split not in SPLITS:
+            raise SystemExit(f"--split {self.split!r}: use one of {', '.join(SPLITS)}.")
         if self.device != "auto":
             check_device(self.device)
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -85,13 +100,18 @@ class EvalConfig:
     def strength_list(self) -> list[float]:
         return [float(x) for x in self.strengths.split(",") if x.strip()]
 
+    def sweep_method_list(self) -> list[str]:
+        return [m.strip() for m in self.sweep_methods.split(",") if m.strip()]
 
-def image_metrics(backend: ComfyBackend, imgs: torch.Tensor, concept: str, ref: torch.Tensor, concept_emb: torch.Tensor) -> dict:
-    """Per-image inducement, CLIP score, and content kept relative to ``ref`` (the unsteered images);
-    images ``(B, H, W, 3)`` in [0, 1] as VAE Decode outputs them."""
+
+def image_metrics(backend: ComfyBackend, imgs: torch.Tensor, concept: str, ref: torch.Tensor, concept_emb: torch.Tensor,
+                  shapes=None) -> dict:
+    """Per-image inducement, CLIP score, and content kept relative to ``ref`` (the unsteered images), and
+    (given the prompts' ``shapes``) whether the prompted shape was drawn; images ``(B, H, W, 3)`` in [0, 1] as
+    VAE Decode outputs them."""
     from hypertransport_world import metrics as M
 
-    ind = [M.inducement(im, concept) for im in imgs]
+    ind = [M.inducement(im, concept) for im in imgs]  # per image: the mean is measure.mean_inducement
     with torch.no_grad():
         img_emb = backend.encoder.encode_image(imgs)
         clip = (img_emb @ concept_emb).tolist()
@@ -105,7 +125,10 @@ def image_metrics(backend: ComfyBackend, imgs: torch.Tensor, concept: str, ref: 
         shape_kept.append(float(s0 is not None and s0 == s1))
         p0, p1 = M.position_of(r), M.position_of(im)
         moved.append(float(np.hypot(p0[0] - p1[0], p0[1] - p1[1])) if p0 is not None and p1 is not None else float("nan"))
-    return {"inducement": ind, "clip": clip, "shape_kept": shape_kept, "shape_kept_clip": shape_kept_clip, "position_shift": moved}
+    out = {"inducement": ind, "clip": clip, "shape_kept": shape_kept, "shape_kept_clip": shape_kept_clip, "position_shift": moved}
+    if shapes is not None:
+        out["shape_correct"] = [float(M.shape_of(im) == s) for im, s in zip(imgs, shapes)]
+    return out
 
 
 def _mean(xs) -> float:
@@ -130,20 +153,16 @@ def evaluate(cfg: EvalConfig, backend: ComfyBackend | None = None, progress: boo
         torch.set_num_threads(cfg.threads)
     hn = load_hypernet(cfg.hypernet)
     tcfg = train_config_of(hn)
-    if backend is None:
-        from trainer.comfyui import import_comfyui
-
-        import_comfyui(cpu=True if cfg.device == "cpu" else None)
-        backend = ComfyBackend.world(cfg.world_weights, precision=cfg.precision, form=tcfg.form, steps=tcfg.sampler_steps,
-                                     guidance=tcfg.guidance)
+    backend = backend or world_backend(cfg.world_weights, tcfg, cfg.precision, cfg.device)
     hn.check_concept(backend.encoder.concept("red"))  # refuses a hypernet trained with another encoder
     if cfg.concepts:
         concepts = read_list(cfg.concepts)
-    else:  # the held-out list in a seeded random order, so "the first N" (LinEAS, grid) mixes kinds and names
-        held = list(hn.training_summary.get("holdout_concepts", []))
-        concepts = [held[i] for i in np.random.default_rng(0).permutation(len(held))]
+    else:  # the split's list in a seeded random order, so "the first N" (LinEAS, grid) mixes kinds and names
+        listed = list(hn.training_summary.get(SPLITS[cfg.split], []))
+        concepts = [listed[i] for i in np.random.default_rng(0).permutation(len(listed))]
     if not concepts:
-        raise SystemExit("no concepts to evaluate: the hypernet records no held-out list. Fix: pass --concepts FILE.")
+        raise SystemExit(f"no concepts to evaluate: the hypernet records no {cfg.split} list. Fix: pass --concepts FILE "
+                         "(or --split test).")
     unknown = [c for c in concepts if c not in {x.name for x in backend.concepts}]
     if unknown:
         raise SystemExit(f"--concepts: {unknown[:5]} are not concepts of the embedded world. Fix: check the spelling "
@@ -151,23 +170,26 @@ def evaluate(cfg: EvalConfig, backend: ComfyBackend | None = None, progress: boo
     if cfg.max_concepts:
         concepts = concepts[: cfg.max_concepts]
     seen = set(hn.training_summary.get("train_concepts", []))
+    origin = provenance(hn.training_summary)
     grid_set = _grid_concepts(concepts, backend, cfg.grid_concepts)
     n_lineas = len(concepts) if cfg.lineas_concepts == 0 else max(0, min(cfg.lineas_concepts, len(concepts)))
-    shapes = [s for s in scene.SHAPES for _ in range(cfg.seeds_per_shape)]
-    seeds = [1000 + i for i in range(len(shapes))]
-    neutral = [scene.neutral_prompt(s) for s in shapes]
+    with_lineas = set(hard_first(concepts, n_lineas))  # patterns and saturated colours first: the hard cases are in
+    es = EvalSet.default(cfg.seeds_per_shape)
+    shapes, seeds = list(es.shapes), list(es.seeds)
     os.makedirs(cfg.out, exist_ok=True)
 
-    base = backend.images(neutral, seeds)
+    base = steered_images(backend, es, [])
     lam_list = cfg.strength_list()
     results = {"config": dataclasses.asdict(cfg), "train_config": dataclasses.asdict(tcfg), "concepts": {},
-               "strengths": lam_list, "held_out": [c for c in concepts if c not in seen]}
+               "strengths": lam_list, "held_out": [c for c in concepts if c not in seen], "split": cfg.split,
+               "split_seed": hn.training_summary.get("split_seed", tcfg.seed)}
     grid_rows = []
     t_start = time.perf_counter()
     for ci, concept in enumerate(concepts):
         c0 = time.perf_counter()
         emb = backend.encoder.encode_text([concept])[0]
-        entry: dict = {"kind": backend.concept_info(concept).kind, "seen_in_training": concept in seen, "methods": {}}
+        entry: dict = {"kind": backend.concept_info(concept).kind, "seen_in_training": concept in seen,
+                       "from": origin.get(concept, "not in the hypernet's split"), "methods": {}}
         steerings: dict[str, tuple[Steering, float]] = {}
         # ht_text: time from the concept's words to its intervention (encode + one hypernet pass)
         t = time.perf_counter()
@@ -175,39 +197,38 @@ def evaluate(cfg: EvalConfig, backend: ComfyBackend | None = None, progress: boo
         ref_img = backend.reference_images(concept, 1, np.random.default_rng(concept_seed(tcfg, concept, "eval-ref")))
         t = time.perf_counter()
         steerings["ht_image"] = (hn.steering(backend.encoder.image_concept(ref_img, concept)), time.perf_counter() - t)
-        if ci < n_lineas:
-            t = time.perf_counter()
-            tgt = compute_targets(backend, [concept], tcfg, progress=False)
-            t_targets = time.perf_counter() - t
-            t = time.perf_counter()
-            with torch.enable_grad():
-                st = fit_concept_lineas(backend, concept, {k: v[0] for k, v in tgt.items()}, tcfg,
-                                        LinEASConfig(steps=cfg.lineas_steps, lr=cfg.lineas_lr))
-            steerings["lineas"] = (st, time.perf_counter() - t + t_targets)
+        if concept in with_lineas:
+            st, t_fit, t_targets = lineas_for(backend, tcfg, concept, cfg.lineas_steps, cfg.lineas_lr, cfg.lineas_cache)
+            steerings["lineas"] = (st, t_fit + t_targets)
             entry["lineas_target_seconds"] = t_targets
         imgs = {"none": base, "prompt": backend.images(backend.source.paired_prompts(concept, shapes)[1], seeds)}
         for name, (st, _) in steerings.items():
-            with steer(backend.root, [(st, 1.0)]):
-                imgs[name] = backend.images(neutral, seeds)
+            imgs[name] = steered_images(backend, es, [(st, 1.0)])
         for name, im in imgs.items():
-            m = image_metrics(backend, im, concept, base, emb)
+            m = image_metrics(backend, im, concept, base, emb, shapes)
             entry["methods"][name] = {k: _mean(v) for k, v in m.items()}
             entry["methods"][name]["seconds_to_intervention"] = steerings[name][1] if name in steerings else 0.0
-        # strength sweep of ht_text
-        sweep, grid = [], []
-        st = steerings["ht_text"][0]
-        for lam in lam_list:
-            with steer(backend.root, [(st, lam)]):
-                im = backend.images(neutral, seeds)
-            sweep.append(_mean(image_metrics(backend, im, concept, base, emb)["inducement"]))
-            grid.append(im[0])
+        # strength sweeps: ht_text always (its grid row is shown), the other methods when asked
+        sweeps, grid = {}, []
+        for name in cfg.sweep_method_list():
+            if name not in steerings:
+                continue
+            ind = []
+            for lam in lam_list:  # λ = 0 is the unsteered model bit for bit and λ = 1 was sampled above: reused
+                im = base if lam == 0.0 else imgs[name] if lam == 1.0 else steered_images(backend, es, [(steerings[name][0], lam)])
+                ind.append(mean_inducement(im, concept))
+                if name == "ht_text":
+                    grid.append(im[0])
+            sweeps[name] = ind
+        sweep = sweeps["ht_text"]
         rho = spearmanr(lam_list, sweep).statistic if np.std(sweep) > 0 else 0.0
         entry["sweep"] = {"inducement": sweep, "spearman": float(rho)}
+        entry["sweeps"] = sweeps
         if concept in grid_set:
             grid_rows.append((concept, grid, imgs["prompt"][0], steerings.get("lineas", (None,))[0] and imgs["lineas"][0]))
         results["concepts"][concept] = entry
-        log.info("[%d/%d] %s: ind none %.3f prompt %.3f lineas %s text %.3f image %.3f | spearman %.2f (%.1f s)",
-                 ci + 1, len(concepts), concept, entry["methods"]["none"]["inducement"], entry["methods"]["prompt"]["inducement"],
+        log.info("[%d/%d] %s (%s): ind none %.3f prompt %.3f lineas %s text %.3f image %.3f | spearman %.2f (%.1f s)",
+                 ci + 1, len(concepts), concept, entry["from"], entry["methods"]["none"]["inducement"], entry["methods"]["prompt"]["inducement"],
                  f"{entry['methods']['lineas']['inducement']:.3f}" if "lineas" in entry["methods"] else "-",
                  entry["methods"]["ht_text"]["inducement"], entry["methods"]["ht_image"]["inducement"], rho,
                  time.perf_counter() - c0)
@@ -231,8 +252,8 @@ def summarize(results: dict) -> dict:
     with_lineas = [c for c in cs if "lineas" in cs[c]["methods"]]
     out: dict = {"n_concepts": len(cs), "n_lineas": len(with_lineas), "methods": {}}
     for m in METHODS:
-        out["methods"][m] = {k: avg(m, k) for k in ("inducement", "clip", "shape_kept", "shape_kept_clip", "position_shift",
-                                                     "seconds_to_intervention")}
+        out["methods"][m] = {k: avg(m, k) for k in ("inducement", "clip", "shape_kept", "shape_kept_clip", "shape_correct",
+                                                     "position_shift", "seconds_to_intervention")}
     if with_lineas:
         ind_l = avg("lineas", "inducement", with_lineas)
         ind_t = avg("ht_text", "inducement", with_lineas)
@@ -290,6 +311,21 @@ def write_figures(results: dict, grid_rows, cfg: EvalConfig) -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(cfg.out, "strength_curves.png"), dpi=110)
     plt.close(fig)
+    # inducement vs λ per method, prompting as a line
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    labels = {"ht_text": "HT from text", "ht_image": "HT from one image", "lineas": "LinEAS (scaled by λ)"}
+    for i, (m, label) in enumerate(labels.items()):
+        curves = [e["sweeps"][m] for e in cs.values() if m in e.get("sweeps", {})]
+        if curves:
+            ax.plot(lam, np.mean(curves, axis=0), color=f"C{i}", lw=2, marker="o", ms=3, label=f"{label} ({len(curves)})")
+    ax.axhline(results["summary"]["methods"]["prompt"]["inducement"], color="k", ls="--", lw=1, label="prompting")
+    ax.axhline(results["summary"]["methods"]["none"]["inducement"], color="0.6", ls=":", lw=1, label="unsteered")
+    ax.set_xlabel("strength λ"), ax.set_ylabel("concept inducement (pixels)")
+    ax.set_title("Inducement vs strength, by method (mean over concepts)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(cfg.out, "methods_vs_strength.png"), dpi=110)
+    plt.close(fig)
     # methods
     ms = [m for m in METHODS if not np.isnan(results["summary"]["methods"][m]["inducement"])]
     fig, axs = plt.subplots(1, 2, figsize=(8, 3))
@@ -309,20 +345,24 @@ def write_report(results: dict, cfg: EvalConfig) -> None:
     lines = [
         "# HyperTransport on the embedded world: evaluation",
         "",
-        f"Hypernet: `{cfg.hypernet}`. Concepts: {s['n_concepts']} ({len(results['held_out'])} never seen by the hypernet); "
-        f"LinEAS fitted on the first {s['n_lineas']}. Images per concept and method: {3 * cfg.seeds_per_shape}. "
+        f"Hypernet: `{cfg.hypernet}`. Split: `{results['split']}` of seed {results['split_seed']} "
+        f"({'--concepts ' + cfg.concepts if cfg.concepts else 'the hypernet' + chr(39) + 's list'}). "
+        f"Concepts: {s['n_concepts']} ({len(results['held_out'])} never seen by the hypernet); "
+        f"LinEAS ({cfg.lineas_steps} steps) fitted on {s['n_lineas']} of them, patterns and saturated colours first. Images per concept and method: {3 * cfg.seeds_per_shape}. "
         f"Evaluation took {results['seconds']:.0f} s.",
         "",
-        "| method | inducement (pixels) | CLIP score | shape kept (pixels) | shape kept (CLIP) | position shift (px) | time to intervention (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| method | inducement (pixels) | CLIP score | shape kept (pixels) | shape kept (CLIP) | prompted shape drawn | position shift (px) | time to intervention (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m in METHODS:
         r = s["methods"][m]
         lines.append(f"| {m} | {r['inducement']:.3f} | {r['clip']:.3f} | {r['shape_kept']:.3f} | {r['shape_kept_clip']:.3f} | "
-                     f"{r['position_shift']:.2f} | {r['seconds_to_intervention']:.4g} |")
+                     f"{r['shape_correct']:.3f} | {r['position_shift']:.2f} | {r['seconds_to_intervention']:.4g} |")
     lines += ["", "Shape kept: the steered image's shape class equals the unsteered image's (same seed), read from pixels "
-              "(bounding-box fill of the object mask) or by the world CLIP zero-shot. The pixel classifier itself errs on "
-              "some generated shapes, so compare with the `prompt` row, which changes only the colour/pattern words."]
+              "(bounding-box fill of the object mask) or by the world CLIP zero-shot. Prompted shape drawn: the pixel class "
+              "equals the prompt's shape. The pixel classifier itself errs on some generated shapes (and an object close to "
+              "the background colour loses pixels), so compare with the `none` and `prompt` rows (prompting changes only the "
+              "colour/pattern words)."]
     lines += ["", "## Acceptance figures", ""]
     if "on_lineas_concepts" in s:
         o = s["on_lineas_concepts"]
@@ -338,14 +378,17 @@ def write_report(results: dict, cfg: EvalConfig) -> None:
                      f"(mean {n['mean_inducement_at_min']:.3f} vs {n['mean_inducement_at_0']:.3f}).")
     lines.append(f"- Shape kept at λ=1 (HT from text): **{s['methods']['ht_text']['shape_kept']:.3f}** from pixels, "
                  f"{s['methods']['ht_text']['shape_kept_clip']:.3f} by CLIP (prompting: {s['methods']['prompt']['shape_kept']:.3f} / "
-                 f"{s['methods']['prompt']['shape_kept_clip']:.3f}).")
+                 f"{s['methods']['prompt']['shape_kept_clip']:.3f}); the prompted shape drawn: {s['methods']['ht_text']['shape_correct']:.3f} "
+                 f"(unsteered {s['methods']['none']['shape_correct']:.3f}, prompting {s['methods']['prompt']['shape_correct']:.3f}).")
     lines += ["", "Mean inducement per λ: " + ", ".join(f"{lam:g}: {v:.3f}" for lam, v in zip(results["strengths"], s["sweep_mean"])), "",
-              "![strength grid](strength_grid.png)", "", "![strength curves](strength_curves.png)", "", "![methods](methods.png)", "",
-              "## Per concept", "", "| concept | kind | none | prompt | LinEAS | HT text | HT image | Spearman |", "|---|---|---|---|---|---|---|---|"]
+              "![strength grid](strength_grid.png)", "", "![strength curves](strength_curves.png)", "",
+              "![methods vs strength](methods_vs_strength.png)", "", "![methods](methods.png)", "",
+              "## Per concept", "", "| concept | from | kind | none | prompt | LinEAS | HT text | HT image | Spearman |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for c, e in results["concepts"].items():
         m = e["methods"]
         li = f"{m['lineas']['inducement']:.3f}" if "lineas" in m else "-"
-        lines.append(f"| {c} | {e['kind']} | {m['none']['inducement']:.3f} | {m['prompt']['inducement']:.3f} | {li} | "
+        lines.append(f"| {c} | {e['from']} | {e['kind']} | {m['none']['inducement']:.3f} | {m['prompt']['inducement']:.3f} | {li} | "
                      f"{m['ht_text']['inducement']:.3f} | {m['ht_image']['inducement']:.3f} | {e['sweep']['spearman']:.2f} |")
     with open(os.path.join(cfg.out, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

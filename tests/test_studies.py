@@ -1,0 +1,142 @@
+"""The quality studies (LinEAS convergence curve, composition, the split protocol) on the tiny world:
+meaningless figures, real code paths; the protocol's report and target table on figures it is given."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from world_helpers import tiny_config
+
+from hypertransport_core import Steering, load_hypernet
+from trainer import baseline, compose, protocol
+from trainer import train as T
+from trainer.config import train_config_of
+from trainer.evaluate import EvalConfig, evaluate
+from trainer.measure import held_loss, lineas_for
+
+pytestmark = pytest.mark.comfy
+
+
+@pytest.fixture(scope="module")
+def world(comfy, tmp_path_factory):
+    torch.set_num_threads(1)
+    backend = comfy.tiny_world_backend(seed=0, steps=2, guidance=2.0)
+    folder = tmp_path_factory.mktemp("studies")
+    cfg = tiny_config(folder, steps=2)
+    run = T.train(cfg, backend, progress=False)
+    return backend, run, os.path.join(cfg.out, "hypernet.safetensors")
+
+
+def test_lineas_checkpoints_equal_shorter_fits_and_the_curve_is_written(world, tmp_path):
+    backend, run, hn = world
+    cfg = baseline.CurveConfig(hypernet=hn, n_concepts=2, steps=4, checkpoints="2,4", seeds_per_shape=1, out=str(tmp_path / "c"),
+                                 lineas_cache=str(tmp_path / "cache"))
+    out = baseline.run_curve(cfg, backend)
+    assert len(out["concepts"]) == 2 and set(out["concepts"]) <= set(run.holdout)
+    for e in out["concepts"].values():
+        assert len(e["inducement"]) == 2 and len(e["held_loss"]) == 2 and len(e["train_loss"]) == 4
+    assert out["converged_at"] in (2, 4)
+    assert all((tmp_path / "c" / f).stat().st_size > 0 for f in ("curve.json", "curve.md", "curve.png"))
+    # the snapshot after 2 of 4 steps is the 2-step fit (constant-lr Adam on the same batches)
+    c = next(iter(out["concepts"]))
+    tcfg = train_config_of(load_hypernet(hn))
+    two, _, _ = lineas_for(backend, tcfg, c, 2, cfg.lr)
+    kept, _, final = baseline._fit_with_checkpoints(backend, c, _targets(backend, tcfg, c), tcfg, cfg, [2])
+    torch.testing.assert_close(kept[2].w, two.w, rtol=0, atol=1e-6)
+    # the curve's full-length fit is in the cache, where the evaluator finds it instead of fitting again
+    cached, secs, _ = lineas_for(backend, tcfg, c, 4, cfg.lr, str(tmp_path / "cache"))
+    torch.testing.assert_close(cached.w, final.w, rtol=0, atol=1e-6)
+    assert len(list((tmp_path / "cache").iterdir())) == 2 and secs > 0
+
+
+def _targets(backend, tcfg, c):
+    from trainer.targets import compute_targets
+
+    return {k: v[0] for k, v in compute_targets(backend, [c], tcfg, progress=False).items()}
+
+
+def test_held_loss_is_fixed_and_lower_for_the_fit(world):
+    backend, run, hn = world
+    tcfg = train_config_of(load_hypernet(hn))
+    c = run.holdout[0]
+    tgt = _targets(backend, tcfg, c)
+    fit, _, _ = lineas_for(backend, tcfg, c, 6, 5e-2)
+    ident = Steering(fit.sites, torch.ones_like(fit.w), torch.zeros_like(fit.b))
+    a, b = held_loss(backend, tcfg, c, tgt, ident), held_loss(backend, tcfg, c, tgt, ident)
+    assert a == b  # the same batches every call
+    assert held_loss(backend, tcfg, c, tgt, fit) < a
+
+
+def test_lineas_cache_reuses_a_fit_with_its_measured_time(world, tmp_path):
+    backend, run, hn = world
+    tcfg = train_config_of(load_hypernet(hn))
+    st, secs, tsecs = lineas_for(backend, tcfg, "gold", 2, 1e-2, str(tmp_path))
+    assert len(os.listdir(tmp_path)) == 1 and secs > 0
+    again, secs2, tsecs2 = lineas_for(backend, tcfg, "gold", 2, 1e-2, str(tmp_path))
+    torch.testing.assert_close(again.w, st.w)
+    assert (secs2, tsecs2) == pytest.approx((secs, tsecs))
+    lineas_for(backend, tcfg, "gold", 3, 1e-2, str(tmp_path))  # another step count: another file
+    assert len(os.listdir(tmp_path)) == 2
+
+
+def test_composition_runs_every_method_and_scores_the_mix(world, tmp_path):
+    backend, run, hn = world
+    cp, cc = compose.choose_pairs(["red", "navy", "gold", "white", "fine-dotted", "coarse-checkered"], 2)
+    assert len(cp) == 2 and all(a in compose.scene.COLOURS and b in compose.scene.PATTERNS for a, b in cp)
+    assert len(cc) == 1 and not set(cc[0]) & {a for a, _ in cp}
+    mix = compose.mix_concept("red", "blue")
+    assert mix["rgb"] == (128, 0, 128)
+    cfg = compose.ComposeConfig(hypernet=hn, pairs=1, lineas_steps=2, lineas_cache=str(tmp_path / "cache"), seeds_per_shape=1,
+                                out=str(tmp_path / "comp"))
+    out = compose.compose(cfg, backend)
+    for row in out["pairs"]:
+        assert set(row["methods"]) == set(compose.METHODS)
+    assert (tmp_path / "comp" / "composition.md").read_text().startswith("# Composition")
+
+
+def test_evaluator_takes_the_split_sweeps_methods_and_says_where_concepts_came_from(world, tmp_path):
+    backend, run, hn = world
+    res = evaluate(EvalConfig(hypernet=hn, split="val", out=str(tmp_path / "v"), seeds_per_shape=1, lineas_steps=2,
+                              lineas_concepts=1, strengths="-1,0,1", sweep_methods="ht_text,ht_image,lineas"),
+                   backend=backend, progress=False)
+    assert set(res["concepts"]) == set(run.val) and res["split"] == "val"
+    assert {e["from"] for e in res["concepts"].values()} == {"val"}
+    first = next(iter(res["concepts"].values()))
+    assert set(first["sweeps"]) == {"ht_text", "ht_image", "lineas"} and len(first["sweeps"]["lineas"]) == 3
+    assert (tmp_path / "v" / "methods_vs_strength.png").stat().st_size > 0
+    assert "| val |" in (tmp_path / "v" / "report.md").read_text()
+    with pytest.raises(SystemExit, match="sweep-methods"):
+        EvalConfig(hypernet=hn, sweep_methods="ht_image").check()
+    with pytest.raises(SystemExit, match="--split"):
+        EvalConfig(hypernet=hn, split="holdout").check()
+
+
+def test_protocol_overrides_and_report(tmp_path, monkeypatch):
+    assert protocol.parse_overrides(["steps=800", "lr=0.001", "resume=false"]) == {"steps": 800, "lr": 0.001, "resume": False}
+    with pytest.raises(SystemExit, match="Options:"):
+        protocol.parse_overrides(["stepz=3"])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="nothing evaluated"):
+        protocol.report()
+
+    def fake(seed, text, lineas):
+        concepts = {"a": {"kind": "colour", "methods": {"ht_text": {"inducement": text}, "lineas": {"inducement": lineas}}},
+                    "p": {"kind": "pattern", "methods": {"ht_text": {"inducement": text / 2}, "lineas": {"inducement": lineas}}}}
+        methods = {m: {"inducement": 0.5, "shape_kept": 0.97, "seconds_to_intervention": 0.01} for m in
+                   ("none", "prompt", "lineas", "ht_text", "ht_image")}
+        summary = {"n_concepts": 2, "image_over_text": 0.93, "spearman_mean": 0.96, "negative_moves_away": {"share": 1.0},
+                   "methods": methods}
+        d = tmp_path / "reports" / "protocol" / "t" / f"seed{seed}-test"
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({"summary": summary, "concepts": concepts, "config": {"lineas_steps": 240}}))
+
+    fake(0, 0.8, 0.8)
+    fake(1, 0.6, 0.8)
+    text = protocol.report()
+    row = next(ln for ln in text.splitlines() if ln.startswith("| HT text / converged LinEAS"))
+    # split 0: (0.8 + 0.4) / 1.6 = 0.75; split 1: (0.6 + 0.3) / 1.6 = 0.5625; mean 0.656: missed, and said so
+    assert "0.750" in row and "0.562" in row and "0.656" in row and "**no**" in row
+    assert "| shape kept at λ = 1 | ≥ 0.95 | 0.970 | 0.970 | 0.970 | yes |" in text

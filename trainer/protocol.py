@@ -1,0 +1,225 @@
+"""The quality protocol: one configuration on three splits, chosen on validation, reported on test concepts.
+
+    python trainer/protocol.py --tag base --stage val                      # train seeds 0,1,2; evaluate validation
+    python trainer/protocol.py --tag long --set steps=800 --stage val      # an alternative, judged the same way
+    python trainer/protocol.py --tag long --stage test --compose           # the chosen one, on the test concepts
+    python trainer/protocol.py --report                                    # every tag's table: reports/protocol/
+
+Each split is a seed of :func:`trainer.train.split_concepts`: its test concepts are held out of training and of
+every choice; its validation concepts are held out of training and are what configurations are compared on. A
+tag trains one hypernet per seed (``runs/protocol/<tag>/seed<N>``, reused when present) with ``--set`` overrides
+of the trainer's defaults, then runs the evaluator on the ``--stage`` concepts with a converged LinEAS baseline
+(``--lineas-steps``, see ``trainer/baseline.py``; fits are cached and shared), and with ``--compose`` the
+composition study. ``--report`` collects every tag and stage into ``reports/protocol/protocol.md`` with the
+issue's targets, per split and as the mean of the splits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+import sys
+from typing import get_type_hints
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+
+from trainer.config import TrainConfig
+
+log = logging.getLogger("hypertransport.protocol")
+
+RUNS, REPORTS = os.path.join("runs", "protocol"), os.path.join("reports", "protocol")
+LINEAS_CACHE = os.path.join("runs", "lineas_cache")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["steps=800", "rank=32"]`` → typed TrainConfig overrides (unknown names refused with the list)."""
+    hints = get_type_hints(TrainConfig)
+    out = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in hints:
+            raise SystemExit(f"--set {item!r}: expected name=value with a trainer option, e.g. steps=800. "
+                             f"Options: {', '.join(sorted(hints))}")
+        typ = hints[key]
+        out[key] = (val.strip().lower() in ("1", "true", "yes")) if typ is bool else typ(val.strip())
+    return out
+
+
+def train_split(tag: str, seed: int, overrides: dict) -> str:
+    """The tag's hypernet for split ``seed`` (trained unless it exists with the same settings)."""
+    from trainer import train as T
+
+    out = os.path.join(RUNS, tag, f"seed{seed}")
+    path = os.path.join(out, "hypernet.safetensors")
+    settings = {**overrides, "seed": seed}
+    marker = os.path.join(out, "protocol.json")
+    if os.path.isfile(path) and os.path.isfile(marker):
+        with open(marker) as f:
+            if json.load(f) == settings:
+                log.info("%s seed %d: reusing %s", tag, seed, path)
+                return path
+    cfg = TrainConfig(**{**overrides, "seed": seed, "out": out, "max_minutes": 0.0})
+    T.train(cfg)
+    with open(marker, "w") as f:
+        json.dump(settings, f)
+    return path
+
+
+def evaluate_split(tag: str, seed: int, hypernet: str, stage: str, a: argparse.Namespace) -> dict:
+    from trainer.evaluate import EvalConfig, evaluate
+
+    out = os.path.join(REPORTS, tag, f"seed{seed}-{stage}")
+    cfg = EvalConfig(hypernet=hypernet, split=stage, out=out, lineas_concepts=a.lineas_concepts, lineas_steps=a.lineas_steps,
+                     lineas_cache=LINEAS_CACHE, sweep_methods=a.sweep_methods, grid_concepts=a.grid_concepts)
+    return evaluate(cfg)
+
+
+def compose_split(tag: str, seed: int, hypernet: str, a: argparse.Namespace) -> dict:
+    from trainer.compose import ComposeConfig, compose
+
+    return compose(ComposeConfig(hypernet=hypernet, pairs=a.pairs, pool=min(a.lineas_concepts, 8) if a.lineas_concepts > 0 else 8,
+                                 lineas_steps=a.lineas_steps, lineas_cache=LINEAS_CACHE,
+                                 out=os.path.join(REPORTS, tag, f"seed{seed}-composition")))
+
+
+# ------------------------------------------------------------------------------------------ report
+TARGETS = [  # (name, how it is computed from one split's figures, target, "≥")
+    ("HT text / converged LinEAS", "text_over_lineas", 1.00),
+    ("HT text / LinEAS, patterns", "pattern_text_over_lineas", 0.80),
+    ("HT image / HT text", "image_over_text", 0.90),
+    ("Spearman(inducement, λ)", "spearman", 0.95),
+    ("λ < 0 below λ = 0", "negative_share", 0.95),
+    ("shape kept at λ = 1", "shape_kept", 0.95),
+    ("composition: colour kept", "compose_colour", 0.70),
+    ("composition: pattern kept", "compose_pattern", 0.70),
+]
+
+
+def split_figures(results: dict, composition: dict | None) -> dict:
+    s, cs = results["summary"], results["concepts"]
+    lin = [c for c in cs if "lineas" in cs[c]["methods"]]
+    pat = [c for c in lin if cs[c]["kind"] == "pattern"]
+
+    def ratio(names, a="ht_text", b="lineas"):
+        if not names:
+            return float("nan")
+        return float(np.mean([cs[c]["methods"][a]["inducement"] for c in names]) /
+                     np.mean([cs[c]["methods"][b]["inducement"] for c in names]))
+
+    out = {
+        "n_concepts": s["n_concepts"], "n_lineas": len(lin), "n_lineas_patterns": len(pat),
+        "lineas_steps": results["config"]["lineas_steps"],
+        "text_over_lineas": ratio(lin), "pattern_text_over_lineas": ratio(pat),
+        "image_over_text": s["image_over_text"], "spearman": s["spearman_mean"],
+        "negative_share": s.get("negative_moves_away", {}).get("share", float("nan")),
+        "shape_kept": s["methods"]["ht_text"]["shape_kept"],
+        "ind": {m: s["methods"][m]["inducement"] for m in ("none", "prompt", "lineas", "ht_text", "ht_image")},
+        "seconds_ht": s["methods"]["ht_text"]["seconds_to_intervention"],
+        "seconds_lineas": s["methods"]["lineas"]["seconds_to_intervention"],
+    }
+    if composition:
+        cp = composition["summary"].get("colour+pattern", {}).get("ht_combine", {})
+        out["compose_colour"], out["compose_pattern"] = cp.get("ratio_a", float("nan")), cp.get("ratio_b", float("nan"))
+        st = composition["summary"].get("colour+pattern", {}).get("ht_stacked", {})
+        out["compose_stacked"] = (st.get("ratio_a", float("nan")), st.get("ratio_b", float("nan")))
+        ls = composition["summary"].get("colour+pattern", {}).get("lineas_stacked", {})
+        out["compose_lineas"] = (ls.get("ratio_a", float("nan")), ls.get("ratio_b", float("nan")))
+    return out
+
+
+def collect() -> dict:
+    """``{(tag, stage): {seed: figures}}`` from every evaluated split under reports/protocol."""
+    found: dict = {}
+    for path in sorted(glob.glob(os.path.join(REPORTS, "*", "seed*-*", "results.json"))):
+        tag = os.path.basename(os.path.dirname(os.path.dirname(path)))
+        seed_s, stage = os.path.basename(os.path.dirname(path)).split("-", 1)
+        if stage == "composition":
+            continue
+        with open(path) as f:
+            res = json.load(f)
+        comp_path = os.path.join(REPORTS, tag, f"{seed_s}-composition", "composition.json")
+        comp = json.load(open(comp_path)) if stage == "test" and os.path.isfile(comp_path) else None
+        found.setdefault((tag, stage), {})[int(seed_s[4:])] = split_figures(res, comp)
+    return found
+
+
+def _fmt(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and v != v) else f"{v:.3f}"
+
+
+def report() -> str:
+    found = collect()
+    if not found:
+        raise SystemExit(f"nothing evaluated under {REPORTS}. Fix: run e.g. `python trainer/protocol.py --tag base --stage val`.")
+    lines = ["# The quality protocol on the embedded world", "",
+             "Per tag (a training configuration) and stage (`val`: validation concepts, used to choose; `test`: the test "
+             "concepts, reported once), every split and their mean. Commands: `trainer/protocol.py` (its docstring).", ""]
+    for (tag, stage), seeds in sorted(found.items()):
+        with_settings = os.path.join(RUNS, tag, f"seed{min(seeds)}", "protocol.json")
+        settings = json.load(open(with_settings)) if os.path.isfile(with_settings) else {}
+        settings.pop("seed", None)
+        lines += [f"## {tag} on {stage} ({', '.join(f'{k}={v}' for k, v in settings.items()) or 'trainer defaults'})", "",
+                  "| figure | target | " + " | ".join(f"split {s}" for s in sorted(seeds)) + " | mean | met |",
+                  "|---|---|" + "---|" * (len(seeds) + 2)]
+        for name, key, target in TARGETS:
+            vals = [seeds[s].get(key, float("nan")) for s in sorted(seeds)]
+            good = [v for v in vals if v == v]
+            mean = float(np.mean(good)) if good else float("nan")
+            met = "-" if mean != mean else ("yes" if mean >= target else "**no**")
+            lines.append(f"| {name} | ≥ {target:g} | " + " | ".join(_fmt(v) for v in vals) + f" | {_fmt(mean)} | {met} |")
+        for m in ("none", "prompt", "lineas", "ht_text", "ht_image"):
+            vals = [seeds[s]["ind"][m] for s in sorted(seeds)]
+            lines.append(f"| inducement: {m} | | " + " | ".join(_fmt(v) for v in vals) + f" | {_fmt(float(np.mean(vals)))} | |")
+        n = seeds[min(seeds)]
+        lines += ["", f"Concepts per split: {n['n_concepts']}; LinEAS ({n['lineas_steps']} steps) on {n['n_lineas']} of them "
+                  f"({n['n_lineas_patterns']} patterns). Time to an intervention: HT {n['seconds_ht'] * 1e3:.1f} ms, "
+                  f"LinEAS {n['seconds_lineas']:.0f} s (split {min(seeds)}).", ""]
+    os.makedirs(REPORTS, exist_ok=True)
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(REPORTS, "protocol.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tag", help="name of the configuration (its runs and reports go under runs/protocol/<tag>)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="trainer option, repeatable")
+    p.add_argument("--seeds", default="0,1,2", help="the splits")
+    p.add_argument("--stage", choices=("val", "test"), default="val")
+    p.add_argument("--lineas-steps", type=int, default=240, help="LinEAS steps of the baseline (converged: see trainer/baseline.py)")
+    p.add_argument("--lineas-concepts", type=int, default=16, help="concepts per split given a LinEAS fit")
+    p.add_argument("--sweep-methods", default="ht_text,ht_image,lineas", help="methods swept over λ")
+    p.add_argument("--grid-concepts", type=int, default=12)
+    p.add_argument("--compose", action="store_true", help="also the composition study (test stage)")
+    p.add_argument("--pairs", type=int, default=4)
+    p.add_argument("--report", action="store_true", help="only collect what was evaluated into reports/protocol/protocol.md")
+    a = p.parse_args(argv)
+    if a.report:
+        print(report())
+        return 0
+    if not a.tag:
+        p.error("--tag is required (or --report)")
+    overrides = parse_overrides(a.set)
+    bad = {k for k in overrides if k in ("seed", "out", "max_minutes")}
+    if bad:
+        raise SystemExit(f"--set {sorted(bad)}: the protocol sets these itself (per split).")
+    for seed in [int(s) for s in a.seeds.split(",") if s.strip()]:
+        path = train_split(a.tag, seed, overrides)
+        evaluate_split(a.tag, seed, path, a.stage, a)
+        if a.compose and a.stage == "test":
+            compose_split(a.tag, seed, path, a)
+    print(report())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
