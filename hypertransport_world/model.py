@@ -264,7 +264,7 @@ class WorldTextEncoder(comfy.sd1_clip.SD1ClipModel):
         super().__init__(device=device, dtype=dtype, model_options=model_options, clip_model=WorldClipL)
 
 
-def _open_clip_state_dict(path: str) -> dict[str, torch.Tensor]:
+def open_clip_state_dict(path: str) -> dict[str, torch.Tensor]:
     head = _check_header(path, world_clip.FORMAT, "HT-World-CLIP in open_clip's layout")
     want = {k: tuple(v.shape) for k, v in world_clip.build_clip(device="meta").state_dict().items()}
     if head["shapes"] != want:
@@ -324,7 +324,7 @@ def load(weights_dir: str = WEIGHTS_DIR, *, unet_dtype: torch.dtype | None = Non
     """The shipped world (``hypertransport_world/weights``) as ComfyUI objects (``unet``: a MODEL to use
     instead of the shipped UNet, e.g. a smaller random one in tests)."""
     clip_path, unet_path = os.path.join(weights_dir, CLIP_FILE), os.path.join(weights_dir, UNET_FILE)
-    sd = _open_clip_state_dict(clip_path)
+    sd = open_clip_state_dict(clip_path)
     model = unet if unet is not None else load_unet(unet_path, unet_dtype)
     return WorldModels(model, text_encoder(sd), pixel_vae(), clip_vision(sd), clip_path, unet_path)
 

@@ -135,7 +135,7 @@ def test_text_encoder_is_comfyuis_clip_with_the_world_clips_text_tower(WM, open_
     from hypertransport_world.train_unet import CaptionEncoder
 
     oc, tok = open_clip_world
-    sd = WM._open_clip_state_dict(os.path.join(WEIGHTS_DIR, "HT-World-CLIP.safetensors"))
+    sd = WM.open_clip_state_dict(os.path.join(WEIGHTS_DIR, "HT-World-CLIP.safetensors"))
     clip = WM.text_encoder(sd)
     assert isinstance(clip, comfy.sd.CLIP)
     te = clip.cond_stage_model.clip_l
@@ -161,7 +161,7 @@ def test_clip_vision_is_comfyuis_with_the_world_clips_image_tower(WM, open_clip_
     import comfy.clip_vision
 
     oc, _ = open_clip_world
-    cv = WM.clip_vision(WM._open_clip_state_dict(os.path.join(WEIGHTS_DIR, "HT-World-CLIP.safetensors")))
+    cv = WM.clip_vision(WM.open_clip_state_dict(os.path.join(WEIGHTS_DIR, "HT-World-CLIP.safetensors")))
     assert isinstance(cv, comfy.clip_vision.ClipVisionModel)
     _, imgs = _gt(6, seed=4)
     out = cv.encode_image(imgs.permute(0, 2, 3, 1))  # ComfyUI's own preprocessing (config mean/std 0.5)
