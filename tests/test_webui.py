@@ -185,7 +185,7 @@ def test_web_ui_lists_nodes_and_loads_workflows(comfy_server, chromium, tmp_path
                 write_thumbnail(tmp_path / f"{wf.stem}.png", REPO / "workflows" / f"{wf.stem}.jpg")
 
 
-RAN = ("world_steering", "fit_steering")
+RAN = ("world_steering", "world_strength_sweep", "fit_steering")
 
 
 def write_thumbnail(png: Path, jpg: Path, box=None) -> None:
@@ -207,6 +207,8 @@ def test_template_runs_from_the_browser_and_shows_its_images(comfy_server, chrom
     node shows its images, and the screenshot holds them."""
     import aiohttp
 
+    from workflows.build_workflows import WORLD_SWEEP
+
     wf = json.loads((REPO / "workflows" / f"{name}.json").read_text())
     previews = [n["id"] for n in wf["nodes"] if n["type"] == "PreviewImage"]
 
@@ -219,6 +221,12 @@ def test_template_runs_from_the_browser_and_shows_its_images(comfy_server, chrom
             await cdp.wait_for("!!(window.app && window.app.graph && window.LiteGraph)")
             await cdp.js(f"app.loadGraphData({json.dumps(wf)}, true, true, {json.dumps(name)}).then(() => true)")
             await asyncio.sleep(1.0)
+            # frame the preview nodes (the right part of the graph) first: the frontend loads a node's images
+            # when it draws the node, so one off-screen never shows them
+            xs = [n["pos"][0] for n in wf["nodes"] if n["type"] == "PreviewImage"]
+            await cdp.js(f"(() => {{ app.canvas.ds.scale = 0.55; app.canvas.ds.offset = [{-min(xs) + 1500}, 60];"
+                         " app.canvas.setDirty(true, true); return true; })()")
+            await asyncio.sleep(1.0)
             t0 = time.time()
             await cdp.js("app.queuePrompt(0, 1).then(() => true)")
             shown = (
@@ -226,20 +234,24 @@ def test_template_runs_from_the_browser_and_shows_its_images(comfy_server, chrom
                 " return ids.every(id => { const n = app.graph.getNodeById(id);"
                 " return n && n.imgs && n.imgs.length > 0 && n.imgs.every(i => i.complete && i.naturalWidth > 0); }); })()"
             )
-            await cdp.wait_for(shown, timeout=240)
+            try:
+                await cdp.wait_for(shown, timeout=240)
+            except TimeoutError:  # say what the graph shows and what the server ran, not only "timed out"
+                state = await cdp.js("JSON.stringify(" + json.dumps(previews) + ".map(id => { const n = app.graph.getNodeById(id);"
+                                     " return [id, n ? n.type : null, n && n.imgs ? n.imgs.length : null]; }))")
+                async with s.get(comfy_server.url + "/history") as r:
+                    hist = await r.text()
+                raise AssertionError(f"previews not shown after 240 s: {state}\nhistory: {hist[-3000:]}\n"
+                                     f"server log: {comfy_server.log()[-3000:]}") from None
             seconds = time.time() - t0
             await asyncio.sleep(1.0)
             counts = await cdp.js("(() => " + json.dumps(previews) + ".map(id => app.graph.getNodeById(id).imgs.length))()")
-            # frame the preview nodes: the right part of the graph
-            xs = [n["pos"][0] for n in wf["nodes"] if n["type"] == "PreviewImage"]
-            await cdp.js(f"(() => {{ app.canvas.ds.scale = 0.55; app.canvas.ds.offset = [{-min(xs) + 1500}, 60];"
-                         " app.canvas.setDirty(true, true); return true; })()")
-            await asyncio.sleep(1.0)
             shot = await cdp.call("Page.captureScreenshot", format="png")
             return counts, seconds, base64.b64decode(shot["data"])
 
     counts, seconds, png = asyncio.run(session())
-    assert counts == [4] * len(previews), counts  # four seeds per row, every row shown
+    want = [len(WORLD_SWEEP)] if name == "world_strength_sweep" else [4] * len(previews)
+    assert counts == want, counts  # every row shown: four seeds per row, or one image per strength
     out = tmp_path / f"{name}.png"
     out.write_bytes(png)
     assert out.stat().st_size > 50_000

@@ -39,3 +39,80 @@ def test_server_images_equal_the_evaluators(comfy_server, world_backend):
     for c in colours + patterns:
         mine = [r for r in rows if r["concept"] == c]
         assert sum(r["server"] for r in mine) > sum(r["unsteered"] for r in mine), mine
+
+
+def _halves(im, rgb):
+    """Colour error of the object's pixels in the left and the right half of a (32, 32, 3) image (NaN where
+    the object has no pixel)."""
+    import numpy as np
+
+    from hypertransport_world import metrics as M
+
+    obj = M.object_mask(im)
+    out = []
+    for half in (slice(0, 16), slice(16, 32)):
+        m = np.zeros_like(obj)
+        m[:, half] = obj[:, half]
+        px = im.reshape(-1, 3)[m.reshape(-1)].astype(float)
+        out.append(float(np.linalg.norm(np.median(px, 0) - np.asarray(rgb, float))) if len(px) > 8 else float("nan"))
+    return out
+
+
+def test_mask_steers_inside_and_leaves_outside(comfy_server):
+    """Regional steering measured on the trained world, through the server: a MASK of the image's left half
+    (stock SolidMask + MaskComposite) moves the object's colour towards the concept in that half more than in
+    the other, and the other half much less than without the mask. Every site is unsteered outside the mask
+    (tests/test_nodes_controls.py); the UNet's convolutions and attention still carry some of the effect across."""
+    import numpy as np
+    from PIL import Image
+
+    from hypertransport_core import load_hypernet
+    from hypertransport_world import scene
+
+    hn = load_hypernet(os.path.join(SHIPPED, "world_hypernet.safetensors"))
+    concept = next(c for c in hn.training_summary["holdout_concepts"] if c in scene.COLOURS and min(scene.COLOURS[c]) < 60)
+    rgb = scene.COLOURS[concept]
+
+    def graph(mask: bool, strength: float) -> dict:
+        g = {
+            "1": {"class_type": "HyperTransportLoadEmbeddedWorld", "inputs": {}},
+            "2": {"class_type": "HyperTransportLoadHyperNet", "inputs": {"hypernet_name": "world_hypernet.safetensors"}},
+            "3": {"class_type": "HyperTransportEncodeConcept",
+                  "inputs": {"hypernet": ["2", 0], "text": concept, "clip_weights": "auto (match the hypernet's encoder)",
+                             "clip": ["1", 1]}},
+            "4": {"class_type": "HyperTransportMakeSteering", "inputs": {"hypernet": ["2", 0], "concept": ["3", 0]}},
+            "5": {"class_type": "HyperTransportApplySteeringAdvanced",
+                  "inputs": {"model": ["1", 0], "steering": ["4", 0], "strength": strength, "start_percent": 0.0,
+                             "end_percent": 1.0, "mode": "auto", "rows": "all", "block_strengths": "", "preset": "all",
+                             "batch_strengths": "", "ramp": "constant"}},
+            "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a square", "clip": ["1", 1]}},
+            "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+            "8": {"class_type": "EmptyLatentImage", "inputs": {"width": 256, "height": 256, "batch_size": 8}},
+            "9": {"class_type": "KSampler", "inputs": {"model": ["5", 0], "seed": 21, "steps": 4, "cfg": 2.0,
+                                                      "sampler_name": "euler", "scheduler": "simple", "positive": ["6", 0],
+                                                      "negative": ["7", 0], "latent_image": ["8", 0], "denoise": 1.0}},
+            "10": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["1", 2]}},
+            "11": {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": f"mask_{mask}_{strength}"}},
+        }
+        if mask:
+            g["20"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 32, "height": 32}}
+            g["21"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 16, "height": 32}}
+            g["22"] = {"class_type": "MaskComposite", "inputs": {"destination": ["20", 0], "source": ["21", 0], "x": 0, "y": 0,
+                                                                "operation": "add"}}
+            g["5"]["inputs"]["mask"] = ["22", 0]
+        return g
+
+    errs = {}
+    for name, mask, lam in (("unsteered", False, 0.0), ("masked", True, 1.0), ("whole", False, 1.0)):
+        entry = comfy_server.run(graph(mask, lam))
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        ims = [np.asarray(Image.open(comfy_server.base / i["type"] / i.get("subfolder", "") / i["filename"]))
+               for i in entry["outputs"]["11"]["images"]]
+        errs[name] = np.array([_halves(im, rgb) for im in ims])
+    both = ~np.isnan(errs["unsteered"]).any(1) & ~np.isnan(errs["masked"]).any(1) & ~np.isnan(errs["whole"]).any(1)
+    assert both.sum() >= 3, errs  # squares crossing the midline
+    gain = {k: (errs["unsteered"][both] - errs[k][both]).mean(0) for k in ("masked", "whole")}  # (left, right)
+    print(f"mask on the world, {concept!r}: colour error falls by {gain['masked'][0]:.0f} inside the mask and "
+          f"{gain['masked'][1]:.0f} outside (whole image: {gain['whole'][0]:.0f} / {gain['whole'][1]:.0f}) RGB units")
+    assert gain["masked"][0] > 30 and gain["whole"][1] > 30, gain
+    assert gain["masked"][0] > 1.3 * gain["masked"][1] and gain["masked"][1] < 0.6 * gain["whole"][1], gain

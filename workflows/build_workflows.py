@@ -42,14 +42,16 @@ PIXART_NOTE = """Files this workflow needs:
 WORLD_NOTE = """The embedded world ships with this pack: nothing to download.
 It is a tiny text-to-image model of 32x32 images (one coloured, patterned circle, square or triangle), in
 ComfyUI's own classes, with its HyperTransport hypernet (world_hypernet.safetensors, listed by Load HyperNet).
-Its concepts are 139 CSS colours ("dark orange", "slate blue") and 26 fill patterns ("coarse-checkered",
+Its concepts are 139 CSS colours ("tomato", "slate blue") and 26 fill patterns ("coarse-checkered",
 "diagonal-striped", "left-gradient"). Top to bottom: the same four seeds unsteered, steered by the phrase at
 strengths -1, 0.5 and 1, and steered by a reference image (made here by the world itself from its prompt).
+Both the phrase and the reference image's colour are test concepts: the hypernet never saw them in training.
 Negative strength applies the inverse map: it pushes away from the concept, towards an opposite colour, and
 at -1 can break the object. Images are upscaled 8x (nearest) to be seen."""
 
-WORLD_CONCEPT = "dark orange"  # held out of the shipped hypernet's training: it never saw this concept
-WORLD_REFERENCE_PROMPT = "a coarse-checkered square"
+WORLD_CONCEPT = "tomato"  # a test concept of the shipped hypernet: held out of its training and of every choice
+WORLD_REFERENCE_CONCEPT = "medium violet red"  # also a test concept; the reference image shows it
+WORLD_REFERENCE_PROMPT = f"a {WORLD_REFERENCE_CONCEPT} square"
 WORLD_STRENGTHS = (-1.0, 0.5, 1.0)
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -217,7 +219,7 @@ def fit_steering() -> list[Node]:
              {"model": L(2, 0), "clip": L(2, 1), "concept": WORLD_CONCEPT,
               "prompts": "a {concept} circle\na {concept} square\na {concept} triangle", "steps": 60,
               "learning_rate": 0.01, "seed": 0, "sampler_steps": 0, "cfg": 0.0, "resolution": 0}, (0, 200), "Fit (LinEAS)"),
-        Node(4, "HyperTransportSaveSteering", {"steering": L(3), "filename_prefix": "world_dark_orange"}, (420, 520)),
+        Node(4, "HyperTransportSaveSteering", {"steering": L(3), "filename_prefix": "world_" + WORLD_CONCEPT.replace(" ", "_")}, (420, 520)),
         Node(6, "CLIPTextEncode", {"text": "a circle", "clip": L(2, 1)}, (420, 0), "Prompt"),
         Node(7, "CLIPTextEncode", {"text": "", "clip": L(2, 1)}, (420, 220), "Negative (empty)"),
         Node(8, "EmptyLatentImage", {"width": 256, "height": 256, "batch_size": 4}, (420, 400), "4 seeds (a 32x32 latent)"),
@@ -357,8 +359,44 @@ def world_steering() -> list[Node]:
     return nodes
 
 
+WORLD_SWEEP = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5)
+WORLD_SWEEP_NOTE = """One concept at six strengths in ONE KSampler run, on the embedded world (nothing to download): Apply
+Steering (Advanced) gives each image of the batch its own strength ('batch_strengths'), the cond and uncond rows
+of each image alike. ComfyUI draws different noise for each image of a batch, so the six objects differ in shape
+and place; the colour is what the strength moves. Negative strength pushes away from the concept (towards an
+opposite), 0 is the model unchanged, above 1 extrapolates. Images are upscaled 8x (nearest) to be seen."""
+
+
+def world_strength_sweep() -> list[Node]:
+    """The batch-strength control on the world: six strengths, one per image, one sampler run."""
+    world = dict(sampler="euler", scheduler="simple", steps=4, cfg=2.0, seed=11)
+    return [
+        Node(1, "Note", {"text": WORLD_SWEEP_NOTE}, (0, 560), "About this template", (520, 260)),
+        Node(2, "HyperTransportLoadEmbeddedWorld", {}, (0, 0), "Embedded world (shipped)"),
+        Node(4, "HyperTransportLoadHyperNet", {"hypernet_name": "world_hypernet.safetensors"}, (0, 260)),
+        Node(5, "HyperTransportEncodeConcept",
+             {"hypernet": L(4), "text": WORLD_CONCEPT, "clip_weights": "auto (match the hypernet's encoder)", "clip": L(2, 1)},
+             (0, 400), "Concept (a phrase)"),
+        Node(13, "HyperTransportMakeSteering", {"hypernet": L(4), "concept": L(5)}, (420, 560)),
+        Node(11, "HyperTransportApplySteeringAdvanced",
+             {"model": L(2, 0), "steering": L(13), "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0, "mode": "auto",
+              "rows": "all", "block_strengths": "", "preset": "all", "batch_strengths": ", ".join(f"{s:g}" for s in WORLD_SWEEP),
+              "ramp": "constant"}, (840, 0), "one strength per image"),
+        Node(6, "CLIPTextEncode", {"text": "a circle", "clip": L(2, 1)}, (420, 0), "Prompt"),
+        Node(7, "CLIPTextEncode", {"text": "", "clip": L(2, 1)}, (420, 220), "Negative (empty)"),
+        Node(8, "EmptyLatentImage", {"width": 256, "height": 256, "batch_size": len(WORLD_SWEEP)}, (420, 400),
+             f"{len(WORLD_SWEEP)} images, one per strength"),
+        _ksampler(9, L(11), pos=(1260, 0), **world),
+        Node(10, "VAEDecode", {"samples": L(9), "vae": L(2, 2)}, (1680, 0)),
+        Node(14, "ImageScaleBy", {"image": L(10), "upscale_method": "nearest-exact", "scale_by": 8.0}, (1680, 140)),
+        Node(12, "PreviewImage", {"images": L(14)}, (1920, 0),
+             "strengths " + ", ".join(f"{s:g}" for s in WORLD_SWEEP), (640, 300)),
+    ]
+
+
 WORKFLOWS = {
     "world_steering": world_steering,
+    "world_strength_sweep": world_strength_sweep,
     "fit_steering": fit_steering,
     "text_steering_sdxl_dmd2": text_steering_sdxl_dmd2,
     "reference_image_steering": reference_image_steering,
