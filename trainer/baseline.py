@@ -24,11 +24,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
-import torch
 
-from hypertransport_core import LinEASConfig, load_hypernet, save_steering
-from trainer.config import WORLD_WEIGHTS, build_parser, default_hypernet, resolve, train_config_of
-from trainer.measure import EvalSet, hard_first, held_loss, inducement_of, lineas_cache_path, world_backend
+from hypertransport_core import LinEASConfig, save_steering
+from trainer.config import WORLD_WEIGHTS, build_parser, resolve
+from trainer.measure import EvalSet, hard_first, held_loss, inducement_of, lineas_cache_path, open_study
 from trainer.targets import compute_targets
 from trainer.train import fit_concept_lineas, read_list
 
@@ -84,11 +83,7 @@ def _fit_with_checkpoints(backend, concept, targets, tcfg, cfg: CurveConfig, che
 
 
 def run_curve(cfg: CurveConfig, backend=None) -> dict:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    hn = load_hypernet(cfg.hypernet or default_hypernet())
-    tcfg = train_config_of(hn)
-    backend = backend or world_backend(cfg.world_weights, tcfg, cfg.precision)
+    hn, tcfg, backend = open_study(cfg, backend)
     if cfg.concepts_file:
         concepts = read_list(cfg.concepts_file)
     else:

@@ -30,10 +30,10 @@ if __package__ in (None, ""):
 import numpy as np
 import torch
 
-from hypertransport_core import combine_concepts, load_hypernet
+from hypertransport_core import combine_concepts
 from hypertransport_world import scene
-from trainer.config import WORLD_WEIGHTS, build_parser, default_hypernet, resolve, train_config_of
-from trainer.measure import EvalSet, hard_first, lineas_for, mean_inducement, steered_images, world_backend
+from trainer.config import WORLD_WEIGHTS, build_parser, resolve
+from trainer.measure import EvalSet, hard_first, lineas_for, mean_inducement, open_study, steered_images
 
 log = logging.getLogger("hypertransport.compose")
 
@@ -85,11 +85,7 @@ def _score(images: torch.Tensor, concept) -> float:
 
 
 def compose(cfg: ComposeConfig, backend=None) -> dict:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    hn = load_hypernet(cfg.hypernet or default_hypernet())
-    tcfg = train_config_of(hn)
-    backend = backend or world_backend(cfg.world_weights, tcfg, cfg.precision)
+    hn, tcfg, backend = open_study(cfg, backend)
     cp, cc = choose_pairs(hard_first(list(hn.training_summary.get("holdout_concepts", [])), cfg.pool), cfg.pairs,
                           seed=tcfg.seed)
     es = EvalSet.default(cfg.seeds_per_shape)

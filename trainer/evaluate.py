@@ -35,11 +35,11 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from hypertransport_core import Steering, load_hypernet
+from hypertransport_core import Steering
 from hypertransport_world import scene
 from trainer.backend import ComfyBackend
-from trainer.config import WORLD_WEIGHTS, build_parser, check_device, default_hypernet, resolve, train_config_of
-from trainer.measure import EvalSet, hard_first, lineas_for, mean_inducement, steered_images, world_backend
+from trainer.config import WORLD_WEIGHTS, build_parser, check_device, default_hypernet, resolve
+from trainer.measure import EvalSet, hard_first, lineas_for, mean_inducement, open_study, steered_images
 from trainer.targets import concept_seed
 from trainer.train import read_list
 
@@ -149,11 +149,7 @@ def _grid_concepts(concepts: list[str], backend, n: int) -> set[str]:
 
 def evaluate(cfg: EvalConfig, backend: ComfyBackend | None = None, progress: bool = True) -> dict:
     cfg.check()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    hn = load_hypernet(cfg.hypernet)
-    tcfg = train_config_of(hn)
-    backend = backend or world_backend(cfg.world_weights, tcfg, cfg.precision, cfg.device)
+    hn, tcfg, backend = open_study(cfg, backend)
     hn.check_concept(backend.encoder.concept("red"))  # refuses a hypernet trained with another encoder
     if cfg.concepts:
         concepts = read_list(cfg.concepts)

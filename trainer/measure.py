@@ -35,6 +35,19 @@ class EvalSet:
         return [scene.neutral_prompt(s) for s in self.shapes]
 
 
+def open_study(cfg, backend=None):
+    """``(hypernet, its training config, the world backend)`` for a study's config (its ``hypernet``,
+    ``world_weights``, ``precision``, ``threads`` and, where it has one, ``device``)."""
+    from hypertransport_core import load_hypernet
+    from trainer.config import default_hypernet, train_config_of
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    hn = load_hypernet(cfg.hypernet or default_hypernet())
+    tcfg = train_config_of(hn)
+    return hn, tcfg, backend or world_backend(cfg.world_weights, tcfg, cfg.precision, getattr(cfg, "device", "auto"))
+
+
 def world_backend(weights: str, tcfg, precision: str = "fp32", device: str = "auto"):
     """The world through ComfyUI, sampled as the hypernet ``tcfg`` was trained (steps, guidance, map form)."""
     from trainer.backend import ComfyBackend
