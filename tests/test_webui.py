@@ -122,17 +122,17 @@ def chromium(comfy_server, tmp_path_factory):
         proc.kill()
 
 
+def no_first_run_dialog(server) -> None:
+    """Mark the tutorial done, so the first-run template dialog does not cover the canvas."""
+    req = urllib.request.Request(server.url + "/settings/Comfy.TutorialCompleted", data=b"true",
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    urllib.request.urlopen(req, timeout=10).read()
+
+
 def test_web_ui_lists_nodes_and_loads_workflows(comfy_server, chromium, tmp_path):
     import aiohttp
 
-    # no first-run template dialog over the canvas
-    req = urllib.request.Request(
-        comfy_server.url + "/settings/Comfy.TutorialCompleted",
-        data=b"true",
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    urllib.request.urlopen(req, timeout=10).read()
+    no_first_run_dialog(comfy_server)
 
     async def session():
         async with aiohttp.ClientSession() as s, s.ws_connect(chromium, max_msg_size=0) as ws:
@@ -211,6 +211,7 @@ def test_template_runs_from_the_browser_and_shows_its_images(comfy_server, chrom
 
     wf = json.loads((REPO / "workflows" / f"{name}.json").read_text())
     previews = [n["id"] for n in wf["nodes"] if n["type"] == "PreviewImage"]
+    no_first_run_dialog(comfy_server)
 
     async def session():
         async with aiohttp.ClientSession() as s, s.ws_connect(chromium, max_msg_size=0) as ws:
@@ -223,8 +224,12 @@ def test_template_runs_from_the_browser_and_shows_its_images(comfy_server, chrom
             await asyncio.sleep(1.0)
             # frame the preview nodes (the right part of the graph) first: the frontend loads a node's images
             # when it draws the node, so one off-screen never shows them
-            xs = [n["pos"][0] for n in wf["nodes"] if n["type"] == "PreviewImage"]
-            await cdp.js(f"(() => {{ app.canvas.ds.scale = 0.55; app.canvas.ds.offset = [{-min(xs) + 1500}, 60];"
+            pv = [n for n in wf["nodes"] if n["type"] == "PreviewImage"]
+            x0, y0 = min(n["pos"][0] for n in pv), min(n["pos"][1] for n in pv)
+            x1 = max(n["pos"][0] + n.get("size", [400, 300])[0] for n in pv)
+            y1 = max(n["pos"][1] + n.get("size", [400, 300])[1] for n in pv)
+            scale = min(1.0, 680 / (y1 - y0), 860 / (x1 - x0))  # below the top bar, in the right half
+            await cdp.js(f"(() => {{ app.canvas.ds.scale = {scale}; app.canvas.ds.offset = [{1000 / scale - x0}, {150 / scale - y0}];"
                          " app.canvas.setDirty(true, true); return true; })()")
             await asyncio.sleep(1.0)
             t0 = time.time()
@@ -258,4 +263,4 @@ def test_template_runs_from_the_browser_and_shows_its_images(comfy_server, chrom
     print(f"{name} from the browser: {seconds:.1f} s until every image was shown")
     if os.environ.get("HT_UPDATE_SCREENSHOT") == "1":
         shutil.copy(out, REPO / "docs" / f"{name}.png")
-        write_thumbnail(out, REPO / "workflows" / f"{name}.jpg", box=(1000, 0, 1920, 1080))
+        write_thumbnail(out, REPO / "workflows" / f"{name}.jpg", box=(960, 110, 1920, 880))
