@@ -182,10 +182,53 @@ def report() -> str:
                   f"({n['n_lineas_patterns']} patterns). Time to an intervention: HT {n['seconds_ht'] * 1e3:.1f} ms, "
                   f"LinEAS {n['seconds_lineas']:.0f} s (split {min(seeds)}).", ""]
     os.makedirs(REPORTS, exist_ok=True)
+    if loss_plot(os.path.join(REPORTS, "loss_vs_steps.png")):
+        lines += ["![held-out loss vs optimizer steps](loss_vs_steps.png)", ""]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(REPORTS, "protocol.md"), "w") as f:
         f.write(text)
     return text
+
+
+def loss_plot(path: str, curve: str = os.path.join("reports", "lineas_curve", "curve.json")) -> bool:
+    """The hypernets' validation loss during training (every tag and split; the final one is estimated on other
+    batches, so it is left out), their test loss at the end, and
+    the converged LinEAS fits' held loss over LinEAS steps (``trainer/baseline.py``); False when nothing to plot."""
+    logs = sorted(glob.glob(os.path.join(RUNS, "*", "seed*", "train_log.jsonl")))
+    if not logs:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hypertransport_core import load_hypernet
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for i, lp in enumerate(logs):
+        run = os.path.dirname(lp)
+        label = f"{os.path.basename(os.path.dirname(run))} {os.path.basename(run)}"
+        with open(lp) as f:
+            recs = [json.loads(x) for x in f if x.strip()]
+        pts = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+        hn_path = os.path.join(run, "hypernet.safetensors")
+        if os.path.isfile(hn_path):
+            ts = load_hypernet(hn_path).training_summary
+            if ts.get("holdout_loss") is not None:
+                ax.plot([ts["steps"]], [ts["holdout_loss"]], "s", color=f"C{i}", ms=5)
+        if pts:
+            ax.plot(*zip(*pts), "-o", color=f"C{i}", ms=3, lw=1, label=f"HT {label}: validation (squares: test)")
+    if os.path.isfile(curve):
+        with open(curve) as f:
+            c = json.load(f)
+        ax.plot(c["checkpoints"], c["mean_held_loss"], "k--", lw=1.5, label=f"LinEAS per concept ({len(c['concepts'])} test concepts)")
+    ax.set_xlabel("optimizer steps (hypernet: training steps; LinEAS: steps of one concept's fit)")
+    ax.set_ylabel("OT loss on held batches")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def main(argv=None) -> int:
