@@ -138,6 +138,7 @@ def write(out: dict, cfg: CurveConfig) -> None:
     axs[0].axvline(out["converged_at"], color="k", lw=0.6, ls="--")
     for a, t in zip(axs, ("pixel inducement at λ = 1", "OT loss on held batches")):
         a.set_xscale("log"), a.set_xlabel("LinEAS steps"), a.set_title(t, fontsize=9), a.legend(fontsize=8)
+        a.set_xticks(steps, [str(x) for x in steps]), a.minorticks_off()
     fig.suptitle(f"LinEAS per concept ({len(cs)} concepts; orange: patterns); rises < {cfg.tolerance:g} after "
                  f"{out['converged_at']} steps", fontsize=9)
     fig.tight_layout()
