@@ -178,9 +178,10 @@ def report() -> str:
             vals = [seeds[s]["ind"][m] for s in sorted(seeds)]
             lines.append(f"| inducement: {m} | | " + " | ".join(_fmt(v) for v in vals) + f" | {_fmt(float(np.mean(vals)))} | |")
         n = seeds[min(seeds)]
-        lines += ["", f"Concepts per split: {n['n_concepts']}; LinEAS ({n['lineas_steps']} steps) on {n['n_lineas']} of them "
-                  f"({n['n_lineas_patterns']} patterns). Time to an intervention: HT {n['seconds_ht'] * 1e3:.1f} ms, "
-                  f"LinEAS {n['seconds_lineas']:.0f} s (split {min(seeds)}).", ""]
+        per = "; ".join(f"split {k}: {seeds[k]['lineas_steps']} steps on {seeds[k]['n_lineas']} "
+                        f"({seeds[k]['n_lineas_patterns']} patterns)" for k in sorted(seeds))
+        lines += ["", f"Concepts per split: {n['n_concepts']}. LinEAS fits: {per}. Time to an intervention: "
+                  f"HT {n['seconds_ht'] * 1e3:.1f} ms, LinEAS {n['seconds_lineas']:.0f} s (split {min(seeds)}).", ""]
     os.makedirs(REPORTS, exist_ok=True)
     if loss_plot(os.path.join(REPORTS, "loss_vs_steps.png")):
         lines += ["![held-out loss vs optimizer steps](loss_vs_steps.png)", ""]
