@@ -318,16 +318,23 @@ def pixart_nitro() -> list[Node]:
     ]
 
 
+def _world_and_concept(concept_y: int) -> list[Node]:
+    """Nodes 2, 4, 5 of the world templates: the shipped world, its hypernet, and WORLD_CONCEPT encoded."""
+    return [
+        Node(2, "HyperTransportLoadEmbeddedWorld", {}, (0, 0), "Embedded world (shipped)"),
+        Node(4, "HyperTransportLoadHyperNet", {"hypernet_name": "world_hypernet.safetensors"}, (0, 260)),
+        Node(5, "HyperTransportEncodeConcept",
+             {"hypernet": L(4), "text": WORLD_CONCEPT, "clip_weights": "auto (match the hypernet's encoder)", "clip": L(2, 1)},
+             (0, concept_y), "Concept (a phrase)"),
+    ]
+
+
 def world_steering() -> list[Node]:
     """The template that runs with no download: the embedded world, steered by a phrase and by an image."""
     world = dict(sampler="euler", scheduler="simple", steps=4, cfg=2.0, seed=7)
     nodes = [
         Node(1, "Note", {"text": WORLD_NOTE}, (0, 760), "About this template", (520, 300)),
-        Node(2, "HyperTransportLoadEmbeddedWorld", {}, (0, 0), "Embedded world (shipped)"),
-        Node(4, "HyperTransportLoadHyperNet", {"hypernet_name": "world_hypernet.safetensors"}, (0, 260)),
-        Node(5, "HyperTransportEncodeConcept",
-             {"hypernet": L(4), "text": WORLD_CONCEPT, "clip_weights": "auto (match the hypernet's encoder)", "clip": L(2, 1)},
-             (0, 420), "Concept (a phrase)"),
+        *_world_and_concept(concept_y=420),
         Node(6, "CLIPTextEncode", {"text": "a circle", "clip": L(2, 1)}, (420, 0), "Prompt"),
         Node(7, "CLIPTextEncode", {"text": "", "clip": L(2, 1)}, (420, 220), "Negative (empty)"),
         Node(8, "EmptyLatentImage", {"width": 256, "height": 256, "batch_size": 4}, (420, 440), "4 seeds (a 32x32 latent)"),
@@ -372,11 +379,7 @@ def world_strength_sweep() -> list[Node]:
     world = dict(sampler="euler", scheduler="simple", steps=4, cfg=2.0, seed=11)
     return [
         Node(1, "Note", {"text": WORLD_SWEEP_NOTE}, (0, 560), "About this template", (520, 260)),
-        Node(2, "HyperTransportLoadEmbeddedWorld", {}, (0, 0), "Embedded world (shipped)"),
-        Node(4, "HyperTransportLoadHyperNet", {"hypernet_name": "world_hypernet.safetensors"}, (0, 260)),
-        Node(5, "HyperTransportEncodeConcept",
-             {"hypernet": L(4), "text": WORLD_CONCEPT, "clip_weights": "auto (match the hypernet's encoder)", "clip": L(2, 1)},
-             (0, 400), "Concept (a phrase)"),
+        *_world_and_concept(concept_y=400),
         Node(13, "HyperTransportMakeSteering", {"hypernet": L(4), "concept": L(5)}, (420, 560)),
         Node(11, "HyperTransportApplySteeringAdvanced",
              {"model": L(2, 0), "steering": L(13), "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0, "mode": "auto",
