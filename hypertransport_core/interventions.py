@@ -5,7 +5,8 @@ For a site with map ``T(z) = w ⊙ z + b`` and strength ``λ``:
 - ``λ ≥ 0``: ``z + λ (T(z) − z)``; ``λ = 0`` returns ``z`` itself, ``λ = 1`` the full map, ``λ > 1``
   extrapolates.
 - ``λ < 0``: the concept is removed with the inverse map, ``z + |λ| (T⁻¹(z) − z)``,
-  ``T⁻¹(z) = (z − b) / w``, where ``|w|`` is clamped to at least :data:`MIN_ABS_W`.
+  ``T⁻¹(z) = (z − b) / w``, where ``|w|`` is raised to at least the *removal floor* (sign kept):
+  :data:`REMOVAL_FLOOR`, or what :func:`removal_floor` sets for a block of code (a study's knob).
 
 Both are one elementwise affine map ``a ⊙ z + c`` (:func:`effective_affine`); how it meets an
 activation (every token, every position, or the spatial mean) is the engine's
@@ -14,7 +15,9 @@ activation (every token, every position, or the spatial mean) is the engine's
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -22,8 +25,33 @@ import torch
 from .errors import HyperTransportError
 from .sites import Site
 
-#: Smallest ``|w|`` the inverse map divides by (keeps ``T⁻¹`` finite when a map nearly kills a channel).
+#: The lowest removal floor allowed (keeps ``T⁻¹`` finite when a map nearly kills a channel).
 MIN_ABS_W = 1e-2
+#: Smallest ``|w|`` the inverse map divides by (ours, METHOD §2: "w kept away from 0"). Hypernet maps hold
+#: channels with ``w`` near 0 (and some below 0); dividing by them multiplied those channels up to 100-fold at
+#: the former floor 0.01 and turned removed images into noise. At 1 the inverse never amplifies a channel: it
+#: undoes the shift ``b`` and shrinks only what the map enlarged. Chosen on the validation concepts of three
+#: splits among 0.01–4 by ``trainer/removal.py`` (README, "Removing a concept").
+REMOVAL_FLOOR = 1.0
+_FLOOR: ContextVar[float] = ContextVar("removal_floor", default=REMOVAL_FLOOR)
+
+
+@contextmanager
+def removal_floor(floor: float) -> Iterator[None]:
+    """Inside the block, ``λ < 0`` divides by ``|w| ≥ floor`` instead of :data:`REMOVAL_FLOOR` (this context only)."""
+    floor = float(floor)
+    if not MIN_ABS_W <= floor <= 100:
+        raise HyperTransportError(f"removal floor {floor!r} is outside [{MIN_ABS_W:g}, 100]. Fix: pass e.g. 0.5.")
+    token = _FLOOR.set(floor)
+    try:
+        yield
+    finally:
+        _FLOOR.reset(token)
+
+
+def _floored(w: torch.Tensor) -> torch.Tensor:
+    f = _FLOOR.get()
+    return torch.where(w < 0, torch.clamp(w, max=-f), torch.clamp(w, min=f))
 
 
 def effective_affine(w: torch.Tensor, b: torch.Tensor, strength) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,7 +66,7 @@ def effective_affine(w: torch.Tensor, b: torch.Tensor, strength) -> tuple[torch.
     """
     if torch.is_tensor(strength) and strength.ndim == 1:
         lam = strength.to(device=w.device, dtype=w.dtype)[:, None]
-        safe_w = torch.where(w < 0, torch.clamp(w, max=-MIN_ABS_W), torch.clamp(w, min=MIN_ABS_W))
+        safe_w = _floored(w)
         mag = lam.abs()
         a = torch.where(lam >= 0, 1 + lam * (w - 1), 1 + mag * (1 / safe_w - 1))
         c = torch.where(lam >= 0, lam * b, -mag * b / safe_w)
@@ -47,7 +75,7 @@ def effective_affine(w: torch.Tensor, b: torch.Tensor, strength) -> tuple[torch.
     if lam >= 0:
         return 1 + lam * (w - 1), lam * b
     mag = -lam
-    safe_w = torch.where(w < 0, torch.clamp(w, max=-MIN_ABS_W), torch.clamp(w, min=MIN_ABS_W))
+    safe_w = _floored(w)
     return 1 + mag * (1 / safe_w - 1), -mag * b / safe_w
 
 

@@ -15,7 +15,7 @@ from hypertransport_core import (
     effective_affine,
     steer,
 )
-from hypertransport_core.interventions import MIN_ABS_W, strength_for
+from hypertransport_core.interventions import MIN_ABS_W, REMOVAL_FLOOR, removal_floor, strength_for
 
 
 def _wb(C, seed=0, K=None):
@@ -77,7 +77,7 @@ def test_interpolation_is_linear_and_extrapolates(shape, cdim, form):
 def test_negative_strength_uses_inverse_map():
     C = 6
     w, b = _wb(C)
-    w = torch.where(w.abs() < 0.2, torch.full_like(w, 0.7), w)  # away from the clamp
+    w = torch.where(w.abs() < REMOVAL_FLOOR, torch.full_like(w, REMOVAL_FLOOR + 0.3), w)  # above the removal floor
     z = _z((3, 4, C)).double()
     forward = apply_map(z, w, b, 1.0, channel_dim=-1)
     back = apply_map(forward, w, b, -1.0, channel_dim=-1)  # T⁻¹(T(z)) = z
@@ -93,15 +93,18 @@ def test_negative_strength_uses_inverse_map():
 
 
 def test_inverse_keeps_w_away_from_zero():
-    w = torch.tensor([1e-12, -1e-12, 0.0, 1e-3, 2.0])
+    w = torch.tensor([1e-12, -1e-12, 0.0, 1e-3, 2.0 * max(1.0, REMOVAL_FLOOR)])
     b = torch.ones(5)
     z = _z((2, 5))
-    out = apply_map(z, w, b, -1.0)
-    assert torch.isfinite(out).all()
-    a, c = effective_affine(w, b, -1.0)
-    assert a.abs().max() <= 1 / MIN_ABS_W + 1e-3
-    assert a[1] < 0 and a[0] > 0  # the sign of w is kept
-    assert a[4] == pytest.approx(0.5)
+    for floor in (MIN_ABS_W, REMOVAL_FLOOR):  # the lowest a study may set, and the default
+        with removal_floor(floor):
+            out = apply_map(z, w, b, -1.0)
+            assert torch.isfinite(out).all()
+            a, c = effective_affine(w, b, -1.0)
+        assert a.abs().max() <= 1 / floor + 1e-3
+        assert a[1] < 0 and a[0] > 0  # the sign of w is kept
+        assert a[4] == pytest.approx(1 / w[4].item())  # |w| above the floor: the exact inverse
+        torch.testing.assert_close(c, -b / torch.where(w < 0, w.clamp(max=-floor), w.clamp(min=floor)))
 
 
 def test_bad_shapes_and_form_raise():

@@ -10,8 +10,9 @@ import pytest
 import torch
 from world_helpers import tiny_config
 
-from hypertransport_core import Steering, load_hypernet
-from trainer import baseline, compose, protocol
+from hypertransport_core import HyperTransportError, Steering, effective_affine, load_hypernet
+from hypertransport_core.interventions import removal_floor
+from trainer import baseline, compose, protocol, removal
 from trainer import train as T
 from trainer.config import train_config_of
 from trainer.evaluate import EvalConfig, evaluate
@@ -112,6 +113,45 @@ def test_evaluator_takes_the_split_sweeps_methods_and_says_where_concepts_came_f
         EvalConfig(hypernet=hn, sweep_methods="ht_image").check()
     with pytest.raises(SystemExit, match="--split"):
         EvalConfig(hypernet=hn, split="holdout").check()
+
+
+def test_removal_floors_bound_the_inverse_and_the_mirror_continues_the_line():
+    from hypertransport_core.sites import Site
+
+    sites = (Site("a", "a", 4),)
+    st = Steering(sites, torch.tensor([0.02, -0.05, 0.8, 1.5]), torch.tensor([0.1, -0.2, 0.3, 0.0]))
+    default, _ = effective_affine(st.w, st.b, -1.0)
+    with removal_floor(0.5):
+        a, c = effective_affine(st.w, st.b, -1.0)
+    assert a.abs().max() <= 1 / 0.5 + 1e-6 and (a.sign() == st.w.sign()).all()  # divides by ≥ the floor, sign kept
+    torch.testing.assert_close(a[2:], 1 / st.w[2:])  # |w| above the floor: the exact inverse
+    torch.testing.assert_close(effective_affine(st.w, st.b, -1.0)[0], default)  # only inside the block
+    with pytest.raises(HyperTransportError, match="removal floor"):
+        with removal_floor(1e-4):
+            pass
+    for lam in (-1.0, -0.5):
+        a_m, c_m = effective_affine(removal.mirrored(st).w, removal.mirrored(st).b, -lam)
+        torch.testing.assert_close(a_m, 1 + lam * (st.w - 1))
+        torch.testing.assert_close(c_m, lam * st.b)
+    with pytest.raises(SystemExit, match="at least"):
+        removal.RemovalConfig(floors="0.001").lists()
+    with pytest.raises(SystemExit, match="below 0"):
+        removal.RemovalConfig(negative="0.5").lists()
+
+
+def test_removal_study_measures_every_rule_on_the_split(world, tmp_path):
+    backend, run, hn = world
+    cfg = removal.RemovalConfig(hypernet=hn, split="val", floors="0.01,0.5", negative="-1", positive="1", seeds_per_shape=1,
+                                grid_concepts=1, out=str(tmp_path / "r"))
+    out = removal.run(cfg, backend)
+    assert set(out["concepts"]) == set(run.val) and out["rules"] == ["floor 0.01", "floor 0.5", "mirror"]
+    for e in out["concepts"].values():
+        for r in out["rules"]:
+            got = e["rules"][r]
+            assert len(got["inducement_neg"]) == 1 and 0 <= got["shape_kept"] <= 1
+            assert got["below_0"] == (got["inducement_neg"][0] < e["inducement_0"])
+    assert "| floor 0.5 |" in (tmp_path / "r" / "removal.md").read_text()
+    assert (tmp_path / "r" / "removal_grid.png").stat().st_size > 0
 
 
 def test_protocol_overrides_and_report(tmp_path, monkeypatch):

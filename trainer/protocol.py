@@ -8,8 +8,9 @@
 Each split is a seed of :func:`trainer.train.split_concepts`: its test concepts are held out of training and of
 every choice; its validation concepts are held out of training and are what configurations are compared on. A
 tag trains one hypernet per seed (``runs/protocol/<tag>/seed<N>``, reused when present) with ``--set`` overrides
-of the trainer's defaults, then runs the evaluator on the ``--stage`` concepts with a converged LinEAS baseline
-(``--lineas-steps``, see ``trainer/baseline.py``; fits are cached and shared), and with ``--compose`` the
+of the trainer's defaults, then runs the evaluator on the ``--stage`` concepts, on test with a converged LinEAS
+baseline (``--lineas-steps``, see ``trainer/baseline.py``; fits are cached and shared; validation compares HT
+configurations alone unless ``--lineas-concepts`` says otherwise), and with ``--compose`` the
 composition study. ``--report`` collects every tag and stage into ``reports/protocol/protocol.md`` with the
 issue's targets, per split and as the mean of the splits.
 """
@@ -240,7 +241,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2", help="the splits")
     p.add_argument("--stage", choices=("val", "test"), default="val")
     p.add_argument("--lineas-steps", type=int, default=240, help="LinEAS steps of the baseline (converged: see trainer/baseline.py)")
-    p.add_argument("--lineas-concepts", type=int, default=16, help="concepts per split given a LinEAS fit")
+    p.add_argument("--lineas-concepts", type=int, default=None,
+                   help="concepts per split given a LinEAS fit (default: 16 on test, none (-1) on val: choices compare HT configurations)")
     p.add_argument("--sweep-methods", default="ht_text,ht_image,lineas", help="methods swept over λ")
     p.add_argument("--grid-concepts", type=int, default=12)
     p.add_argument("--compose", action="store_true", help="also the composition study (test stage)")
@@ -253,6 +255,8 @@ def main(argv=None) -> int:
     if not a.tag:
         p.error("--tag is required (or --report)")
     overrides = parse_overrides(a.set)
+    if a.lineas_concepts is None:
+        a.lineas_concepts = 16 if a.stage == "test" else -1
     bad = {k for k in overrides if k in ("seed", "out", "max_minutes")}
     if bad:
         raise SystemExit(f"--set {sorted(bad)}: the protocol sets these itself (per split).")
