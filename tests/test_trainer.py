@@ -191,6 +191,27 @@ def test_evaluator_on_a_tiny_config(backend, tmp_path):
     res3 = evaluate(EvalConfig(hypernet=ecfg.hypernet, out=str(tmp_path / "rep3"), concepts=str(lst), seeds_per_shape=1,
                                lineas_concepts=-1, strengths="0,1"), backend=backend, progress=False)
     assert "lineas" not in res3["concepts"]["gold"]["methods"] and "on_lineas_concepts" not in res3["summary"]
+    _check_reference(res, ecfg.hypernet, tmp_path)
+
+
+def _check_reference(res, hypernet, tmp_path):
+    """A run is compared with a reference of the same split, concepts and images, and only with one."""
+    import json
+
+    from trainer.evaluate import compare_to_reference, reference_figures
+
+    ref = reference_figures(res, hypernet, steps=500)
+    path = tmp_path / "ref.json"
+    path.write_text(json.dumps(ref))
+    assert compare_to_reference(res, hypernet, str(path)) == [f"- This is the hypernet `{path}` describes (the same file)."]
+    path.write_text(json.dumps({**ref, "hypernet_sha256": "0" * 64, "figures": {**ref["figures"], "ht_text": ref["figures"]["ht_text"] - 0.25}}))
+    (line,) = compare_to_reference(res, hypernet, str(path))
+    assert "(500 steps" in line and f"HT text inducement {ref['figures']['ht_text']:.3f} vs " in line and "(+0.250)" in line
+    path.write_text(json.dumps({**ref, "concepts": ref["concepts"][:-1]}))
+    assert compare_to_reference(res, hypernet, str(path))[0].startswith("- Not compared")
+    path.write_text("{broken")
+    assert "not a figures file" in compare_to_reference(res, hypernet, str(path))[0]
+    assert compare_to_reference(res, hypernet, str(tmp_path / "absent.json")) == []
 
 
 # ------------------------------------------------------------------------- divergence and damaged checkpoints

@@ -38,7 +38,7 @@ from scipy.stats import spearmanr
 from hypertransport_core import Steering
 from hypertransport_world import scene
 from trainer.backend import ComfyBackend
-from trainer.config import WORLD_WEIGHTS, build_parser, check_device, default_hypernet, resolve
+from trainer.config import SHIPPED_HYPERNET, WORLD_WEIGHTS, build_parser, check_device, default_hypernet, resolve
 from trainer.measure import EvalSet, hard_first, lineas_for, mean_inducement, open_study, steered_images
 from trainer.targets import concept_seed
 from trainer.train import read_list
@@ -46,6 +46,10 @@ from trainer.train import read_list
 log = logging.getLogger("hypertransport.evaluate")
 
 METHODS = ("none", "prompt", "lineas", "ht_text", "ht_image")
+#: The shipped hypernet's figures on its split's test concepts (what a run of this evaluator is compared with).
+SHIPPED_FIGURES = os.path.splitext(SHIPPED_HYPERNET)[0] + ".figures.json"
+#: The figures a reference holds: HT's own, which need no LinEAS fit (so any evaluator run can be compared).
+REFERENCE_KEYS = ("ht_text", "ht_image", "image_over_text", "spearman_mean", "negative_share", "shape_kept")
 SPLITS = {"test": "holdout_concepts", "val": "val_concepts", "train": "train_concepts"}
 
 
@@ -73,6 +77,8 @@ class EvalConfig:
     threads: int = 0  # torch CPU threads (0 = default)
     device: str = "auto"  # where ComfyUI runs the world: "auto" (CUDA when available), "cpu" or "cuda"
     precision: str = "fp32"  # "fp32": what ComfyUI's KSampler computes on a CPU (the node comparison needs it); "bf16" autocast is faster
+    reference: str = SHIPPED_FIGURES  # figures to compare with (default: the shipped hypernet's; "" = none)
+    save_reference: str = ""  # also write this run's HT figures there, as a reference for later runs (how the shipped file is made)
 
     def check(self) -> None:
         self.hypernet = self.hypernet or default_hypernet()
@@ -232,9 +238,68 @@ def evaluate(cfg: EvalConfig, backend: ComfyBackend | None = None, progress: boo
     results["seconds"] = time.perf_counter() - t_start
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
+    results["against_reference"] = compare_to_reference(results, cfg.hypernet, cfg.reference)
+    if cfg.save_reference:
+        tmp = f"{cfg.save_reference}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(reference_figures(results, cfg.hypernet, tcfg.steps), f, indent=1)
+        os.replace(tmp, cfg.save_reference)  # a reader never sees half a file
     write_figures(results, grid_rows, cfg)
     write_report(results, cfg)
     return results
+
+
+def _file_sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def reference_figures(results: dict, hypernet: str, steps: int | None = None) -> dict:
+    """What a later run is compared with: the split, its concepts, the hypernet (hash, steps) and HT's figures."""
+    s = results["summary"]
+    figs = {"ht_text": s["methods"]["ht_text"]["inducement"], "ht_image": s["methods"]["ht_image"]["inducement"],
+            "image_over_text": s["image_over_text"], "spearman_mean": s["spearman_mean"],
+            "negative_share": s.get("negative_moves_away", {}).get("share", float("nan")),
+            "shape_kept": s["methods"]["ht_text"]["shape_kept"]}
+    return {"format": "hypertransport.eval_reference", "split": results["split"], "split_seed": results["split_seed"],
+            "concepts": sorted(results["concepts"]), "strengths": results["strengths"],
+            "seeds_per_shape": results["config"]["seeds_per_shape"], "hypernet_sha256": _file_sha256(hypernet),
+            "hypernet_steps": steps if steps is not None else results["train_config"]["steps"], "figures": figs}
+
+
+def compare_to_reference(results: dict, hypernet: str, path: str) -> list[str]:
+    """Markdown lines: this run's HT figures beside the reference's (``path``), or why they do not compare."""
+    if not path or not os.path.isfile(path):
+        return []
+    if os.path.getsize(path) > 1 << 20:
+        return [f"- Reference `{path}` is over 1 MB: not read (a reference is a few KB; rewrite it with --save-reference)."]
+    try:
+        with open(path) as f:
+            ref = json.load(f)
+        figs = {k: float(ref["figures"][k]) for k in REFERENCE_KEYS}
+        same = (ref["split"], ref["split_seed"], ref["concepts"], ref["strengths"], ref["seeds_per_shape"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"- Reference `{path}` is not a figures file ({type(e).__name__}: {e}); rewrite it with --save-reference."]
+    ours = reference_figures(results, hypernet)
+    rel = os.path.relpath(path)
+    path = path if rel.startswith("..") else rel
+    if same != (ours["split"], ours["split_seed"], ours["concepts"], ours["strengths"], ours["seeds_per_shape"]):
+        return [f"- Not compared with `{path}`: it holds split {ref['split']!r} of seed {ref['split_seed']} "
+                f"({len(ref['concepts'])} concepts), this run split {ours['split']!r} of seed {ours['split_seed']} "
+                f"({len(ours['concepts'])} concepts, or other strengths / images per concept)."]
+    if ours["hypernet_sha256"] == ref["hypernet_sha256"]:
+        return [f"- This is the hypernet `{path}` describes (the same file)."]
+    names = {"ht_text": "HT text inducement", "ht_image": "HT image inducement", "image_over_text": "image / text",
+             "spearman_mean": "Spearman", "negative_share": "λ < 0 below λ = 0", "shape_kept": "shape kept"}
+    mine = ours["figures"]
+    cells = "; ".join(f"{names[k]} {mine[k]:.3f} vs {figs[k]:.3f} ({mine[k] - figs[k]:+.3f})" for k in REFERENCE_KEYS)
+    return [f"- This run ({ours['hypernet_steps']} training steps) against the reference hypernet "
+            f"({ref['hypernet_steps']} steps, `{path}`), same concepts and images: {cells}."]
 
 
 def summarize(results: dict) -> dict:
@@ -376,6 +441,7 @@ def write_report(results: dict, cfg: EvalConfig) -> None:
                  f"{s['methods']['ht_text']['shape_kept_clip']:.3f} by CLIP (prompting: {s['methods']['prompt']['shape_kept']:.3f} / "
                  f"{s['methods']['prompt']['shape_kept_clip']:.3f}); the prompted shape drawn: {s['methods']['ht_text']['shape_correct']:.3f} "
                  f"(unsteered {s['methods']['none']['shape_correct']:.3f}, prompting {s['methods']['prompt']['shape_correct']:.3f}).")
+    lines += results.get("against_reference", [])
     lines += ["", "Mean inducement per λ: " + ", ".join(f"{lam:g}: {v:.3f}" for lam, v in zip(results["strengths"], s["sweep_mean"])), "",
               "![strength grid](strength_grid.png)", "", "![strength curves](strength_curves.png)", "",
               "![methods vs strength](methods_vs_strength.png)", "", "![methods](methods.png)", "",
@@ -396,6 +462,8 @@ def main(argv=None) -> int:
     cfg = resolve(EvalConfig, ns)
     res = evaluate(cfg)
     print(json.dumps(res["summary"], indent=1))
+    for line in res["against_reference"]:
+        print(line[2:])
     print(f"report: {os.path.join(cfg.out, 'report.md')}")
     return 0
 
