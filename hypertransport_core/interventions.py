@@ -29,16 +29,22 @@ from .sites import Site
 MIN_ABS_W = 1e-2
 #: Smallest ``|w|`` the inverse map divides by (ours, METHOD §2: "w kept away from 0"). Hypernet maps hold
 #: channels with ``w`` near 0 (and some below 0); dividing by them multiplied those channels up to 100-fold at
-#: the former floor 0.01 and turned removed images into noise. At 1 the inverse never amplifies a channel: it
-#: undoes the shift ``b`` and shrinks only what the map enlarged. Chosen on the validation concepts of three
-#: splits among 0.01–4 by ``trainer/removal.py`` (README, "Removing a concept").
+#: the former floor 0.01 and turned removed images into noise. At 1, for strengths from −1 to 0, the inverse
+#: amplifies no channel: it undoes the shift ``b`` and shrinks what the map enlarged (below −1 it extrapolates).
+#: The sign of ``w`` is kept, so a channel with ``−1 < w < 0`` is mirrored (``a = −1`` at λ = −1): measured
+#: that way, an unsigned floor was not measured. Chosen on the validation concepts of three splits among
+#: 0.01–4 by ``trainer/removal.py`` (README, "Removing a concept").
 REMOVAL_FLOOR = 1.0
 _FLOOR: ContextVar[float] = ContextVar("removal_floor", default=REMOVAL_FLOOR)
 
 
 @contextmanager
 def removal_floor(floor: float) -> Iterator[None]:
-    """Inside the block, ``λ < 0`` divides by ``|w| ≥ floor`` instead of :data:`REMOVAL_FLOOR` (this context only)."""
+    """Inside the block, ``λ < 0`` divides by ``|w| ≥ floor`` instead of :data:`REMOVAL_FLOOR` (this context only).
+
+    It reaches maps computed inside the block in this thread: ``steer()`` compiles its plan on entry, so a
+    study's ``with removal_floor(f), steer(...)`` works; plans compiled later or in another thread (ComfyUI's
+    patches compile lazily in the worker) use :data:`REMOVAL_FLOOR`."""
     floor = float(floor)
     if not MIN_ABS_W <= floor <= 100:
         raise HyperTransportError(f"removal floor {floor!r} is outside [{MIN_ABS_W:g}, 100]. Fix: pass e.g. 0.5.")

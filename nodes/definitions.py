@@ -33,7 +33,7 @@ _STRENGTH = dict(default=1.0, min=patching.STRENGTH_RANGE[0], max=patching.STREN
 _STRENGTH_TIP = (
     "How strongly the concept is applied, from -10 to 10: 0 leaves the model unchanged, 1 the full learned map, "
     "above 1 extrapolates; negative removes it with the inverse map, which pushes away from the concept (towards an "
-    "opposite) and never amplifies a channel."
+    "opposite); from -1 to 0 it amplifies no channel."
 )
 _START_TIP = "Fraction of the sampling at which steering starts (0 = first step)."
 _END_TIP = "Fraction of the sampling at which steering stops (1 = last step)."

@@ -124,6 +124,7 @@ def test_removal_floors_bound_the_inverse_and_the_mirror_continues_the_line():
     with removal_floor(0.5):
         a, c = effective_affine(st.w, st.b, -1.0)
     assert a.abs().max() <= 1 / 0.5 + 1e-6 and (a.sign() == st.w.sign()).all()  # divides by ≥ the floor, sign kept
+    torch.testing.assert_close(c, -st.b / torch.tensor([0.5, -0.5, 0.8, 1.5]))
     torch.testing.assert_close(a[2:], 1 / st.w[2:])  # |w| above the floor: the exact inverse
     torch.testing.assert_close(effective_affine(st.w, st.b, -1.0)[0], default)  # only inside the block
     with pytest.raises(HyperTransportError, match="removal floor"):
@@ -133,14 +134,18 @@ def test_removal_floors_bound_the_inverse_and_the_mirror_continues_the_line():
         a_m, c_m = effective_affine(removal.mirrored(st).w, removal.mirrored(st).b, -lam)
         torch.testing.assert_close(a_m, 1 + lam * (st.w - 1))
         torch.testing.assert_close(c_m, lam * st.b)
-    with pytest.raises(SystemExit, match="at least"):
+    with pytest.raises(SystemExit, match="distinct floors from 0.01"):
         removal.RemovalConfig(floors="0.001").lists()
     with pytest.raises(SystemExit, match="below 0"):
         removal.RemovalConfig(negative="0.5").lists()
 
 
-def test_removal_study_measures_every_rule_on_the_split(world, tmp_path):
+def test_removal_study_measures_every_rule_on_the_split(world, tmp_path, monkeypatch):
+    from hypertransport_core import interventions
+
     backend, run, hn = world
+    seen, real = set(), interventions._floored
+    monkeypatch.setattr(interventions, "_floored", lambda w: (seen.add(interventions._FLOOR.get()), real(w))[1])
     cfg = removal.RemovalConfig(hypernet=hn, split="val", floors="0.01,0.5", negative="-1", positive="1", seeds_per_shape=1,
                                 grid_concepts=1, out=str(tmp_path / "r"))
     out = removal.run(cfg, backend)
@@ -150,7 +155,10 @@ def test_removal_study_measures_every_rule_on_the_split(world, tmp_path):
             got = e["rules"][r]
             assert len(got["inducement_neg"]) == 1 and 0 <= got["shape_kept"] <= 1
             assert got["below_0"] == (got["inducement_neg"][0] < e["inducement_0"])
+    assert seen == {0.01, 0.5}  # each rule's floor reached the steering hooks (and the mirror divides by nothing)
     assert "| floor 0.5 |" in (tmp_path / "r" / "removal.md").read_text()
+    with pytest.raises(SystemExit, match="distinct floors"):
+        removal.RemovalConfig(floors="0.5,200").lists()
     assert (tmp_path / "r" / "removal_grid.png").stat().st_size > 0
 
 

@@ -236,9 +236,9 @@ def evaluate(cfg: EvalConfig, backend: ComfyBackend | None = None, progress: boo
                  time.perf_counter() - c0)
     results["summary"] = summarize(results)
     results["seconds"] = time.perf_counter() - t_start
+    results["against_reference"] = compare_to_reference(results, cfg.hypernet, cfg.reference)
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    results["against_reference"] = compare_to_reference(results, cfg.hypernet, cfg.reference)
     if cfg.save_reference:
         tmp = f"{cfg.save_reference}.tmp"
         with open(tmp, "w") as f:
@@ -266,10 +266,16 @@ def reference_figures(results: dict, hypernet: str, steps: int | None = None) ->
             "image_over_text": s["image_over_text"], "spearman_mean": s["spearman_mean"],
             "negative_share": s.get("negative_moves_away", {}).get("share", float("nan")),
             "shape_kept": s["methods"]["ht_text"]["shape_kept"]}
+    from hypertransport_core.interventions import REMOVAL_FLOOR
+
     return {"format": "hypertransport.eval_reference", "split": results["split"], "split_seed": results["split_seed"],
             "concepts": sorted(results["concepts"]), "strengths": results["strengths"],
-            "seeds_per_shape": results["config"]["seeds_per_shape"], "hypernet_sha256": _file_sha256(hypernet),
+            "seeds_per_shape": results["config"]["seeds_per_shape"], "precision": results["config"]["precision"],
+            "removal_floor": REMOVAL_FLOOR, "hypernet_sha256": _file_sha256(hypernet),
             "hypernet_steps": steps if steps is not None else results["train_config"]["steps"], "figures": figs}
+
+
+_SAME = ("split", "split_seed", "concepts", "strengths", "seeds_per_shape", "precision", "removal_floor")  # what must match
 
 
 def compare_to_reference(results: dict, hypernet: str, path: str) -> list[str]:
@@ -282,16 +288,17 @@ def compare_to_reference(results: dict, hypernet: str, path: str) -> list[str]:
         with open(path) as f:
             ref = json.load(f)
         figs = {k: float(ref["figures"][k]) for k in REFERENCE_KEYS}
-        same = (ref["split"], ref["split_seed"], ref["concepts"], ref["strengths"], ref["seeds_per_shape"])
+        same = tuple(ref[k] for k in _SAME)
     except (OSError, ValueError, KeyError, TypeError) as e:
         return [f"- Reference `{path}` is not a figures file ({type(e).__name__}: {e}); rewrite it with --save-reference."]
     ours = reference_figures(results, hypernet)
     rel = os.path.relpath(path)
     path = path if rel.startswith("..") else rel
-    if same != (ours["split"], ours["split_seed"], ours["concepts"], ours["strengths"], ours["seeds_per_shape"]):
+    if same != tuple(ours[k] for k in _SAME):
         return [f"- Not compared with `{path}`: it holds split {ref['split']!r} of seed {ref['split_seed']} "
-                f"({len(ref['concepts'])} concepts), this run split {ours['split']!r} of seed {ours['split_seed']} "
-                f"({len(ours['concepts'])} concepts, or other strengths / images per concept)."]
+                f"({len(ref['concepts'])} concepts, {ref['precision']}, removal floor {ref['removal_floor']:g}), this run "
+                f"split {ours['split']!r} of seed {ours['split_seed']} ({len(ours['concepts'])} concepts, {ours['precision']}, "
+                f"removal floor {ours['removal_floor']:g}), or other strengths / images per concept."]
     if ours["hypernet_sha256"] == ref["hypernet_sha256"]:
         return [f"- This is the hypernet `{path}` describes (the same file)."]
     names = {"ht_text": "HT text inducement", "ht_image": "HT image inducement", "image_over_text": "image / text",

@@ -66,8 +66,8 @@ class RemovalConfig:
             pos = sorted(float(x) for x in self.positive.split(",") if x.strip())
         except ValueError:
             raise SystemExit("--floors, --negative and --positive take comma-separated numbers, e.g. --floors 0.01,0.5") from None
-        if not floors or min(floors) < MIN_ABS_W:
-            raise SystemExit(f"--floors {self.floors!r}: every floor must be at least {MIN_ABS_W:g} (the engine's lowest).")
+        if not floors or not all(MIN_ABS_W <= f <= 100 for f in floors) or len(set(floors)) < len(floors):
+            raise SystemExit(f"--floors {self.floors!r}: distinct floors from {MIN_ABS_W:g} (the engine's lowest) to 100, e.g. 0.01,0.5,1.")
         if not neg or max(neg) >= 0 or any(x <= 0 for x in pos):
             raise SystemExit("--negative must be strengths below 0 and --positive above 0, e.g. --negative -1,-0.5.")
         if self.split not in ("val", "test"):
@@ -90,7 +90,8 @@ def run(cfg: RemovalConfig, backend=None) -> dict:
     concepts = [concepts[i] for i in np.random.default_rng(0).permutation(len(concepts))]  # the evaluator's order
     if cfg.max_concepts:
         concepts = concepts[: cfg.max_concepts]
-    rules = [f"floor {f:g}" for f in floors] + (["mirror"] if cfg.mirror else [])
+    floor_of = {f"floor {f:g}": f for f in floors}  # label → the exact floor asked for
+    rules = list(floor_of) + (["mirror"] if cfg.mirror else [])
     es = EvalSet.default(cfg.seeds_per_shape)
     shapes = list(es.shapes)
     base = steered_images(backend, es, [])
@@ -112,7 +113,7 @@ def run(cfg: RemovalConfig, backend=None) -> dict:
                 if rule == "mirror":
                     ims = steered_images(backend, es, [(mirrored(st), -lam)])
                 else:
-                    with removal_floor(float(rule.split()[1])):
+                    with removal_floor(floor_of[rule]):
                         ims = steered_images(backend, es, [(st, lam)])
                 ind_neg.append(mean_inducement(ims, concept))
                 if lam == neg[0]:

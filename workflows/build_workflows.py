@@ -47,7 +47,7 @@ Its concepts are 139 CSS colours ("tomato", "slate blue") and 26 fill patterns (
 strengths -1, 0.5 and 1, and steered by a reference image (made here by the world itself from its prompt).
 Both the phrase and the reference image's colour are test concepts: the hypernet never saw them in training.
 Negative strength applies the inverse map: it pushes away from the concept, towards an opposite colour, and
-at -1 can break the object. Images are upscaled 8x (nearest) to be seen."""
+keeps the object (from -1 to 0 it amplifies no channel). Images are upscaled 8x (nearest) to be seen."""
 
 WORLD_CONCEPT = "tomato"  # a test concept of the shipped hypernet: held out of its training and of every choice
 WORLD_REFERENCE_CONCEPT = "medium violet red"  # also a test concept; the reference image shows it
