@@ -35,6 +35,8 @@ MIN_ABS_W = 1e-2
 #: that way, an unsigned floor was not measured. Chosen on the validation concepts of three splits among
 #: 0.01–4 by ``trainer/removal.py`` (README, "Removing a concept").
 REMOVAL_FLOOR = 1.0
+#: The highest removal floor allowed (beyond it the inverse only shrinks activations towards 0).
+MAX_REMOVAL_FLOOR = 100.0
 _FLOOR: ContextVar[float] = ContextVar("removal_floor", default=REMOVAL_FLOOR)
 
 
@@ -46,8 +48,8 @@ def removal_floor(floor: float) -> Iterator[None]:
     study's ``with removal_floor(f), steer(...)`` works; plans compiled later or in another thread (ComfyUI's
     patches compile lazily in the worker) use :data:`REMOVAL_FLOOR`."""
     floor = float(floor)
-    if not MIN_ABS_W <= floor <= 100:
-        raise HyperTransportError(f"removal floor {floor!r} is outside [{MIN_ABS_W:g}, 100]. Fix: pass e.g. 0.5.")
+    if not MIN_ABS_W <= floor <= MAX_REMOVAL_FLOOR:
+        raise HyperTransportError(f"removal floor {floor!r} is outside [{MIN_ABS_W:g}, {MAX_REMOVAL_FLOOR:g}]. Fix: pass e.g. 0.5.")
     token = _FLOOR.set(floor)
     try:
         yield

@@ -200,18 +200,21 @@ def _check_reference(res, hypernet, tmp_path):
 
     from trainer.evaluate import compare_to_reference, reference_figures
 
-    ref = reference_figures(res, hypernet, steps=500)
+    ours = reference_figures(res, hypernet)
+    assert len(ours["hypernet_sha256"]) == 64  # the hash the hypernet file records
     path = tmp_path / "ref.json"
-    path.write_text(json.dumps(ref))
-    assert compare_to_reference(res, hypernet, str(path)) == [f"- This is the hypernet `{path}` describes (the same file)."]
-    path.write_text(json.dumps({**ref, "hypernet_sha256": "0" * 64, "figures": {**ref["figures"], "ht_text": ref["figures"]["ht_text"] - 0.25}}))
-    (line,) = compare_to_reference(res, hypernet, str(path))
-    assert "(500 steps" in line and f"HT text inducement {ref['figures']['ht_text']:.3f} vs " in line and "(+0.250)" in line
-    path.write_text(json.dumps({**ref, "concepts": ref["concepts"][:-1]}))
-    assert compare_to_reference(res, hypernet, str(path))[0].startswith("- Not compared")
+    path.write_text(json.dumps(ours))
+    assert compare_to_reference(ours, str(path)) == [f"- This is the hypernet `{path}` describes (the same file)."]
+    other = {**ours, "hypernet_sha256": "0" * 64, "hypernet_steps": 500,
+             "figures": {**ours["figures"], "ht_text": ours["figures"]["ht_text"] - 0.25}}
+    path.write_text(json.dumps(other))
+    (line,) = compare_to_reference(ours, str(path))
+    assert "(500 steps" in line and f"HT text inducement {ours['figures']['ht_text']:.3f} vs " in line and "(+0.250)" in line
+    path.write_text(json.dumps({**ours, "concepts": ours["concepts"][:-1]}))
+    assert compare_to_reference(ours, str(path))[0].startswith("- Not compared")
     path.write_text("{broken")
-    assert "not a figures file" in compare_to_reference(res, hypernet, str(path))[0]
-    assert compare_to_reference(res, hypernet, str(tmp_path / "absent.json")) == []
+    assert "not a figures file" in compare_to_reference(ours, str(path))[0]
+    assert compare_to_reference(ours, str(tmp_path / "absent.json")) == []
 
 
 # ------------------------------------------------------------------------- divergence and damaged checkpoints

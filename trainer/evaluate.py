@@ -236,50 +236,44 @@ def evaluate(cfg: EvalConfig, backend: ComfyBackend | None = None, progress: boo
                  time.perf_counter() - c0)
     results["summary"] = summarize(results)
     results["seconds"] = time.perf_counter() - t_start
-    results["against_reference"] = compare_to_reference(results, cfg.hypernet, cfg.reference)
+    mine = reference_figures(results, cfg.hypernet)
+    results["against_reference"] = compare_to_reference(mine, cfg.reference)
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     if cfg.save_reference:
         tmp = f"{cfg.save_reference}.tmp"
         with open(tmp, "w") as f:
-            json.dump(reference_figures(results, cfg.hypernet, tcfg.steps), f, indent=1)
+            json.dump(mine, f, indent=1)
         os.replace(tmp, cfg.save_reference)  # a reader never sees half a file
     write_figures(results, grid_rows, cfg)
     write_report(results, cfg)
     return results
 
 
-def _file_sha256(path: str) -> str:
-    import hashlib
+def reference_figures(results: dict, hypernet: str) -> dict:
+    """What a later run is compared with: the split, its concepts, the hypernet (its content hash, steps) and HT's
+    figures. The hash is the one the hypernet file records and its loading verified (only its header is read)."""
+    from hypertransport_core.interventions import REMOVAL_FLOOR
+    from hypertransport_core.tensorfile import HASH_KEY, read_layout
 
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def reference_figures(results: dict, hypernet: str, steps: int | None = None) -> dict:
-    """What a later run is compared with: the split, its concepts, the hypernet (hash, steps) and HT's figures."""
     s = results["summary"]
     figs = {"ht_text": s["methods"]["ht_text"]["inducement"], "ht_image": s["methods"]["ht_image"]["inducement"],
             "image_over_text": s["image_over_text"], "spearman_mean": s["spearman_mean"],
             "negative_share": s.get("negative_moves_away", {}).get("share", float("nan")),
             "shape_kept": s["methods"]["ht_text"]["shape_kept"]}
-    from hypertransport_core.interventions import REMOVAL_FLOOR
-
     return {"format": "hypertransport.eval_reference", "split": results["split"], "split_seed": results["split_seed"],
             "concepts": sorted(results["concepts"]), "strengths": results["strengths"],
             "seeds_per_shape": results["config"]["seeds_per_shape"], "precision": results["config"]["precision"],
-            "removal_floor": REMOVAL_FLOOR, "hypernet_sha256": _file_sha256(hypernet),
-            "hypernet_steps": steps if steps is not None else results["train_config"]["steps"], "figures": figs}
+            "removal_floor": REMOVAL_FLOOR, "hypernet_sha256": read_layout(hypernet, what="hypernet").metadata.get(HASH_KEY, ""),
+            "hypernet_steps": results["train_config"]["steps"], "figures": figs}
 
 
 _SAME = ("split", "split_seed", "concepts", "strengths", "seeds_per_shape", "precision", "removal_floor")  # what must match
 
 
-def compare_to_reference(results: dict, hypernet: str, path: str) -> list[str]:
-    """Markdown lines: this run's HT figures beside the reference's (``path``), or why they do not compare."""
+def compare_to_reference(ours: dict, path: str) -> list[str]:
+    """Markdown lines: this run's figures ``ours`` (:func:`reference_figures`) beside the reference's (``path``), or
+    why they do not compare."""
     if not path or not os.path.isfile(path):
         return []
     if os.path.getsize(path) > 1 << 20:
@@ -291,7 +285,6 @@ def compare_to_reference(results: dict, hypernet: str, path: str) -> list[str]:
         same = tuple(ref[k] for k in _SAME)
     except (OSError, ValueError, KeyError, TypeError) as e:
         return [f"- Reference `{path}` is not a figures file ({type(e).__name__}: {e}); rewrite it with --save-reference."]
-    ours = reference_figures(results, hypernet)
     rel = os.path.relpath(path)
     path = path if rel.startswith("..") else rel
     if same != tuple(ours[k] for k in _SAME):
@@ -299,7 +292,7 @@ def compare_to_reference(results: dict, hypernet: str, path: str) -> list[str]:
                 f"({len(ref['concepts'])} concepts, {ref['precision']}, removal floor {ref['removal_floor']:g}), this run "
                 f"split {ours['split']!r} of seed {ours['split_seed']} ({len(ours['concepts'])} concepts, {ours['precision']}, "
                 f"removal floor {ours['removal_floor']:g}), or other strengths / images per concept."]
-    if ours["hypernet_sha256"] == ref["hypernet_sha256"]:
+    if ours["hypernet_sha256"] and ours["hypernet_sha256"] == ref["hypernet_sha256"]:
         return [f"- This is the hypernet `{path}` describes (the same file)."]
     names = {"ht_text": "HT text inducement", "ht_image": "HT image inducement", "image_over_text": "image / text",
              "spearman_mean": "Spearman", "negative_share": "λ < 0 below λ = 0", "shape_kept": "shape kept"}

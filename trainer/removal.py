@@ -35,7 +35,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from hypertransport_core import Steering
-from hypertransport_core.interventions import MIN_ABS_W, removal_floor
+from hypertransport_core.interventions import MAX_REMOVAL_FLOOR, MIN_ABS_W, removal_floor
 from trainer.config import WORLD_WEIGHTS, build_parser, resolve
 from trainer.evaluate import SPLITS, _mean, image_metrics
 from trainer.measure import EvalSet, mean_inducement, open_study, steered_images
@@ -66,8 +66,9 @@ class RemovalConfig:
             pos = sorted(float(x) for x in self.positive.split(",") if x.strip())
         except ValueError:
             raise SystemExit("--floors, --negative and --positive take comma-separated numbers, e.g. --floors 0.01,0.5") from None
-        if not floors or not all(MIN_ABS_W <= f <= 100 for f in floors) or len(set(floors)) < len(floors):
-            raise SystemExit(f"--floors {self.floors!r}: distinct floors from {MIN_ABS_W:g} (the engine's lowest) to 100, e.g. 0.01,0.5,1.")
+        if not floors or not all(MIN_ABS_W <= f <= MAX_REMOVAL_FLOOR for f in floors) or len(set(floors)) < len(floors):
+            raise SystemExit(f"--floors {self.floors!r}: distinct floors from {MIN_ABS_W:g} (the engine's lowest) to "
+                             f"{MAX_REMOVAL_FLOOR:g}, e.g. 0.01,0.5,1.")
         if not neg or max(neg) >= 0 or any(x <= 0 for x in pos):
             raise SystemExit("--negative must be strengths below 0 and --positive above 0, e.g. --negative -1,-0.5.")
         if self.split not in ("val", "test"):
