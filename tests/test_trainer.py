@@ -212,6 +212,9 @@ def _check_reference(res, hypernet, tmp_path):
     assert "(500 steps" in line and f"HT text inducement {ours['figures']['ht_text']:.3f} vs " in line and "(+0.250)" in line
     path.write_text(json.dumps({**ours, "concepts": ours["concepts"][:-1]}))
     assert compare_to_reference(ours, str(path))[0].startswith("- Not compared")
+    for bad in ({"removal_floor": "one"}, {"concepts": 3}, {"hypernet_steps": None}):
+        path.write_text(json.dumps({**ours, **bad}))
+        assert "not a figures file" in compare_to_reference(ours, str(path))[0], bad
     path.write_text("{broken")
     assert "not a figures file" in compare_to_reference(ours, str(path))[0]
     assert compare_to_reference(ours, str(tmp_path / "absent.json")) == []

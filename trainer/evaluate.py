@@ -283,23 +283,26 @@ def compare_to_reference(ours: dict, path: str) -> list[str]:
             ref = json.load(f)
         figs = {k: float(ref["figures"][k]) for k in REFERENCE_KEYS}
         same = tuple(ref[k] for k in _SAME)
+        # every field a message below prints, read (and typed) here, so a malformed file is refused, not a crash
+        n_ref, floor_ref = len(ref["concepts"]), float(ref["removal_floor"])
+        sha_ref, steps_ref = str(ref["hypernet_sha256"]), int(ref["hypernet_steps"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         return [f"- Reference `{path}` is not a figures file ({type(e).__name__}: {e}); rewrite it with --save-reference."]
     rel = os.path.relpath(path)
     path = path if rel.startswith("..") else rel
     if same != tuple(ours[k] for k in _SAME):
         return [f"- Not compared with `{path}`: it holds split {ref['split']!r} of seed {ref['split_seed']} "
-                f"({len(ref['concepts'])} concepts, {ref['precision']}, removal floor {ref['removal_floor']:g}), this run "
+                f"({n_ref} concepts, {ref['precision']}, removal floor {floor_ref:g}), this run "
                 f"split {ours['split']!r} of seed {ours['split_seed']} ({len(ours['concepts'])} concepts, {ours['precision']}, "
                 f"removal floor {ours['removal_floor']:g}), or other strengths / images per concept."]
-    if ours["hypernet_sha256"] and ours["hypernet_sha256"] == ref["hypernet_sha256"]:
+    if ours["hypernet_sha256"] and ours["hypernet_sha256"] == sha_ref:
         return [f"- This is the hypernet `{path}` describes (the same file)."]
     names = {"ht_text": "HT text inducement", "ht_image": "HT image inducement", "image_over_text": "image / text",
              "spearman_mean": "Spearman", "negative_share": "λ < 0 below λ = 0", "shape_kept": "shape kept"}
     mine = ours["figures"]
     cells = "; ".join(f"{names[k]} {mine[k]:.3f} vs {figs[k]:.3f} ({mine[k] - figs[k]:+.3f})" for k in REFERENCE_KEYS)
     return [f"- This run ({ours['hypernet_steps']} training steps) against the reference hypernet "
-            f"({ref['hypernet_steps']} steps, `{path}`), same concepts and images: {cells}."]
+            f"({steps_ref} steps, `{path}`), same concepts and images: {cells}."]
 
 
 def summarize(results: dict) -> dict:
