@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from hypertransport_core.errors import HyperTransportError
 from trainer.concepts import ConceptInfo, WorldConcepts
 from trainer.config import TrainConfig
 from trainer.train import split_concepts
@@ -42,13 +43,13 @@ def test_holdout_file_fixes_the_test_set(tmp_path):
     assert test == ["navy", "coarse-checkered"] or sorted(test) == ["coarse-checkered", "navy"]
     assert "navy" not in train + val and len(val) == round(0.15 * 163)
     f.write_text("navy\nnot a concept\n")
-    with pytest.raises(SystemExit, match="not concepts of this backend"):
+    with pytest.raises(HyperTransportError, match="not concepts of this backend"):
         split_concepts(WORLD, TrainConfig(holdout=str(f)))
 
 
 def test_too_few_training_concepts_names_the_fix():
     few = [ConceptInfo(f"c{i}", "colour") for i in range(10)]
-    with pytest.raises(SystemExit, match="Fix: lower it"):
+    with pytest.raises(HyperTransportError, match="Fix: lower it"):
         split_concepts(few, TrainConfig(concepts_per_step=16))
 
 

@@ -109,9 +109,9 @@ def test_evaluator_takes_the_split_sweeps_methods_and_says_where_concepts_came_f
     assert set(first["sweeps"]) == {"ht_text", "ht_image", "lineas"} and len(first["sweeps"]["lineas"]) == 3
     assert (tmp_path / "v" / "methods_vs_strength.png").stat().st_size > 0
     assert "| val |" in (tmp_path / "v" / "report.md").read_text()
-    with pytest.raises(SystemExit, match="sweep-methods"):
+    with pytest.raises(HyperTransportError, match="sweep-methods"):
         EvalConfig(hypernet=hn, sweep_methods="ht_image").check()
-    with pytest.raises(SystemExit, match="--split"):
+    with pytest.raises(HyperTransportError, match="--split"):
         EvalConfig(hypernet=hn, split="holdout").check()
 
 
@@ -134,9 +134,9 @@ def test_removal_floors_bound_the_inverse_and_the_mirror_continues_the_line():
         a_m, c_m = effective_affine(removal.mirrored(st).w, removal.mirrored(st).b, -lam)
         torch.testing.assert_close(a_m, 1 + lam * (st.w - 1))
         torch.testing.assert_close(c_m, lam * st.b)
-    with pytest.raises(SystemExit, match="distinct floors from 0.01"):
+    with pytest.raises(HyperTransportError, match="distinct floors from 0.01"):
         removal.RemovalConfig(floors="0.001").lists()
-    with pytest.raises(SystemExit, match="below 0"):
+    with pytest.raises(HyperTransportError, match="below 0"):
         removal.RemovalConfig(negative="0.5").lists()
 
 
@@ -157,17 +157,17 @@ def test_removal_study_measures_every_rule_on_the_split(world, tmp_path, monkeyp
             assert got["below_0"] == (got["inducement_neg"][0] < e["inducement_0"])
     assert seen == {0.01, 0.5}  # each rule's floor reached the steering hooks (and the mirror divides by nothing)
     assert "| floor 0.5 |" in (tmp_path / "r" / "removal.md").read_text()
-    with pytest.raises(SystemExit, match="distinct floors"):
+    with pytest.raises(HyperTransportError, match="distinct floors"):
         removal.RemovalConfig(floors="0.5,200").lists()
     assert (tmp_path / "r" / "removal_grid.png").stat().st_size > 0
 
 
 def test_protocol_overrides_and_report(tmp_path, monkeypatch):
     assert protocol.parse_overrides(["steps=800", "lr=0.001", "resume=false"]) == {"steps": 800, "lr": 0.001, "resume": False}
-    with pytest.raises(SystemExit, match="Options:"):
+    with pytest.raises(HyperTransportError, match="Options:"):
         protocol.parse_overrides(["stepz=3"])
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match="nothing evaluated"):
+    with pytest.raises(HyperTransportError, match="nothing evaluated"):
         protocol.report()
 
     def fake(seed, text, lineas):

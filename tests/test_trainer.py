@@ -11,6 +11,7 @@ import torch
 from world_helpers import CONCEPTS, tiny_config
 
 from hypertransport_core import load_hypernet, read_header
+from hypertransport_core.errors import HyperTransportError
 from trainer import targets as TG
 from trainer import train as T
 from trainer.evaluate import EvalConfig, evaluate
@@ -61,7 +62,7 @@ def test_batches_balance_concept_kinds(backend, tmp_path):
         assert T._batch_for(run, 7)[0] == T._batch_for(run, 7)[0]  # still a pure function of (seed, step)
     assert shares[0.0] > shares[0.5] > shares[1.0]
     assert shares[1.0] == pytest.approx(3 / 9, abs=0.05)
-    with pytest.raises(SystemExit, match="balance-kinds"):
+    with pytest.raises(HyperTransportError, match="balance-kinds"):
         _cfg(tmp_path, balance_kinds=2.0).check()
 
 
@@ -124,25 +125,25 @@ def test_resume_after_interruption_matches_uninterrupted(backend, tmp_path):
 
 def test_resume_refuses_a_different_config(backend, tmp_path):
     T.train(_cfg(tmp_path, steps=3), backend, progress=False)
-    with pytest.raises(SystemExit, match="rank"):
+    with pytest.raises(HyperTransportError, match="rank"):
         T.build(_cfg(tmp_path, steps=3, rank=2, resume=True), backend, progress=False)
 
 
 def test_bad_flags_name_the_fix(tmp_path):
-    with pytest.raises(SystemExit, match="holdout-frac"):
+    with pytest.raises(HyperTransportError, match="holdout-frac"):
         T.TrainConfig(holdout_frac=1.5).check()
-    with pytest.raises(SystemExit, match="lr"):
+    with pytest.raises(HyperTransportError, match="lr"):
         T.TrainConfig(lr=0).check()
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(HyperTransportError, match="does not exist"):
         T.TrainConfig(holdout=str(tmp_path / "nope.txt")).check()
-    with pytest.raises(SystemExit, match="dropout"):
+    with pytest.raises(HyperTransportError, match="dropout"):
         T.TrainConfig(dropout=1.0).check()
-    with pytest.raises(SystemExit, match="Fix: cpu, cuda or cuda:N"):
+    with pytest.raises(HyperTransportError, match="Fix: cpu, cuda or cuda:N"):
         T.TrainConfig(device="gpu0").check()
     if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match="0 CUDA device.*Fix: --device cpu"):
+        with pytest.raises(HyperTransportError, match="0 CUDA device.*Fix: --device cpu"):
             T.TrainConfig(device="cuda").check()
-        with pytest.raises(SystemExit, match="Fix: --device cpu"):
+        with pytest.raises(HyperTransportError, match="Fix: --device cpu"):
             EvalConfig(hypernet=__file__, device="cuda").check()
 
 
@@ -233,7 +234,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(backend, tmp
 
     monkeypatch.setattr(T, "steered_batch_loss", poisoned)
     ckpt = tmp_path / "run" / "checkpoint.safetensors"
-    with pytest.raises(SystemExit, match=r"training diverged at step 4: loss nan.*still holds step 2.*Fix: lower --lr"):
+    with pytest.raises(HyperTransportError, match=r"training diverged at step 4: loss nan.*still holds step 2.*Fix: lower --lr"):
         T.train(cfg, backend, progress=False)
     from hypertransport_core.tensorfile import read_layout
 
@@ -251,6 +252,8 @@ def _damaged_checkpoints(good: str, folder):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from hypertransport_core.tensorfile import write_tensors
+
     data = open(good, "rb").read()
     with safe_open(good, "pt") as f:
         meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
@@ -262,12 +265,31 @@ def _damaged_checkpoints(good: str, folder):
         "truncated": lambda p: p.write_bytes(data[: len(data) // 2]),
         "empty": lambda p: p.write_bytes(b""),
         "text": lambda p: p.write_text("this is not a checkpoint\n" * 20),
-        "nan weight": lambda p: save_file(nan, str(p), metadata=meta),
+        "nan weight": lambda p: write_tensors(str(p), nan, _nohash(meta), check_finite=False),
         "no optimizer": lambda p: save_file({k: v for k, v in tensors.items() if k.startswith("model/")}, str(p), metadata=meta),
         "other format": lambda p: save_file(tensors, str(p), metadata={**meta, "format": "something.else"}),
         "bad json": lambda p: save_file(tensors, str(p), metadata={**meta, "config": "{oops"}),
         "header length": lambda p: p.write_bytes(struct.pack("<Q", 2**40) + data[8:]),
+        "nan betas": lambda p: write_tensors(str(p), tensors, _groups(meta, lambda g: g.update(betas=["NaN", 0.99]))),
+        "betas of one": lambda p: write_tensors(str(p), tensors, _groups(meta, lambda g: g.update(betas=[1.0, 0.99]))),
+        "group not an object": lambda p: write_tensors(str(p), tensors, {**_nohash(meta), "param_groups": "[7]"}),
+        "params not a list": lambda p: write_tensors(str(p), tensors, _groups(meta, lambda g: g.update(params="x"))),
+        "extra group key": lambda p: write_tensors(str(p), tensors, _groups(meta, lambda g: g.update(evil=1))),
     }
+
+
+def _nohash(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k != "sha256"}
+
+
+def _groups(meta: dict, change) -> dict:
+    """``meta`` with its first optimizer param group changed by ``change`` (and no hash: write_tensors adds a valid
+    one, as a hostile file would carry)."""
+    import json
+
+    groups = json.loads(meta["param_groups"])
+    change(groups[0])
+    return {**_nohash(meta), "param_groups": json.dumps(groups).replace('"NaN"', "NaN")}
 
 
 def test_resume_from_damaged_checkpoints_names_the_file_and_the_fix(backend, tmp_path):
@@ -281,16 +303,18 @@ def test_resume_from_damaged_checkpoints_names_the_file_and_the_fix(backend, tmp
         ckpt = folder / "run" / "checkpoint.safetensors"
         write(ckpt)
         before = ckpt.read_bytes()
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(HyperTransportError) as e:
             T.build(cfg, backend, progress=False)
         msg = str(e.value)
         assert str(ckpt) in msg and "Fix:" in msg and "Traceback" not in msg, (name, msg)
         assert ckpt.read_bytes() == before, name  # the damaged file is left for the user to inspect
     assert "NaN/Inf" in _resume_message(backend, tmp_path, "nan weight")
+    assert "betas=[1.0, 0.99] is out of range" in _resume_message(backend, tmp_path, "betas of one")
+    assert "evil" in _resume_message(backend, tmp_path, "extra group key")
 
 
 def _resume_message(backend, tmp_path, name):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(HyperTransportError) as e:
         T.build(_cfg(tmp_path / name.replace(" ", "_"), steps=3, resume=True, concepts=str(tmp_path / "good" / "concepts.txt")),
                 backend, progress=False)
     return str(e.value)

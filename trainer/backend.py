@@ -44,6 +44,7 @@ import torch
 from hypertransport_core import ConceptEncoder, Rows, Site, detect_family, list_sites, weights_fingerprint
 from hypertransport_core.encoders import to_model_input
 from hypertransport_core.engine import hook_handles
+from hypertransport_core.errors import HyperTransportError
 from hypertransport_core.tensorfile import read_layout, read_tensors, write_tensors
 from trainer import sampling
 from trainer.comfyui import import_comfyui
@@ -155,7 +156,12 @@ class ComfyBackend:
         self.root = self.model.diffusion_model
         self.family = family or detect_family(self.root)
         if self.family not in FAMILY_DEFAULTS:
-            raise SystemExit(f"model family {self.family!r} has no sampling defaults; known: {sorted(FAMILY_DEFAULTS)}.")
+            what = f"{type(self.model).__name__} ({type(self.root).__name__})"
+            raise HyperTransportError(
+                f"the model is {what}, a family HyperTransport has no site table or sampling defaults for "
+                f"(detected: {self.family!r}); it steers {', '.join(sorted(FAMILY_DEFAULTS))}. Fix: load a model of one of "
+                "those families (SD3, AuraFlow, Lumina, Wan or Qwen-Image models cannot be steered yet)."
+            )
         self.defaults = FAMILY_DEFAULTS[self.family]
         self.steps = int(steps or self.defaults.steps)
         self.guidance = float(guidance or 1.0)
@@ -165,7 +171,7 @@ class ComfyBackend:
         c = int(self.model.latent_format.latent_channels)
         self.latent_shape = tuple(latent_shape) if latent_shape else (c, max(1, self.resolution // 8), max(1, self.resolution // 8))
         if precision not in _DTYPES:
-            raise SystemExit(f"--precision {precision!r}: use one of {sorted(_DTYPES)}.")
+            raise HyperTransportError(f"--precision {precision!r}: use one of {sorted(_DTYPES)}.")
         self.precision = precision
         self.model.requires_grad_(False)
         self.model.eval()
@@ -208,30 +214,30 @@ class ComfyBackend:
         import comfy.sd
 
         if not os.path.isfile(model):
-            raise SystemExit(f"--model {model!r} does not exist. Fix: point it at a checkpoint or diffusion model .safetensors.")
+            raise HyperTransportError(f"--model {model!r} does not exist. Fix: point it at a checkpoint or diffusion model .safetensors.")
         opts = {} if precision == "fp32" else {"dtype": _DTYPES[precision]}
         out = comfy.sd.load_checkpoint_guess_config(model, output_vae=True, output_clip=True, model_options=opts)
         if out is None:
-            raise SystemExit(f"--model {model!r}: ComfyUI cannot tell the model type. Fix: use a checkpoint ComfyUI's loaders accept.")
+            raise HyperTransportError(f"--model {model!r}: ComfyUI cannot tell the model type. Fix: use a checkpoint ComfyUI's loaders accept.")
         patcher, clip, vae = out[0], out[1], out[2]
         if clip is None:  # a diffusion-model-only file: its VAE is a placeholder, the text encoders come apart
             vae = None
             if not text_encoders:
-                raise SystemExit(f"--model {model!r} holds no text encoder. Fix: pass --text-encoders FILE[,FILE] "
+                raise HyperTransportError(f"--model {model!r} holds no text encoder. Fix: pass --text-encoders FILE[,FILE] "
                                  "(e.g. clip_l + clip_g for SDXL, t5xxl for PixArt, clip_l + t5xxl for Flux).")
             try:
                 ctype = comfy.sd.CLIPType[clip_type.upper()]
             except KeyError:
-                raise SystemExit(f"--clip-type {clip_type!r}: use one of {[t.name.lower() for t in comfy.sd.CLIPType]}.") from None
+                raise HyperTransportError(f"--clip-type {clip_type!r}: use one of {[t.name.lower() for t in comfy.sd.CLIPType]}.") from None
             clip = comfy.sd.load_clip(list(text_encoders), clip_type=ctype)
         if not os.path.isfile(clip_weights):
-            raise SystemExit(f"--clip-weights {clip_weights!r} does not exist. Fix: download the open_clip weights of "
+            raise HyperTransportError(f"--clip-weights {clip_weights!r} does not exist. Fix: download the open_clip weights of "
                              f"{clip_arch} (e.g. ViT-L-14 open_clip_pytorch_model.bin or .safetensors) and pass the path.")
         if clip_arch.endswith(".json"):  # an open_clip model config file (architectures open_clip does not ship)
             import open_clip
 
             if not os.path.isfile(clip_arch):
-                raise SystemExit(f"--clip-arch {clip_arch!r}: config file not found.")
+                raise HyperTransportError(f"--clip-arch {clip_arch!r}: config file not found.")
             open_clip.add_model_config(clip_arch)
             clip_arch = os.path.splitext(os.path.basename(clip_arch))[0]
         enc = ConceptEncoder.from_open_clip(clip_arch, weights=clip_weights, device="cpu")

@@ -26,6 +26,8 @@ if __package__ in (None, ""):
 import numpy as np
 
 from hypertransport_core import LinEASConfig, save_steering
+from hypertransport_core.errors import HyperTransportError
+from trainer.cli import command
 from trainer.config import WORLD_WEIGHTS, build_parser, resolve
 from trainer.measure import EvalSet, hard_first, held_loss, inducement_of, lineas_cache_path, open_study
 from trainer.targets import compute_targets
@@ -55,9 +57,9 @@ class CurveConfig:
         try:
             got = sorted({int(x) for x in self.checkpoints.split(",") if x.strip()})
         except ValueError:
-            raise SystemExit(f"--checkpoints {self.checkpoints!r}: give comma-separated step counts, e.g. 30,60,120") from None
+            raise HyperTransportError(f"--checkpoints {self.checkpoints!r}: give comma-separated step counts, e.g. 30,60,120") from None
         if not got or got[0] < 1 or got[-1] > self.steps:
-            raise SystemExit(f"--checkpoints {self.checkpoints!r}: every step must be in 1..--steps ({self.steps}).")
+            raise HyperTransportError(f"--checkpoints {self.checkpoints!r}: every step must be in 1..--steps ({self.steps}).")
         return got
 
 
@@ -155,6 +157,7 @@ def write(out: dict, cfg: CurveConfig) -> None:
         f.write("\n".join(lines) + "\n")
 
 
+@command
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     cfg = resolve(CurveConfig, build_parser(CurveConfig, __doc__.split("\n\n")[0]).parse_args(argv))

@@ -17,12 +17,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 
 import torch
 
 from hypertransport_core import HyperTransportError
-from hypertransport_core.tensorfile import read_layout, read_tensors, write_tensors
+from hypertransport_core.tensorfile import loads_bounded, read_layout, read_tensors, write_tensors
 from trainer.config import RESUME_KEYS, TrainConfig
 
 log = logging.getLogger("hypertransport.checkpoint")
@@ -64,13 +65,49 @@ def _expected(run) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def _finite_number(x) -> bool:
+    return type(x) in (int, float) and math.isfinite(x)
+
+
+def _param_groups_problem(groups: list, live: list) -> str | None:
+    """Why the saved optimizer ``param_groups`` cannot be loaded into ``live`` ones (``None``: they can): the same
+    keys, as many parameters per group, finite hyperparameters in their ranges (betas in [0, 1), eps > 0, lr >= 0)."""
+    for i, (g, ref) in enumerate(zip(groups, live)):
+        if not isinstance(g, dict):
+            return f"group {i} is a JSON {type(g).__name__}, not an object"
+        if set(g) != set(ref):
+            return f"group {i} has keys {sorted(g)[:8]}, this run's optimizer {sorted(ref)[:8]}"
+        params = g["params"]
+        if not isinstance(params, list) or len(params) != len(ref["params"]) or not all(type(p) is int for p in params):
+            return f"group {i} lists {params!r:.60} as its parameters, this run has {len(ref['params'])}"
+        for k, v in g.items():
+            want = ref[k]
+            if k == "params":
+                continue
+            if want is None or isinstance(want, bool):
+                if not (v is None or type(v) is bool):
+                    return f"group {i} {k}={v!r:.40}, expected true, false or null"
+                continue
+            if not isinstance(want, (int, float, tuple, list)):
+                continue
+            vals = list(v) if isinstance(v, (list, tuple)) else [v]
+            if isinstance(want, (tuple, list)) and len(vals) != len(want):
+                return f"group {i} {k}={v!r:.40}, expected {len(want)} numbers"
+            if not all(_finite_number(x) for x in vals):
+                return f"group {i} {k}={v!r:.40} is not finite"
+            lo_ok = {"betas": all(0 <= x < 1 for x in vals), "eps": all(x > 0 for x in vals)}.get(k, all(x >= 0 for x in vals))
+            if not lo_ok:
+                return f"group {i} {k}={v!r:.40} is out of range"
+    return None
+
+
 def load_checkpoint(run) -> None:
     """Restore ``run`` from its checkpoint (see the module docstring for what is checked first)."""
     path = checkpoint_path(run.cfg)
     fix_fresh = "drop --resume to start afresh (or point --out at the run folder that holds the checkpoint)"
 
-    def refuse(why: str, fix: str = fix_fresh) -> SystemExit:
-        return SystemExit(f"--resume: checkpoint {path} {why}. Fix: {fix}.")
+    def refuse(why: str, fix: str = fix_fresh) -> HyperTransportError:
+        return HyperTransportError(f"--resume: checkpoint {path} {why}. Fix: {fix}.")
 
     if not os.path.isfile(path):
         raise refuse("does not exist")
@@ -83,10 +120,10 @@ def load_checkpoint(run) -> None:
         raise refuse(f"is not a training checkpoint (metadata 'format' is {meta.get('format')!r}, expected {FORMAT!r})")
     try:
         step = int(meta["step"])
-        saved = json.loads(meta["config"])
-        groups = json.loads(meta["param_groups"])
-        history = json.loads(meta["history"])
-    except (KeyError, ValueError, TypeError) as e:
+        saved = loads_bounded(meta["config"])
+        groups = loads_bounded(meta["param_groups"])
+        history = loads_bounded(meta["history"])
+    except (KeyError, ValueError, TypeError, RecursionError) as e:
         raise refuse(f"has unreadable metadata ({type(e).__name__}: {e})", f"{fix_fresh}; delete the damaged file") from None
     if not isinstance(saved, dict) or not isinstance(groups, list) or not isinstance(history, list):
         raise refuse("has metadata of the wrong JSON types (config object, param_groups and history lists)")
@@ -107,6 +144,9 @@ def load_checkpoint(run) -> None:
         raise refuse(f"holds {bad[0]!r} of shape {got[bad[0]]}, this run's is {want[bad[0]]}")
     if len(groups) != len(run.opt.param_groups):
         raise refuse(f"has {len(groups)} optimizer param groups, this run {len(run.opt.param_groups)}")
+    problem = _param_groups_problem(groups, run.opt.param_groups)
+    if problem:
+        raise refuse(f"has unusable optimizer settings: {problem}", f"{fix_fresh}; delete the damaged file")
     try:
         tensors = read_tensors(layout, max_abs=float("inf"))
     except HyperTransportError as e:

@@ -25,6 +25,8 @@ import os
 import sys
 from pathlib import Path
 
+from hypertransport_core.errors import HyperTransportError
+
 REPO = Path(__file__).resolve().parents[1]
 
 MISSING = (
@@ -53,13 +55,13 @@ def import_comfyui(*, base_directory: str | os.PathLike | None = None, cpu: bool
             honoured on the first import.
         cpu: ComfyUI's ``--cpu``; ``None`` means "when no CUDA device is present".
 
-    Raises ``SystemExit`` naming the fix when no ComfyUI is found.
+    Raises ``HyperTransportError`` naming the fix when no ComfyUI is found.
     """
     if "comfy.model_management" in sys.modules:
         return sys.modules["comfy.model_management"]
     root = find_comfyui()
     if root is None:
-        raise SystemExit(MISSING)
+        raise HyperTransportError(MISSING)
     if "nodes" in sys.modules and not str(getattr(sys.modules["nodes"], "__file__", "")).startswith(str(root)):
         del sys.modules["nodes"]  # this repository's nodes/ was imported by its bare name: ComfyUI's is meant
     if str(root) in sys.path:

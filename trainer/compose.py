@@ -32,6 +32,7 @@ import torch
 
 from hypertransport_core import combine_concepts
 from hypertransport_world import scene
+from trainer.cli import command
 from trainer.config import WORLD_WEIGHTS, build_parser, resolve
 from trainer.measure import EvalSet, hard_first, lineas_for, mean_inducement, open_study, steered_images
 
@@ -166,6 +167,7 @@ def write(out: dict, cfg: ComposeConfig) -> None:
         f.write("\n".join(lines) + "\n")
 
 
+@command
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     cfg = resolve(ComposeConfig, build_parser(ComposeConfig, __doc__.split("\n\n")[0]).parse_args(argv))

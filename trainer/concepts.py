@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hypertransport_core.errors import HyperTransportError
+
 DATA = Path(__file__).resolve().parent / "data"
 CONCEPTS_TSV = str(DATA / "concepts.tsv")
 NEUTRAL_PROMPTS = str(DATA / "neutral_prompts.txt")
@@ -78,7 +80,7 @@ def read_concepts(path: str = CONCEPTS_TSV) -> list[ConceptInfo]:
     """A concept list: tab-separated ``concept<TAB>category[<TAB>template]``, ``#`` comments, a header
     row ``concept\\tcategory`` allowed. See ``trainer/data/README.md``."""
     if not os.path.isfile(path):
-        raise SystemExit(f"concept list {path!r} does not exist. Fix: pass --concept-list FILE (format: trainer/data/README.md).")
+        raise HyperTransportError(f"concept list {path!r} does not exist. Fix: pass --concept-list FILE (format: trainer/data/README.md).")
     out: list[ConceptInfo] = []
     seen: set[str] = set()
     with open(path, newline="") as f:
@@ -89,23 +91,23 @@ def read_concepts(path: str = CONCEPTS_TSV) -> list[ConceptInfo]:
             cat = row[1].strip() if len(row) > 1 and row[1].strip() else "other"
             tpl = row[2].strip() if len(row) > 2 and row[2].strip() else TEMPLATES.get(cat, DEFAULT_TEMPLATE)
             if "{prompt}" not in tpl or "{concept}" not in tpl:
-                raise SystemExit(f"{path}:{i}: template {tpl!r} needs both {{prompt}} and {{concept}}.")
+                raise HyperTransportError(f"{path}:{i}: template {tpl!r} needs both {{prompt}} and {{concept}}.")
             if name in seen:
-                raise SystemExit(f"{path}:{i}: concept {name!r} is listed twice. Fix: keep one line per concept.")
+                raise HyperTransportError(f"{path}:{i}: concept {name!r} is listed twice. Fix: keep one line per concept.")
             seen.add(name)
             out.append(ConceptInfo(name, cat, tpl))
     if not out:
-        raise SystemExit(f"concept list {path!r} is empty.")
+        raise HyperTransportError(f"concept list {path!r} is empty.")
     return out
 
 
 def read_prompts(path: str = NEUTRAL_PROMPTS) -> list[str]:
     if not os.path.isfile(path):
-        raise SystemExit(f"neutral prompt file {path!r} does not exist. Fix: pass --neutral-prompts FILE (one prompt a line).")
+        raise HyperTransportError(f"neutral prompt file {path!r} does not exist. Fix: pass --neutral-prompts FILE (one prompt a line).")
     with open(path) as f:
         out = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
     if len(out) < 2:
-        raise SystemExit(f"{path!r}: need at least 2 neutral prompts.")
+        raise HyperTransportError(f"{path!r}: need at least 2 neutral prompts.")
     return out
 
 

@@ -18,6 +18,7 @@ from typing import Any, get_type_hints
 
 import tomllib
 
+from hypertransport_core.errors import HyperTransportError
 from hypertransport_core.ot import LOSS_ALIASES, LOSSES
 
 #: the embedded world's files (HT-World-CLIP, the UNet and the shipped hypernet)
@@ -43,28 +44,28 @@ def field_help(cls) -> dict[str, str]:
 
 
 def check_device(device: str) -> None:
-    """``SystemExit`` naming the fix when ``device`` is not a usable torch device here."""
+    """``HyperTransportError`` naming the fix when ``device`` is not a usable torch device here."""
     import torch
 
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise SystemExit(f"--device={device!r}: not a torch device. Fix: cpu, cuda or cuda:N.") from None
+        raise HyperTransportError(f"--device={device!r}: not a torch device. Fix: cpu, cuda or cuda:N.") from None
     if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise SystemExit(f"--device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s). Fix: --device cpu.")
+        raise HyperTransportError(f"--device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s). Fix: --device cpu.")
     if dev.type not in ("cpu", "cuda"):
-        raise SystemExit(f"--device={device!r}: only cpu and cuda are supported. Fix: --device cpu.")
+        raise HyperTransportError(f"--device={device!r}: only cpu and cuda are supported. Fix: --device cpu.")
 
 
 def load_config_file(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
-        raise SystemExit(f"config file {path!r} does not exist. Fix: pass an existing .json or .toml file.")
+        raise HyperTransportError(f"config file {path!r} does not exist. Fix: pass an existing .json or .toml file.")
     with open(path, "rb") as f:
         if path.endswith(".toml"):
             return tomllib.load(f)
         if path.endswith(".json"):
             return json.load(f)
-    raise SystemExit(f"config file {path!r}: use a .json or .toml file.")
+    raise HyperTransportError(f"config file {path!r}: use a .json or .toml file.")
 
 
 def _parse_bool(s: str) -> bool:
@@ -109,7 +110,7 @@ def resolve(cls, ns: argparse.Namespace):
         for k, v in load_config_file(ns.config).items():
             k = k.replace("-", "_")
             if k not in names:
-                raise SystemExit(f"config file {ns.config!r}: unknown option {k!r}. Known: {sorted(names)}")
+                raise HyperTransportError(f"config file {ns.config!r}: unknown option {k!r}. Known: {sorted(names)}")
             values[k] = v
     for k in names:
         v = getattr(ns, k, None)
@@ -166,9 +167,9 @@ class TrainConfig:
     cache_chunk: int = 4  # --cache disk: concepts per target shard
 
     def check(self) -> None:
-        """Raise ``SystemExit`` with the fix for the first bad value."""
+        """Raise ``HyperTransportError`` with the fix for the first bad value."""
         def bad(name, why):
-            raise SystemExit(f"--{name.replace('_', '-')}={getattr(self, name)!r}: {why}")
+            raise HyperTransportError(f"--{name.replace('_', '-')}={getattr(self, name)!r}: {why}")
 
         if self.backend not in ("world", "comfy"):
             bad("backend", "must be 'world' (the embedded model) or 'comfy' (a ComfyUI model file, with --model).")
@@ -187,8 +188,8 @@ class TrainConfig:
                 bad(name, "must be at least 1.")
         if self.n_target < 2 or self.prompts_per_concept < 2:
             bad("prompts_per_concept" if self.prompts_per_concept < 2 else "n_target", "needs at least 2 samples to compare distributions.")
-        if not self.lr > 0:
-            bad("lr", "must be > 0 (e.g. 3e-3).")
+        if not 0 < self.lr <= 1:
+            bad("lr", "must be in (0, 1]: AdamW steps of that size already throw the maps out of range (e.g. 3e-3).")
         if not 0 <= self.image_frac <= 1:
             bad("image_frac", "must be in [0, 1].")
         if not 0 <= self.dropout < 1:

@@ -26,6 +26,8 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from hypertransport_core.errors import HyperTransportError
+
 
 def launched() -> bool:
     """True when started by torchrun (or any launcher that sets ``WORLD_SIZE`` > 1)."""
@@ -78,7 +80,7 @@ def shard() -> tuple[int, int] | None:
 def concept_slice(n: int, rank: int, world: int) -> tuple[int, int]:
     """``[lo, hi)`` of ``n`` batch concepts for ``rank``: contiguous, disjoint, sizes differ by at most one."""
     if world > n:
-        raise SystemExit(f"{world} processes for {n} concepts per step: every process needs at least one concept. "
+        raise HyperTransportError(f"{world} processes for {n} concepts per step: every process needs at least one concept. "
                          "Fix: raise --concepts-per-step to at least the number of processes.")
     base, extra = divmod(n, world)
     lo = rank * base + min(rank, extra)

@@ -36,8 +36,10 @@ import torch
 from scipy.stats import spearmanr
 
 from hypertransport_core import Steering
+from hypertransport_core.errors import HyperTransportError
 from hypertransport_world import scene
 from trainer.backend import ComfyBackend
+from trainer.cli import command
 from trainer.config import SHIPPED_HYPERNET, WORLD_WEIGHTS, build_parser, check_device, default_hypernet, resolve
 from trainer.measure import EvalSet, hard_first, lineas_for, mean_inducement, open_study, steered_images
 from trainer.targets import concept_seed
@@ -83,25 +85,25 @@ class EvalConfig:
     def check(self) -> None:
         self.hypernet = self.hypernet or default_hypernet()
         if not os.path.isfile(self.hypernet):
-            raise SystemExit(f"--hypernet {self.hypernet!r} does not exist. Fix: train one with `python trainer/train.py` "
+            raise HyperTransportError(f"--hypernet {self.hypernet!r} does not exist. Fix: train one with `python trainer/train.py` "
                              "or pass the path of a hypernet file.")
         if self.concepts and not os.path.isfile(self.concepts):
-            raise SystemExit(f"--concepts {self.concepts!r} does not exist. Fix: a text file, one concept per line.")
+            raise HyperTransportError(f"--concepts {self.concepts!r} does not exist. Fix: a text file, one concept per line.")
         try:
             self.strength_list()
         except ValueError:
-            raise SystemExit(f"--strengths {self.strengths!r}: give comma-separated numbers, e.g. -1,0,1") from None
+            raise HyperTransportError(f"--strengths {self.strengths!r}: give comma-separated numbers, e.g. -1,0,1") from None
         if self.seeds_per_shape < 1 or self.lineas_steps < 1:
-            raise SystemExit("--seeds-per-shape and --lineas-steps must be at least 1.")
+            raise HyperTransportError("--seeds-per-shape and --lineas-steps must be at least 1.")
         bad = [m for m in self.sweep_method_list() if m not in ("ht_text", "ht_image", "lineas")]
         if bad or "ht_text" not in self.sweep_method_list():
-            raise SystemExit(f"--sweep-methods {self.sweep_methods!r}: a list of ht_text (required), ht_image, lineas.")
+            raise HyperTransportError(f"--sweep-methods {self.sweep_methods!r}: a list of ht_text (required), ht_image, lineas.")
         if self.split not in SPLITS:
-            raise SystemExit(f"--split {self.split!r}: use one of {', '.join(SPLITS)}.")
+            raise HyperTransportError(f"--split {self.split!r}: use one of {', '.join(SPLITS)}.")
         if self.device != "auto":
             check_device(self.device)
         if self.precision not in ("fp32", "bf16", "fp16"):
-            raise SystemExit(f"--precision {self.precision!r}: use fp32, bf16 or fp16.")
+            raise HyperTransportError(f"--precision {self.precision!r}: use fp32, bf16 or fp16.")
 
     def strength_list(self) -> list[float]:
         return [float(x) for x in self.strengths.split(",") if x.strip()]
@@ -163,11 +165,11 @@ def evaluate(cfg: EvalConfig, backend: ComfyBackend | None = None, progress: boo
         listed = list(hn.training_summary.get(SPLITS[cfg.split], []))
         concepts = [listed[i] for i in np.random.default_rng(0).permutation(len(listed))]
     if not concepts:
-        raise SystemExit(f"no concepts to evaluate: the hypernet records no {cfg.split} list. Fix: pass --concepts FILE "
+        raise HyperTransportError(f"no concepts to evaluate: the hypernet records no {cfg.split} list. Fix: pass --concepts FILE "
                          "(or --split test).")
     unknown = [c for c in concepts if c not in {x.name for x in backend.concepts}]
     if unknown:
-        raise SystemExit(f"--concepts: {unknown[:5]} are not concepts of the embedded world. Fix: check the spelling "
+        raise HyperTransportError(f"--concepts: {unknown[:5]} are not concepts of the embedded world. Fix: check the spelling "
                          "(colours are CSS names split into words, e.g. 'dark slate blue').")
     if cfg.max_concepts:
         concepts = concepts[: cfg.max_concepts]
@@ -459,6 +461,7 @@ def write_report(results: dict, cfg: EvalConfig) -> None:
         f.write("\n".join(lines) + "\n")
 
 
+@command
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     ns = build_parser(EvalConfig, __doc__.split("\n\n")[0]).parse_args(argv)

@@ -30,6 +30,8 @@ if __package__ in (None, ""):
 
 import numpy as np
 
+from hypertransport_core.errors import HyperTransportError
+from trainer.cli import command
 from trainer.config import TrainConfig
 
 log = logging.getLogger("hypertransport.protocol")
@@ -46,7 +48,7 @@ def parse_overrides(items: list[str]) -> dict:
         key, sep, val = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or key not in hints:
-            raise SystemExit(f"--set {item!r}: expected name=value with a trainer option, e.g. steps=800. "
+            raise HyperTransportError(f"--set {item!r}: expected name=value with a trainer option, e.g. steps=800. "
                              f"Options: {', '.join(sorted(hints))}")
         typ = hints[key]
         out[key] = (val.strip().lower() in ("1", "true", "yes")) if typ is bool else typ(val.strip())
@@ -158,7 +160,7 @@ def _fmt(v) -> str:
 def report() -> str:
     found = collect()
     if not found:
-        raise SystemExit(f"nothing evaluated under {REPORTS}. Fix: run e.g. `python trainer/protocol.py --tag base --stage val`.")
+        raise HyperTransportError(f"nothing evaluated under {REPORTS}. Fix: run e.g. `python trainer/protocol.py --tag base --stage val`.")
     lines = ["# The quality protocol on the embedded world", "",
              "Per tag (a training configuration) and stage (`val`: validation concepts, used to choose; `test`: the test "
              "concepts, reported once), every split and their mean. Commands: `trainer/protocol.py` (its docstring).", ""]
@@ -233,6 +235,7 @@ def loss_plot(path: str, curve: str = os.path.join("reports", "lineas_curve", "c
     return True
 
 
+@command
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -259,7 +262,7 @@ def main(argv=None) -> int:
         a.lineas_concepts = 16 if a.stage == "test" else -1
     bad = {k for k in overrides if k in ("seed", "out", "max_minutes")}
     if bad:
-        raise SystemExit(f"--set {sorted(bad)}: the protocol sets these itself (per split).")
+        raise HyperTransportError(f"--set {sorted(bad)}: the protocol sets these itself (per split).")
     for seed in [int(s) for s in a.seeds.split(",") if s.strip()]:
         path = train_split(a.tag, seed, overrides)
         evaluate_split(a.tag, seed, path, a.stage, a)

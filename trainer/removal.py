@@ -35,7 +35,9 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from hypertransport_core import Steering
+from hypertransport_core.errors import HyperTransportError
 from hypertransport_core.interventions import MAX_REMOVAL_FLOOR, MIN_ABS_W, removal_floor
+from trainer.cli import command
 from trainer.config import WORLD_WEIGHTS, build_parser, resolve
 from trainer.evaluate import SPLITS, _mean, image_metrics
 from trainer.measure import EvalSet, mean_inducement, open_study, steered_images
@@ -65,14 +67,14 @@ class RemovalConfig:
             neg = sorted(float(x) for x in self.negative.split(",") if x.strip())
             pos = sorted(float(x) for x in self.positive.split(",") if x.strip())
         except ValueError:
-            raise SystemExit("--floors, --negative and --positive take comma-separated numbers, e.g. --floors 0.01,0.5") from None
+            raise HyperTransportError("--floors, --negative and --positive take comma-separated numbers, e.g. --floors 0.01,0.5") from None
         if not floors or not all(MIN_ABS_W <= f <= MAX_REMOVAL_FLOOR for f in floors) or len(set(floors)) < len(floors):
-            raise SystemExit(f"--floors {self.floors!r}: distinct floors from {MIN_ABS_W:g} (the engine's lowest) to "
+            raise HyperTransportError(f"--floors {self.floors!r}: distinct floors from {MIN_ABS_W:g} (the engine's lowest) to "
                              f"{MAX_REMOVAL_FLOOR:g}, e.g. 0.01,0.5,1.")
         if not neg or max(neg) >= 0 or any(x <= 0 for x in pos):
-            raise SystemExit("--negative must be strengths below 0 and --positive above 0, e.g. --negative -1,-0.5.")
+            raise HyperTransportError("--negative must be strengths below 0 and --positive above 0, e.g. --negative -1,-0.5.")
         if self.split not in ("val", "test"):
-            raise SystemExit(f"--split {self.split!r}: use val (to choose) or test (to report).")
+            raise HyperTransportError(f"--split {self.split!r}: use val (to choose) or test (to report).")
         return floors, neg, pos
 
 
@@ -87,7 +89,7 @@ def run(cfg: RemovalConfig, backend=None) -> dict:
     hn, tcfg, backend = open_study(cfg, backend)
     concepts = list(hn.training_summary.get(SPLITS[cfg.split], []))
     if not concepts:
-        raise SystemExit(f"the hypernet records no {cfg.split} concepts. Fix: pass a hypernet trained by trainer/train.py.")
+        raise HyperTransportError(f"the hypernet records no {cfg.split} concepts. Fix: pass a hypernet trained by trainer/train.py.")
     concepts = [concepts[i] for i in np.random.default_rng(0).permutation(len(concepts))]  # the evaluator's order
     if cfg.max_concepts:
         concepts = concepts[: cfg.max_concepts]
@@ -177,6 +179,7 @@ def write(out: dict, grid, cfg: RemovalConfig, neg: list[float]) -> None:
         plt.close(fig)
 
 
+@command
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     cfg = resolve(RemovalConfig, build_parser(RemovalConfig, __doc__.split("\n\n")[0]).parse_args(argv))

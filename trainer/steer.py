@@ -22,18 +22,19 @@ import torch
 from PIL import Image
 
 from hypertransport_core import HyperTransportError, load_hypernet, steer
+from trainer.cli import command
 from trainer.config import WORLD_WEIGHTS, default_hypernet, train_config_of
 
 
 def load_image(path: str) -> torch.Tensor:
     """A PNG/JPEG as a ComfyUI-style IMAGE ``(1, H, W, C)`` in [0, 1] (alpha and grayscale kept)."""
     if not os.path.isfile(path):
-        raise SystemExit(f"--image {path!r} does not exist. Fix: give the path of a PNG or JPEG file.")
+        raise HyperTransportError(f"--image {path!r} does not exist. Fix: give the path of a PNG or JPEG file.")
     try:
         im = Image.open(path)
         im.load()
     except Exception as e:  # PIL raises many types for bad files
-        raise SystemExit(f"--image {path!r} is not an image PIL can read ({e}). Fix: use a PNG or JPEG file.") from None
+        raise HyperTransportError(f"--image {path!r} is not an image PIL can read ({e}). Fix: use a PNG or JPEG file.") from None
     if im.mode not in ("L", "LA", "RGB", "RGBA"):
         im = im.convert("RGBA" if "A" in im.mode else "RGB")
     a = np.asarray(im, dtype=np.float32) / 255.0
@@ -51,6 +52,7 @@ def to_png(imgs: list[torch.Tensor], path: str, scale: int = 8) -> None:
     img.save(path)
 
 
+@command
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -66,10 +68,10 @@ def main(argv=None) -> int:
     p.add_argument("--single", action="store_true", help="write only the steered image")
     a = p.parse_args(argv)
     if not np.isfinite(a.strength):
-        raise SystemExit(f"--strength {a.strength}: use a finite number, e.g. 1.0")
+        raise HyperTransportError(f"--strength {a.strength}: use a finite number, e.g. 1.0")
     a.hypernet = a.hypernet or default_hypernet()
     if not os.path.isfile(a.hypernet):
-        raise SystemExit(f"--hypernet {a.hypernet!r} does not exist. Fix: run `python trainer/train.py` first, or pass a hypernet file.")
+        raise HyperTransportError(f"--hypernet {a.hypernet!r} does not exist. Fix: run `python trainer/train.py` first, or pass a hypernet file.")
     from trainer.backend import ComfyBackend
     from trainer.comfyui import import_comfyui
 
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
         concept = backend.encoder.concept(a.concept) if a.concept else backend.encoder.image_concept(load_image(a.image), os.path.basename(a.image))
         steering = hn.steering(concept)
     except HyperTransportError as e:
-        raise SystemExit(str(e)) from None
+        raise HyperTransportError(str(e)) from None
     base = backend.images([a.prompt], [a.seed])[0]
     with steer(backend.root, [(steering, a.strength)]):
         out = backend.images([a.prompt], [a.seed])[0]

@@ -36,9 +36,11 @@ from tqdm import tqdm
 
 from hypertransport_core import HyperNet, HyperNetConfig, LinEASConfig, Steering, fit_lineas, save_hypernet
 from hypertransport_core.encoders import text_projection
+from hypertransport_core.errors import HyperTransportError
 from hypertransport_core.lineas import steered_loss
 from trainer.backend import ComfyBackend
 from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.cli import command
 from trainer.config import TrainConfig, build_parser, resolve, train_config_of
 from trainer.targets import compute_targets, concept_seed, load_or_compute_targets
 
@@ -48,14 +50,15 @@ __all__ = ["Run", "TrainConfig", "TrainingDiverged", "build", "compute_targets",
            "make_backend", "save_final", "train", "train_config_of", "train_step"]
 
 
-class TrainingDiverged(SystemExit):
+class TrainingDiverged(HyperTransportError):
     """The loss or the gradient became NaN/Inf: the step is not applied and nothing is saved, so the last
     checkpoint (the last good state) stays as it was."""
 
-    def __init__(self, run, loss: float, grad_norm: float):
+    def __init__(self, run, loss: float, grad_norm: float, why: str = ""):
         last = f"step {run.step // run.cfg.ckpt_every * run.cfg.ckpt_every}" if run.cfg.ckpt_every else "the start"
+        what = why or f"loss {loss}, gradient norm {grad_norm}"
         super().__init__(
-            f"training diverged at step {run.step + 1}: loss {loss}, gradient norm {grad_norm}. Nothing was saved; "
+            f"training diverged at step {run.step + 1}: {what}. Nothing was saved; "
             f"{os.path.join(run.cfg.out, 'checkpoint.safetensors')} still holds {last}. Fix: lower --lr (now {run.cfg.lr:g}) "
             "and --resume, or start afresh; check the model and concept files if it happens at once."
         )
@@ -101,7 +104,7 @@ def split_concepts(concepts: list, cfg: TrainConfig) -> tuple[list[str], list[st
         got = read_list(path)
         unknown = [c for c in got if c not in kind]
         if unknown:
-            raise SystemExit(f"--{flag}: {unknown[:5]} are not concepts of this backend. Fix: check the spelling.")
+            raise HyperTransportError(f"--{flag}: {unknown[:5]} are not concepts of this backend. Fix: check the spelling.")
         return got
 
     def per_kind(names: list[str], frac: float, rng: np.random.Generator, at_least: int = 0) -> set[str]:
@@ -119,12 +122,12 @@ def split_concepts(concepts: list, cfg: TrainConfig) -> tuple[list[str], list[st
     rng = np.random.default_rng(cfg.seed)
     held = set(listed("holdout", cfg.holdout)) if cfg.holdout else per_kind(names, cfg.holdout_frac, rng, at_least=1)
     if not held:
-        raise SystemExit("no test concepts: --holdout-frac is too small for this concept list. Fix: raise it or pass --holdout FILE.")
+        raise HyperTransportError("no test concepts: --holdout-frac is too small for this concept list. Fix: raise it or pass --holdout FILE.")
     rest = [c for c in names if c not in held]
     val = per_kind(rest, cfg.val_frac, rng) if cfg.val_frac else set()
     train = [c for c in rest if c not in val]
     if len(train) < cfg.concepts_per_step:
-        raise SystemExit(f"only {len(train)} training concepts for --concepts-per-step {cfg.concepts_per_step}. Fix: lower it "
+        raise HyperTransportError(f"only {len(train)} training concepts for --concepts-per-step {cfg.concepts_per_step}. Fix: lower it "
                          "(or --val-frac / --holdout-frac).")
     return train, [c for c in names if c in val], [c for c in names if c in held]
 
@@ -154,7 +157,7 @@ def make_backend(cfg: TrainConfig) -> ComfyBackend:
     if cfg.backend == "comfy":
         for name in ("model", "clip_weights"):
             if not getattr(cfg, name) or not os.path.isfile(getattr(cfg, name)):
-                raise SystemExit(f"--{name.replace('_', '-')}={getattr(cfg, name)!r}: --backend comfy needs an existing file "
+                raise HyperTransportError(f"--{name.replace('_', '-')}={getattr(cfg, name)!r}: --backend comfy needs an existing file "
                                  "here (see docs/train-your-own.md).")
         if cfg.guidance != 1.0:
             log.warning("--guidance %g: distilled models (DMD2, Nitro) are sampled with guidance 1", cfg.guidance)
@@ -166,7 +169,7 @@ def make_backend(cfg: TrainConfig) -> ComfyBackend:
             form=cfg.form, resolution=cfg.resolution or None, grad_checkpoint=cfg.grad_checkpoint,
             timesteps=[int(t) for t in cfg.timesteps.split(",") if t.strip()] or None, ref_cache=os.path.join(cfg.out, "refs"),
         )
-    raise SystemExit(f"unknown backend {cfg.backend!r}")
+    raise HyperTransportError(f"unknown backend {cfg.backend!r}")
 
 
 def build(cfg: TrainConfig, backend=None, progress: bool = True) -> Run:
@@ -279,7 +282,12 @@ def train_step(run: Run) -> float:
     for g in run.opt.param_groups:
         g["lr"] = _lr_at(run.cfg, run.step)
     concepts, modalities, rng = _batch_for(run, run.step)
-    loss = steered_batch_loss(run, concepts, modalities, rng, shard=run.shard)
+    try:
+        loss = steered_batch_loss(run, concepts, modalities, rng, shard=run.shard)
+    except HyperTransportError as e:  # the maps left the engine's range: the hypernet's weights blew up
+        if run.step == 0:
+            raise
+        raise TrainingDiverged(run, math.nan, math.nan, f"the hypernet's maps left the engine's range ({str(e).split(' Fix:')[0]})") from None
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     if run.shard is not None:  # sum the ranks' gradients (and losses): equal to one process's batch
@@ -416,6 +424,7 @@ def train(cfg: TrainConfig, backend=None, progress: bool = True) -> Run:
     return run
 
 
+@command
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     parser = build_parser(TrainConfig, __doc__.split("\n\n")[0])
