@@ -45,6 +45,7 @@ from .tiny import (
     write_hypernet,
     write_model_files,
     write_tiny_encoder,
+    write_tiny_sd3,
 )
 
 PACK_MODULE = "hypertransport_pack"
@@ -72,5 +73,5 @@ __all__ = [
     "build_from_file", "constant_node", "find_comfyui", "flux_config", "free_port", "init_random_", "load_pack",
     "patcher_for", "pixart_config", "prepare_server_base", "prompt_executor", "random_cond", "random_hypernet",
     "run_prompt", "sample", "setup_comfy", "timed", "tiny_backend", "tiny_flux", "tiny_pixart", "tiny_sd15", "tiny_sdxl", "tiny_world", "tiny_world_backend",
-    "unet_config", "write_hypernet", "write_model_files", "write_tiny_encoder",
+    "unet_config", "write_hypernet", "write_model_files", "write_tiny_encoder", "write_tiny_sd3",
 ]

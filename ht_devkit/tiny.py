@@ -460,3 +460,30 @@ def tiny_backend(patcher, encoder, context_dim: int, *, pooled_dim: int | None =
 
     source = ListedConcepts(concepts if concepts is not None else read_concepts(), neutral if neutral is not None else read_prompts())
     return ComfyBackend(patcher, HashTextEncoder(context_dim, tokens, pooled_dim), encoder, source, **kw)
+
+
+def write_tiny_sd3(base: str | os.PathLike, name: str = "tiny_sd3_mmdit.safetensors") -> str:
+    """``models/diffusion_models/<name>``: a one-block SD3 MMDiT (hidden 64) that UNETLoader detects as SD3, a
+    family HyperTransport has no site table for (skipped when present). Returns the file name."""
+    import comfy.model_detection
+    import comfy.supported_models as sm
+    import safetensors.torch
+    import torch
+
+    path = Path(base) / "models" / "diffusion_models" / name
+    if path.exists():
+        return name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cfg = sm.SD3({
+        "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 1, "input_size": None, "adm_in_channels": 32,
+        "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 64}},
+        "num_patches": 256, "pos_embed_max_size": 16, "pos_embed_scaling_factor": None, "x_block_self_attn_layers": [],
+    })
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model({}, "")
+    init_random_(model.diffusion_model, 7)
+    sd = {k: v.contiguous() for k, v in model.diffusion_model.state_dict().items()}
+    found = type(comfy.model_detection.model_config_from_unet(sd, "")).__name__
+    assert found == "SD3", found
+    safetensors.torch.save_file(sd, str(path))
+    return name

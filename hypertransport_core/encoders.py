@@ -15,9 +15,11 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -28,8 +30,89 @@ from .clip_layouts import IMAGE, TEXT, open_clip_image_spec, open_clip_text_spec
 from .concepts import Concept
 from .errors import HyperTransportError
 
+#: an encoder architecture as files record it: a plain open_clip model name, never a loader schema
+#: ("hf-hub:…", "local-dir:…") or a path
+_ARCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,99}")
+#: config keys that make open_clip fetch files or load code (Hugging Face / timm models and tokenizers)
+_LOADER_KEY = re.compile(r"^(hf_|timm_|tokenizer)")
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@functools.cache
+def shipped_archs() -> frozenset[str]:
+    """The model configs this version of open_clip ships in its package (``open_clip/model_configs``)."""
+    import open_clip
+
+    folder = os.path.join(os.path.dirname(open_clip.__file__), "model_configs")
+    return frozenset(os.path.splitext(n)[0] for n in os.listdir(folder) if n.endswith(".json"))
+
+
+def loader_keys(config: Mapping, where: str = "") -> list[str]:
+    """Keys of an open_clip model config (nested) that fetch files or load code: ``hf_*``, ``timm_*``, ``tokenizer*``."""
+    out = []
+    for k, v in config.items():
+        path = f"{where}.{k}" if where else str(k)
+        if _LOADER_KEY.match(str(k)):
+            out.append(path)
+        if isinstance(v, Mapping):
+            out += loader_keys(v, path)
+    return out
+
+
+_ARCH_FIX = ("Fix: use a hypernet whose encoder is one of open_clip's architectures (open_clip.list_models()) or the "
+             "embedded world's HT-World-CLIP")
+
+
+def check_arch_name(arch: object) -> str:
+    """``arch`` when it is a plain open_clip model name (letters, digits, ``.``, ``_``, ``-``; at most 100), else a
+    :class:`HyperTransportError`: a schema such as ``hf-hub:`` or ``local-dir:``, or a path, would let a file choose
+    what open_clip fetches or runs."""
+    if not isinstance(arch, str) or not _ARCH_NAME.fullmatch(arch):
+        raise HyperTransportError(
+            f"encoder architecture {str(arch)[:80]!r} is not a plain open_clip model name (schemas such as 'hf-hub:' or "
+            f"'local-dir:', paths and other loaders are refused: a file does not choose code). {_ARCH_FIX}."
+        )
+    return arch
+
+
+def check_arch(arch: object) -> str:
+    """``arch`` when it is an encoder architecture a file may name, else a :class:`HyperTransportError`.
+
+    A file chooses no code: the name is a plain open_clip model name (no ``hf-hub:``/``local-dir:`` schema, no
+    path), open_clip knows it, and unless it is one of the configs open_clip ships (:func:`shipped_archs`) its
+    config has no key that loads a Hugging Face or timm model or tokenizer (:func:`loader_keys`).
+    """
+    import open_clip
+
+    check_arch_name(arch)
+    if arch not in open_clip.list_models():
+        raise HyperTransportError(
+            f"open_clip has no architecture {arch!r}. {_ARCH_FIX}, or put its open_clip config as {arch}.json in "
+            "models/hypertransport."
+        )
+    if arch not in shipped_archs():
+        bad = loader_keys(open_clip.get_model_config(arch) or {})
+        if bad:
+            raise HyperTransportError(
+                f"the open_clip config of {arch!r} has {', '.join(bad[:4])}: keys that fetch or run a Hugging Face or "
+                f"timm model or tokenizer, which a config from a model folder may not. Fix: use a plain CLIP config "
+                "(vision_cfg and text_cfg widths, layers, heads)."
+            )
+    return arch
+
+
+def tokenizer_for(arch: str, context_length: int | None = None):
+    """open_clip's tokenizer for a checked ``arch`` (:func:`check_arch`): the one open_clip names for a config it
+    ships, else its BPE tokenizer (the vocabulary in the package); never one from a schema or a folder."""
+    import open_clip
+
+    check_arch(arch)
+    if arch in shipped_archs():
+        return open_clip.get_tokenizer(arch, context_length=context_length)
+    ctx = context_length or (open_clip.get_model_config(arch) or {}).get("text_cfg", {}).get("context_length", 77)
+    return open_clip.tokenizer.SimpleTokenizer(context_length=int(ctx))
 
 
 def _hash_tensors(h, items, sample: int) -> None:
@@ -181,18 +264,14 @@ class ConceptEncoder:
         ``pretrained`` tag (needs a network). With neither, the weights are random (tests only)."""
         import open_clip
 
-        if arch not in open_clip.list_models():
-            raise HyperTransportError(
-                f"open_clip has no architecture {arch!r}. Fix: use a name from open_clip.list_models() "
-                "or register a custom config with open_clip.add_model_config()."
-            )
+        check_arch(arch)
         if weights is not None and not os.path.isfile(weights):
             raise HyperTransportError(
                 f"CLIP weights file {weights!r} does not exist. Fix: put the {arch} weights in ComfyUI's models/clip "
                 "(or models/hypertransport) folder and select it."
             )
         model = open_clip.create_model(arch, pretrained=weights or pretrained, device=device)
-        return cls(model, open_clip.get_tokenizer(arch), arch)
+        return cls(model, tokenizer_for(arch), arch)
 
     @classmethod
     def from_model(cls, model: nn.Module, tokenizer, arch: str, **kw) -> ConceptEncoder:

@@ -354,24 +354,7 @@ class SteeringPlan:
                     a, c = a * a0, a * c0 + c
                 acc[site.name] = (site, a, c)
         for name, (_, a, c) in acc.items():
-            for kind, t, limit, warn in (("scale a", a, MAX_SCALE, WARN_SCALE), ("shift c", c, MAX_SHIFT, WARN_SHIFT)):
-                t = t.detach()
-                finite = torch.isfinite(t)
-                if not bool(finite.all()):
-                    raise HyperTransportError(
-                        f"{what}: the map at site {name!r} has a non-finite {kind} ({int((~finite).sum())} channels). "
-                        "Fix: the steering or hypernet file is corrupt, or the strengths overflow; lower the strength."
-                    )
-                big = float(t.abs().max()) if t.numel() else 0.0
-                if big > limit:
-                    raise HyperTransportError(
-                        f"{what}: the map at site {name!r} has a {kind} of magnitude {big:.3g} (more than {limit:g}): "
-                        "it would drown the model's activations. Fix: lower the strength or the block multipliers, "
-                        "or check the steering file."
-                    )
-                if big > warn:
-                    log.warning("%s: the map at site %r has a %s of magnitude %.3g: expect a saturated or broken image. "
-                                "Lower the strength if it looks wrong.", what, name, kind, big)
+            check_map(name, a, c, what)
         return SteeringPlan({name: SiteMap(site, a, c) for name, (site, a, c) in acc.items()})
 
     @contextlib.contextmanager
@@ -415,6 +398,57 @@ class SteeringPlan:
     @staticmethod
     def folded_weights(sm: SiteMap, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A norm's ``(γ, β)`` with ``sm`` folded in: ``(a γ, a β + c)`` (float32 math, the weights' dtype out)."""
-        a, c = sm.a.to(weight.device), sm.c.to(weight.device)
-        w = (a.view([-1] + [1] * (weight.ndim - 1)) * weight.float()).to(weight.dtype)
-        return w, (a * bias.float() + c).to(bias.dtype)
+        return fold(sm.a, None, weight), fold(sm.a, sm.c, bias)
+
+
+def fold(a: torch.Tensor, c: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
+    """The one fold formula: a norm's weight ``γ ↦ a ⊙ γ`` (``c`` None) or bias ``β ↦ a ⊙ β + c``, per output channel
+    (dim 0), in float32, returned in ``t``'s dtype and device."""
+    a = a.to(device=t.device, dtype=torch.float32).view([-1] + [1] * (t.ndim - 1))
+    out = a * t.float()
+    if c is not None:
+        out = out + c.to(device=t.device, dtype=torch.float32).view([-1] + [1] * (t.ndim - 1))
+    return out.to(t.dtype)
+
+
+def compose(maps: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a, c)`` of the maps ``[(a₁, c₁), (a₂, c₂), …]`` applied in order: ``a₂(a₁ z + c₁) + c₂ = (a₂a₁) z + (a₂c₁ + c₂)``."""
+    a, c = maps[0][0].float(), maps[0][1].float()
+    for a2, c2 in maps[1:]:
+        a, c = a2.float() * a, a2.float() * c + c2.float()
+    return a, c
+
+
+def check_map(name: str, a: torch.Tensor, c: torch.Tensor, what: str = "steering") -> None:
+    """Refuse a composed map that is non-finite or beyond :data:`MAX_SCALE` / :data:`MAX_SHIFT` (the error names the
+    site and the value); log a warning beyond :data:`WARN_SCALE` / :data:`WARN_SHIFT`."""
+    for kind, t, limit, warn in (("scale a", a, MAX_SCALE, WARN_SCALE), ("shift c", c, MAX_SHIFT, WARN_SHIFT)):
+        t = t.detach()
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            raise HyperTransportError(
+                f"{what}: the map at site {name!r} has a non-finite {kind} ({int((~finite).sum())} channels). "
+                "Fix: the steering or hypernet file is corrupt, or the strengths overflow; lower the strength."
+            )
+        big = float(t.abs().max()) if t.numel() else 0.0
+        if big > limit:
+            raise HyperTransportError(
+                f"{what}: the map at site {name!r} has a {kind} of magnitude {big:.3g} (more than {limit:g}): "
+                "it would drown the model's activations. Fix: lower the strength or the block multipliers, "
+                "or check the steering file."
+            )
+        if big > warn:
+            log.warning("%s: the map at site %r has a %s of magnitude %.3g: expect a saturated or broken image. "
+                        "Lower the strength if it looks wrong.", what, name, kind, big)
+
+
+def check_folded(name: str, t: torch.Tensor, what: str = "steering") -> None:
+    """Refuse folded weights that are non-finite or overflow their dtype (float16: 65504), naming the site."""
+    big = float(t.detach().float().abs().max()) if t.numel() else 0.0
+    limit = torch.finfo(t.dtype).max
+    if not math.isfinite(big) or big >= limit:
+        raise HyperTransportError(
+            f"{what}: folded into {name!r}, the steering gives a {t.dtype} weight of magnitude "
+            f"{big:.3g}, beyond what {t.dtype} holds ({limit:.5g}): the image would be NaN. Fix: lower the strength or "
+            "the block multipliers, use fewer chained steerings, or set mode to 'hooks'."
+        )

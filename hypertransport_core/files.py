@@ -35,11 +35,12 @@ import os
 
 import torch
 
+from .encoders import check_arch_name
 from .errors import HyperTransportError, describe_mismatch
 from .hypernet import MAX_PARAMETERS, HyperNet, HyperNetConfig
 from .interventions import Steering
 from .sites import Site, check_site_list
-from .tensorfile import HASH_KEY, read_layout, read_tensors, write_tensors
+from .tensorfile import HASH_KEY, loads_bounded, read_layout, read_tensors, write_tensors
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,8 @@ def read_header(path: str, expect: str | None = None) -> dict:
             continue
         if key in _JSON_KEYS:
             try:
-                meta[key] = json.loads(val)
-            except (json.JSONDecodeError, RecursionError):
+                meta[key] = loads_bounded(val)
+            except (ValueError, RecursionError):
                 if key == "label":  # files written before labels were JSON-encoded hold the bare text
                     meta[key] = val
                     continue
@@ -110,6 +111,11 @@ def read_header(path: str, expect: str | None = None) -> dict:
     for key in ("encoder", "training", "meta"):
         if key in meta and not isinstance(meta[key], dict):
             raise _err(path, f"metadata key {key!r} must be a JSON object, found {type(meta[key]).__name__}. Fix: re-save the file.")
+    if "arch" in meta.get("encoder", {}):
+        try:
+            check_arch_name(meta["encoder"]["arch"])
+        except HyperTransportError as e:
+            raise _err(path, f"metadata key 'encoder': {e}") from None
     if not isinstance(meta["sites"], list) or not meta["sites"]:
         raise _err(path, "metadata key 'sites' must be a non-empty list. Fix: re-save the file.")
     if len(meta["sites"]) > 4096:
@@ -216,6 +222,14 @@ def save_steering(path: str, steering: Steering, family: str | None = None) -> N
             "a steering file holds one. Fix: save each concept's steering on its own (Make Steering per concept), "
             "or combine the concepts first (Combine Concepts)."
         )
+    for name, t in (("w", steering.w), ("b", steering.b)):
+        big = float(t.detach().float().abs().max()) if t.numel() else 0.0
+        if not big <= MAX_ABS_VALUE:  # NaN fails too
+            raise HyperTransportError(
+                f"save_steering: the steering's {name} holds a value of magnitude {big:.3g}, beyond the {MAX_ABS_VALUE:g} "
+                "a steering file may hold (Load Steering would refuse the file). Fix: the hypernet that made it gives "
+                "extreme maps for this concept; retrain it or use another concept."
+            )
     meta = {
         "format": STEERING,
         "format_version": FORMAT_VERSION,

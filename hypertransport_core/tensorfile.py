@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 import sys
 import uuid
@@ -92,6 +93,45 @@ def _err(path: str, msg: str) -> HyperTransportError:
     return HyperTransportError(f"{os.path.basename(str(path))}: {msg}")
 
 
+#: the deepest nesting and the longest number a header's JSON may hold (a safetensors header nests 3 deep, a
+#: HyperTransport metadata value 4; a shape or offset has at most 20 digits)
+MAX_JSON_DEPTH = 16
+MAX_NUMBER_CHARS = 32
+_BRACKETS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _bounded_number(kind):
+    def parse(text: str):
+        if len(text) > MAX_NUMBER_CHARS:
+            raise ValueError(f"a number of {len(text)} characters (at most {MAX_NUMBER_CHARS})")
+        return kind(text)
+
+    return parse
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"the non-JSON constant {name}")
+
+
+def loads_bounded(text: str | bytes):
+    """``json.loads`` for text read from a file: nesting at most :data:`MAX_JSON_DEPTH` (checked in one linear scan
+    before parsing, so a deep file cannot exhaust the stack), numbers at most :data:`MAX_NUMBER_CHARS` characters,
+    no NaN/Infinity. Raises ``ValueError`` saying which bound was crossed."""
+    if isinstance(text, (bytes, bytearray)):
+        text = text.decode("utf-8")
+    depth = 0
+    for m in _BRACKETS.finditer(text):
+        ch = m.group()
+        if ch in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(f"JSON nested more than {MAX_JSON_DEPTH} deep")
+        elif ch in "]}":
+            depth -= 1
+    return json.loads(text, parse_int=_bounded_number(int), parse_float=_bounded_number(float),
+                      parse_constant=_refuse_constant)
+
+
 def read_layout(path: str, *, what: str = "file", fix: str = "use a .safetensors file made by HyperTransport") -> Layout:
     """The checked header of ``path`` (see the module docstring); reads only the header."""
     if not os.path.isfile(path):
@@ -107,9 +147,10 @@ def read_layout(path: str, *, what: str = "file", fix: str = "use a .safetensors
             raise _err(path, f"is not a safetensors file (its header length {n} is not {limit}). Fix: {fix}.")
         raw = f.read(n)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise _err(path, f"is not a safetensors file (header is not JSON). Fix: {fix}.") from None
+        header = loads_bounded(raw)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        why = str(e).split(":")[0] if isinstance(e, (UnicodeDecodeError, json.JSONDecodeError)) else str(e)
+        raise _err(path, f"is not a safetensors file (its header is not bounded JSON: {why[:80]}). Fix: {fix}.") from None
     if not isinstance(header, dict):
         raise _err(path, f"is not a safetensors file (header is a JSON {type(header).__name__}, not an object). Fix: {fix}.")
     meta = header.pop("__metadata__", None) or {}
@@ -159,29 +200,27 @@ def read_tensors(layout: Layout, *, max_abs: float = 1e4, device: str | torch.de
     """Every tensor of ``layout`` as float32, checked finite and ``|x| <= max_abs``, with the content hash verified.
 
     Call it only after checking ``layout`` (names, shapes, memory budget). Peak memory: the float32 tensors
-    plus one chunk of :data:`_CHUNK_BYTES`.
+    plus one chunk of :data:`_CHUNK_BYTES`. The hash is checked first, in a pass of its own over the file
+    (:func:`content_hash`), so a damaged file is refused before any tensor is allocated.
     """
     if sys.byteorder != "little":  # pragma: no cover
         raise HyperTransportError("reading safetensors files needs a little-endian machine.")
     want = layout.metadata.get(HASH_KEY)
     if want is None and require_hash:
         raise _err(layout.path, "records no content hash. Fix: re-save it with hypertransport_core.")
-    h = hashlib.sha256(_canonical_meta(layout.metadata))
+    if want is not None:
+        got = content_hash(layout)
+        if got != want:
+            raise _err(layout.path, f"content hash mismatch (recorded {want[:12]}…, computed {got[:12]}…): the file "
+                                    "changed after it was saved (a flipped byte, a partial copy). Fix: copy or download it again.")
     out: dict[str, torch.Tensor] = {}
     with open(layout.path, "rb") as f:
         for name, r in sorted(layout.tensors.items()):
             dtype, item = DTYPES[r.dtype]
-            h.update(_tensor_prefix(name, r.dtype, r.shape))
             f.seek(layout.data_start + r.begin)
             flat = torch.empty(r.numel, dtype=torch.float32)
-            step = max(1, _CHUNK_BYTES // item)
-            for lo in range(0, r.numel, step):
-                k = min(step, r.numel - lo)
-                buf = f.read(k * item)
-                if len(buf) != k * item:
-                    raise _err(layout.path, "ended before its tensors did (truncated while reading). Fix: copy the file again.")
-                h.update(buf)
-                flat[lo : lo + k] = torch.frombuffer(bytearray(buf), dtype=dtype).float()
+            for lo, buf in _chunks(f, r, layout.path):
+                flat[lo : lo + len(buf) // item] = torch.frombuffer(buf, dtype=dtype).float()
             bad = ~torch.isfinite(flat)
             if bool(bad.any()):
                 raise _err(layout.path, f"tensor {name!r} holds NaN/Inf at {int(bad.sum())} of {r.numel} values. "
@@ -191,10 +230,33 @@ def read_tensors(layout: Layout, *, max_abs: float = 1e4, device: str | torch.de
                 raise _err(layout.path, f"tensor {name!r} holds a value of magnitude {big:.3g}, beyond the {max_abs:g} a "
                                         "valid file holds. Fix: the file is corrupt; retrain or re-export it.")
             out[name] = flat.view(r.shape).to(device)
-    if want is not None and h.hexdigest() != want:
-        raise _err(layout.path, f"content hash mismatch (recorded {want[:12]}…, computed {h.hexdigest()[:12]}…): the file "
-                                "changed after it was saved (a flipped byte, a partial copy). Fix: copy or download it again.")
     return out
+
+
+def _chunks(f, r: TensorRecord, path: str):
+    """``(first element, bytes)`` of one tensor's data, read from ``f`` (positioned at its start) in chunks of at
+    most :data:`_CHUNK_BYTES`."""
+    item = DTYPES[r.dtype][1]
+    step = max(1, _CHUNK_BYTES // item)
+    for lo in range(0, r.numel, step):
+        k = min(step, r.numel - lo)
+        buf = bytearray(f.read(k * item))
+        if len(buf) != k * item:
+            raise _err(path, "ended before its tensors did (truncated while reading). Fix: copy the file again.")
+        yield lo, buf
+
+
+def content_hash(layout: Layout) -> str:
+    """The content hash of a file (its metadata without the hash, every tensor's name, dtype, shape and bytes),
+    read in chunks: memory stays at one chunk whatever the file's size."""
+    h = hashlib.sha256(_canonical_meta(layout.metadata))
+    with open(layout.path, "rb") as f:
+        for name, r in sorted(layout.tensors.items()):
+            h.update(_tensor_prefix(name, r.dtype, r.shape))
+            f.seek(layout.data_start + r.begin)
+            for _, buf in _chunks(f, r, layout.path):
+                h.update(buf)
+    return h.hexdigest()
 
 
 def _umask() -> int:
@@ -260,5 +322,5 @@ def is_temporary(name: str) -> bool:
     return os.path.basename(name).startswith(".")
 
 
-__all__ = ["DTYPES", "HASH_KEY", "Layout", "MAX_HEADER_BYTES", "TensorRecord", "is_temporary", "read_layout", "read_tensors",
+__all__ = ["DTYPES", "HASH_KEY", "Layout", "MAX_HEADER_BYTES", "content_hash", "loads_bounded", "TensorRecord", "is_temporary", "read_layout", "read_tensors",
            "write_tensors"]

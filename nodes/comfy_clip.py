@@ -36,7 +36,14 @@ from hypertransport_core.clip_layouts import (
     text_spec,
 )
 from hypertransport_core.concepts import Concept
-from hypertransport_core.encoders import body_spec, concept_texts, text_body, to_model_input, tower_fingerprint
+from hypertransport_core.encoders import (
+    body_spec,
+    concept_texts,
+    text_body,
+    to_model_input,
+    tokenizer_for,
+    tower_fingerprint,
+)
 from hypertransport_core.errors import HyperTransportError
 
 from . import model_files as mf
@@ -156,15 +163,14 @@ def image_tower(clip_vision) -> Tower:
 
 # --------------------------------------------------------------------------------- encoders ---
 def _tokenizer(arch: str, context_length: int):
-    """open_clip's tokenizer for ``arch`` (BPE files only, no weights)."""
+    """open_clip's tokenizer for ``arch`` (BPE files only, no weights), the name checked first
+    (:func:`~hypertransport_core.encoders.check_arch`: a file never chooses a loader or code)."""
     key = (arch, context_length)
     with _LOCK:
         if key in _TOKENIZERS:
             return _TOKENIZERS[key]
-    import open_clip
-
     mf.ensure_arch(arch)
-    tok = open_clip.get_tokenizer(arch, context_length=context_length)
+    tok = tokenizer_for(arch, context_length)
     with _LOCK:
         _TOKENIZERS[key] = tok
     return tok

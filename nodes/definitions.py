@@ -142,7 +142,7 @@ class EncodeConcept(io.ComfyNode):
                     multiline=True,
                     default="watercolor painting",
                     tooltip="The concept, e.g. 'watercolor'. One per line (at most 16); 'watercolor * 0.5' sets a weight "
-                    "(-10..10) in the weighted sum of the concepts' embeddings.",
+                    "(-10..10) in the weighted sum of the concepts' embeddings. At most 2,000 characters.",
                 ),
                 io.Combo.Input(
                     "clip_weights",
@@ -386,11 +386,7 @@ class SaveSteering(io.ComfyNode):
     def execute(cls, steering, filename_prefix="steering") -> io.NodeOutput:
         import folder_paths
 
-        prefix = (filename_prefix or "steering").strip() or "steering"
-        if os.path.isabs(prefix) or ".." in prefix.replace("\\", "/").split("/"):
-            raise HyperTransportError(
-                f"Save Steering: filename_prefix {prefix!r} leaves the output folder. Fix: use a plain name like 'steering'."
-            )
+        prefix = check_prefix(filename_prefix)
         out_dir = mf.steering_output_dir()
         full, name, counter, sub, _ = folder_paths.get_save_image_path(prefix, out_dir)
         os.makedirs(full, exist_ok=True)
@@ -398,6 +394,31 @@ class SaveSteering(io.ComfyNode):
         _save_checked(os.path.join(full, fname), steering)
         rel = os.path.join(sub, fname) if sub else fname
         return io.NodeOutput(rel, ui=ui.PreviewText(f"saved {rel}"))
+
+
+MAX_PREFIX_CHARS = 120
+
+
+def check_prefix(filename_prefix: str) -> str:
+    """Save Steering's ``filename_prefix`` when it names a visible file inside the output folder (``sub/name`` allowed),
+    else an error naming the fix: no absolute path, no ``..``, no segment starting with ``.`` (a hidden file Load
+    Steering never lists), no control character, at most :data:`MAX_PREFIX_CHARS` characters."""
+    prefix = (filename_prefix or "steering").strip() or "steering"
+    fix = "Fix: use a plain name like 'steering' or 'styles/watercolor'."
+    if len(prefix) > MAX_PREFIX_CHARS:
+        raise HyperTransportError(f"Save Steering: filename_prefix has {len(prefix)} characters, more than "
+                                  f"{MAX_PREFIX_CHARS}. {fix}")
+    if any(ord(ch) < 32 or ch == "\x7f" for ch in prefix):
+        raise HyperTransportError(f"Save Steering: filename_prefix {prefix[:60]!r} holds a control character. {fix}")
+    parts = prefix.replace("\\", "/").split("/")
+    if os.path.isabs(prefix) or prefix.startswith(("/", "\\")) or ".." in parts:
+        raise HyperTransportError(f"Save Steering: filename_prefix {prefix!r} leaves the output folder. {fix}")
+    if any(not p.strip() or p.startswith(".") for p in parts):
+        raise HyperTransportError(
+            f"Save Steering: filename_prefix {prefix!r} has an empty or hidden ('.'-prefixed) part; Load Steering never "
+            f"lists hidden files. {fix}"
+        )
+    return prefix
 
 
 def _save_checked(path: str, steering: Steering) -> None:
@@ -483,7 +504,7 @@ class ApplySteeringAdvanced(io.ComfyNode):
                     tooltip="Per-block multipliers of strength (-10..10), one 'block: number' per line; a block is "
                     "a site name or a prefix of whole dotted segments ('blocks.2' is block 2, not 20), the longest "
                     "wins, '*' for the rest; e.g. 'input_blocks: 0.5' or 'blocks.2: 0'. Empty: 1 everywhere. "
-                    "Load HyperNet's info lists the blocks.",
+                    "Load HyperNet's info lists the blocks. At most 20,000 characters.",
                 ),
                 io.Combo.Input("preset", options=list(PRESETS), default="all", optional=True,
                                tooltip="Steer only a group of blocks: UNets (SD1.5, SDXL, the embedded world) input, middle, "
@@ -492,7 +513,7 @@ class ApplySteeringAdvanced(io.ComfyNode):
                 io.String.Input("batch_strengths", default="", optional=True,
                                 tooltip="One strength per image of the batch, e.g. '-1, 0, 0.5, 1' (a sweep in one "
                                 "KSampler run; cond and uncond rows alike), each times strength. Empty: every image "
-                                "gets strength. Needs hooks."),
+                                "gets strength. At most 256 numbers (4,000 characters). Needs hooks."),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Steer only where the mask is 1 (resized to every site's resolution; token sites "
                               "by token position). Outside it every site's output is the unsteered one. Needs hooks."),
@@ -531,6 +552,9 @@ class ApplySteeringAdvanced(io.ComfyNode):
         if mask is not None and (not torch.is_tensor(mask) or mask.ndim not in (2, 3)):
             raise HyperTransportError(f"{node}: the mask input is not a MASK (found {type(mask).__name__}). Fix: connect a "
                                       "mask (Load Image's MASK output, Solid Mask, ...).")
+        if mask is not None and not bool(torch.isfinite(mask).all()):
+            raise HyperTransportError(f"{node}: the mask holds NaN/Inf values. Fix: connect a mask with values from 0 to 1 "
+                                      "(Load Image's MASK output, Solid Mask, ...).")
         region = None if mask is None else (mask[None] if mask.ndim == 2 else mask).float().clamp(0, 1)
         return io.NodeOutput(
             patching.attach(
@@ -593,7 +617,10 @@ class FitSteering(io.ComfyNode):
             mm.throw_exception_if_processing_interrupted()  # Cancel: stops here, nothing is returned or cached
             bar.update_absolute(step, total)
 
-        st = fit.fit_steering(model, clip, concept, prompts, settings, on_step=on_step)
+        try:
+            st = fit.fit_steering(model, clip, concept, prompts, settings, on_step=on_step)
+        except SystemExit as e:  # never let an exit reach ComfyUI's prompt worker (it would stop the queue for good)
+            raise HyperTransportError(f"Fit Steering: {e}") from None
         return io.NodeOutput(st)
 
 

@@ -6,7 +6,6 @@ Kept apart from the node definitions so the rules are read (and tested) in one p
 from __future__ import annotations
 
 import math
-import re
 
 from hypertransport_core.errors import HyperTransportError
 from hypertransport_core.interventions import block_matches
@@ -28,42 +27,78 @@ def check_model(model, family: str, sites, what: str) -> None:
     check_sites(sites, dm, what=what)
 
 
-_NUMBER = r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"
-_WEIGHTED = re.compile(r"^(?P<text>.*?)\s*\*\s*(?P<w>\S+)$")
-_EMPHASIS = re.compile(r"^\(.*:\s*\S*\s*\)$")
 MAX_CONCEPT_LINES = 16
 MAX_CONCEPT_WEIGHT = 10.0
+#: the longest text each text widget takes (checked before any parsing; tooltips state it)
+MAX_CONCEPT_CHARS = 2000
+MAX_BLOCK_CHARS = 20000
+MAX_BATCH_CHARS = 4000
+_NUMBER_CHARS = frozenset("0123456789.eE+-")
+
+
+def check_length(text: str, limit: int, what: str) -> str:
+    """``text`` (``""`` for ``None``) when it has at most ``limit`` characters, else an error naming the limit."""
+    text = text or ""
+    if not isinstance(text, str):
+        raise HyperTransportError(f"{what} is a {type(text).__name__}, not text. Fix: type text in the widget.")
+    if len(text) > limit:
+        raise HyperTransportError(f"{what} has {len(text):,} characters, more than the {limit:,} it takes. "
+                                  "Fix: shorten it.")
+    return text
+
+
+def parse_number(token: str) -> float | None:
+    """A plain decimal number (``0.7``, ``-1``, ``2e-1``) of at most 32 characters, else ``None`` (no NaN, Inf or
+    ``1_000``); linear in the token's length."""
+    if not token or len(token) > 32 or not set(token) <= _NUMBER_CHARS:
+        return None
+    try:
+        return float(token)
+    except ValueError:
+        return None
+
+
+def _is_emphasis(line: str) -> bool:
+    """ComfyUI's prompt emphasis ``(text:1.2)``: parenthesised, and after the last ``:`` at most one token."""
+    if len(line) < 3 or line[0] != "(" or line[-1] != ")" or ":" not in line:
+        return False
+    return len(line[1:-1].rpartition(":")[2].split()) <= 1
 
 
 def parse_concepts(text: str) -> list[tuple[str, float]]:
     """One concept per line, ``text * weight`` for a weight (negative subtracts), else weight 1.
 
     The weights mix concept *embeddings* (Combine Concepts' weighted sum), which is not what ComfyUI's
-    prompt emphasis ``(word:1.2)`` does to tokens, so that spelling is refused with the fix.
+    prompt emphasis ``(word:1.2)`` does to tokens, so that spelling is refused with the fix. At most
+    :data:`MAX_CONCEPT_CHARS` characters; parsing is linear in the text's length (it runs while ComfyUI
+    validates a prompt, on the server's event loop).
     """
+    text = check_length(text, MAX_CONCEPT_CHARS, "Encode Concept: the text")
     out = []
-    for line in (text or "").splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if not line:
             continue
-        if _EMPHASIS.match(line):
+        if _is_emphasis(line):
             raise HyperTransportError(
-                f"Encode Concept: {line!r} looks like ComfyUI's prompt emphasis, which weights tokens; here weights mix "
-                "whole concepts. Fix: write the line as 'text * weight', e.g. 'watercolor * 0.7'."
+                f"Encode Concept: {line[:80]!r} looks like ComfyUI's prompt emphasis, which weights tokens; here weights "
+                "mix whole concepts. Fix: write the line as 'text * weight', e.g. 'watercolor * 0.7'."
             )
-        m = _WEIGHTED.match(line)
-        if m:
-            if not re.fullmatch(_NUMBER, m["w"]):
+        head, star, tail = line.rpartition("*")
+        token = tail.strip()
+        if star and token and len(token.split()) == 1:
+            w = parse_number(token)
+            if w is None:
                 raise HyperTransportError(
-                    f"Encode Concept: in {line!r} the weight {m['w']!r} is not a number. Fix: write e.g. 'watercolor * 0.7'."
+                    f"Encode Concept: in {line[:80]!r} the weight {token[:40]!r} is not a number. Fix: write e.g. "
+                    "'watercolor * 0.7'."
                 )
-            w = float(m["w"])
             if not math.isfinite(w) or abs(w) > MAX_CONCEPT_WEIGHT:
                 raise HyperTransportError(
-                    f"Encode Concept: in {line!r} the weight {w:g} is outside -{MAX_CONCEPT_WEIGHT:g}..{MAX_CONCEPT_WEIGHT:g}. "
+                    f"Encode Concept: in {line[:80]!r} the weight {w:g} is outside -{MAX_CONCEPT_WEIGHT:g}..{MAX_CONCEPT_WEIGHT:g}. "
                     "Fix: use a weight like 0.5 or -1."
                 )
-            out.append((m["text"].strip(), w))
+            out.append((head.strip(), w))
         else:
             out.append((line, 1.0))
         if len(out) > MAX_CONCEPT_LINES:
@@ -84,7 +119,8 @@ def parse_block_strengths(text: str) -> dict[str, float]:
     name or a prefix of whole dotted segments (``blocks.2`` is block 2, never block 20)."""
     out: dict[str, float] = {}
     lo, hi = patching.STRENGTH_RANGE
-    for i, line in enumerate((text or "").splitlines(), 1):
+    text = check_length(text, MAX_BLOCK_CHARS, "Apply Steering (Advanced): block_strengths")
+    for i, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
@@ -122,7 +158,8 @@ def check_blocks(mult: dict[str, float], sites) -> None:
 
 def parse_batch_strengths(text: str, node: str) -> tuple[float, ...] | None:
     """``"-1, 0, 0.5, 1"`` → one strength per image of the batch (``None`` when empty)."""
-    items = [x.strip() for x in (text or "").replace(";", ",").split(",") if x.strip()]
+    text = check_length(text, MAX_BATCH_CHARS, f"{node}: batch_strengths")
+    items = [x.strip() for x in text.replace(";", ",").split(",") if x.strip()]
     if not items:
         return None
     try:

@@ -18,15 +18,16 @@ share the folder).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
 
-from hypertransport_core.encoders import ConceptEncoder
+from hypertransport_core.encoders import ConceptEncoder, check_arch, loader_keys
 from hypertransport_core.errors import HyperTransportError
 from hypertransport_core.hypernet import HyperNet
 from hypertransport_core.lru import LRU
-from hypertransport_core.tensorfile import is_temporary, read_layout
+from hypertransport_core.tensorfile import is_temporary, loads_bounded, read_layout
 
 HYPERNET_FOLDER = "hypertransport"
 STEERING_FOLDER = "hypertransport_steerings"
@@ -74,7 +75,8 @@ def list_files(folder: str, exts=(".safetensors",), kind: str | None = None) -> 
     return out
 
 
-_KINDS: dict[tuple, str | None] = {}
+_KINDS: LRU[tuple] = LRU(4096)  # (path, size, mtime) -> (format,): a bounded cache
+log = logging.getLogger(__name__)
 
 
 def _kind_of(path: str | None) -> str | None:
@@ -86,12 +88,16 @@ def _kind_of(path: str | None) -> str | None:
     except OSError:
         return None
     key = (path, st.st_size, st.st_mtime_ns)
-    if key not in _KINDS:
+    hit = _KINDS.get(key)
+    if hit is None:
         try:
-            _KINDS[key] = read_layout(path).metadata.get("format")
-        except HyperTransportError:
-            _KINDS[key] = None
-    return _KINDS[key]
+            hit = (read_layout(path).metadata.get("format"),)
+        except Exception as e:  # one unreadable file is left out of the list, never breaks it
+            log.warning("HyperTransport: %s is left out of the model list: %s", os.path.basename(path),
+                        str(e).split(" Fix:")[0][:200])
+            hit = (None,)
+        _KINDS.put(key, hit)
+    return hit[0]
 
 
 def full_path(folder: str, name: str, node: str) -> str:
@@ -162,14 +168,32 @@ def _norm(s: str) -> str:
 
 
 def ensure_arch(arch: str) -> None:
-    """Register ``<hypertransport folder>/<arch>.json`` with open_clip when it does not know ``arch``."""
+    """Register ``<hypertransport folder>/<arch>.json`` with open_clip when it does not know ``arch``: a plain CLIP
+    config only (read bounded; no key that loads a Hugging Face or timm model or tokenizer, see
+    :func:`~hypertransport_core.encoders.check_arch`). Raises :class:`HyperTransportError` naming the file otherwise."""
     import open_clip
 
-    if arch in open_clip.list_models():
+    if not isinstance(arch, str) or arch in open_clip.list_models():
         return
     for name in list_files(HYPERNET_FOLDER, (".json",)):
         if os.path.splitext(os.path.basename(name))[0] == arch:
-            open_clip.add_model_config(full_path(HYPERNET_FOLDER, name, "Encode Concept"))
+            path = full_path(HYPERNET_FOLDER, name, "Encode Concept")
+            try:
+                if os.path.getsize(path) > 1 << 20:
+                    raise ValueError("larger than 1 MB")
+                with open(path, encoding="utf-8") as f:
+                    cfg = loads_bounded(f.read())
+            except (OSError, ValueError, RecursionError) as e:
+                raise HyperTransportError(f"open_clip config {name}: cannot be read ({str(e)[:80]}). Fix: put a plain "
+                                          "open_clip model config (JSON) there, or remove it.") from None
+            bad = loader_keys(cfg) if isinstance(cfg, dict) else ["(not a JSON object)"]
+            if bad or not isinstance(cfg.get("text_cfg"), dict) or not isinstance(cfg.get("vision_cfg"), dict):
+                raise HyperTransportError(
+                    f"open_clip config {name}: {'has ' + ', '.join(bad[:4]) if bad else 'lacks text_cfg or vision_cfg'}; "
+                    "a config from a model folder may only describe a plain CLIP (no Hugging Face or timm model or "
+                    "tokenizer: those fetch files or run code). Fix: remove those keys, or remove the file."
+                )
+            open_clip.add_model_config(path)
             return
 
 
@@ -178,6 +202,7 @@ def _load_encoder(arch: str, path: str) -> ConceptEncoder:
     enc = _ENCODERS.get(key)
     if enc is None:
         ensure_arch(arch)
+        check_arch(arch)
         enc = _ENCODERS.put(key, ConceptEncoder.from_open_clip(arch, weights=path))
     return enc
 
@@ -195,6 +220,11 @@ def encoder_for(handle: HyperNetHandle, clip_weights: str, node: str) -> Concept
         raise HyperTransportError(
             f"{node}: hypernet {handle.name} records no encoder architecture. Fix: re-save it with its encoder identity."
         )
+    try:
+        ensure_arch(arch)
+        check_arch(arch)
+    except HyperTransportError as e:
+        raise HyperTransportError(f"{node}: hypernet {handle.name}: {e}") from None
     if clip_weights and clip_weights != AUTO:
         path = _clip_path(clip_weights)
         if path is None:

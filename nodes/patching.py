@@ -36,8 +36,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from hypertransport_core.engine import Intervention, Rows, SiteMap, SteeringPlan
+from hypertransport_core.engine import Intervention, Rows, SiteMap, SteeringPlan, check_folded, check_map, compose, fold
 from hypertransport_core.errors import HyperTransportError
+from hypertransport_core.lru import LRU
 
 WRAPPER_KEY = "hypertransport"
 ROWS = ("all", "cond", "uncond")
@@ -45,6 +46,9 @@ MODES = ("auto", "hooks", "folded")
 RAMPS = ("constant", "ease in", "ease out")
 #: the strength range the nodes accept (and their tooltips state)
 STRENGTH_RANGE = (-10.0, 10.0)
+#: compiled plans a wrapper keeps for ramp factors other than 1 (least recently used dropped): a ramp has one factor
+#: per steered step, and a plan holds a copy of every map (one per image with batch strengths)
+RAMP_PLANS = 4
 
 
 def _wrappers_mp():
@@ -126,7 +130,8 @@ class SteeringWrapper:
         self.interventions, self.rows, self.label, self.ramp = list(interventions), rows, label, ramp
         self.per_image, self.region = per_image, region
         self.start_percent, self.end_percent = float(start_percent), float(end_percent)
-        self._plans: dict[float, SteeringPlan] = {1.0: plan if plan is not None else SteeringPlan.compile(self.interventions, what=label)}
+        self._full = plan if plan is not None else SteeringPlan.compile(self.interventions, what=label)
+        self._plans: LRU[SteeringPlan] = LRU(RAMP_PLANS)
         self._sigmas: dict[int, tuple[float, float]] = {}
         self._lock = threading.Lock()
         self.calls = 0  # model calls that were steered (for tests and diagnostics)
@@ -137,14 +142,19 @@ class SteeringWrapper:
 
     @property
     def plan(self) -> SteeringPlan:
-        return self._plans[1.0]
+        return self._full
 
     def plan_for(self, g: float) -> SteeringPlan:
+        """The plan at ramp factor ``g`` (the full plan at 1; others compiled and kept in a bounded LRU)."""
         g = round(g, 6)
+        if g == 1.0:
+            return self._full
         with self._lock:
-            if g not in self._plans:
-                self._plans[g] = SteeringPlan.compile([(st, scale_spec(sp, g)) for st, sp in self.interventions], what=self.label)
-            return self._plans[g]
+            hit = self._plans.get(g)
+            if hit is None:
+                hit = self._plans.put(g, SteeringPlan.compile([(st, scale_spec(sp, g)) for st, sp in self.interventions],
+                                                              what=self.label))
+            return hit
 
     @property
     def full_range(self) -> bool:
@@ -197,12 +207,30 @@ class SteeringWrapper:
         plan = self.plan_for(g)
         with plan.hooks(base.diffusion_model, rows):
             out = executor(x, t, *args, **kwargs)
-        if torch.is_tensor(out) and not bool(torch.isfinite(out).all()):
-            raise HyperTransportError(
-                f"the model steered by {self.label} produced NaN/Inf at sigma {float(t.reshape(-1)[0]):.4g}: the image "
-                "would be black or noise. Fix: lower the strength (or the block multipliers), or check the steering file."
-            )
-        return out
+        return check_output(out, t, self.label)
+
+
+def check_output(out, t: torch.Tensor, label: str):
+    """``out`` when finite, else an error naming the steering (a NaN/Inf model output would be a black image)."""
+    if torch.is_tensor(out) and not bool(torch.isfinite(out).all()):
+        raise HyperTransportError(
+            f"the model steered by {label} produced NaN/Inf at sigma {float(t.reshape(-1)[0]):.4g}: the image "
+            "would be black or noise. Fix: lower the strength (or the block multipliers), or check the steering file."
+        )
+    return out
+
+
+class FoldedOutputCheck:
+    """``APPLY_MODEL`` wrapper of a model with folded maps: checks every output is finite (hooks check theirs)."""
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, executor, x, t, *args, **kwargs):
+        return check_output(executor(x, t, *args, **kwargs), t, self.label)
 
 
 def _weight_adapter_base():
@@ -220,24 +248,44 @@ def make_folded_map(scale: torch.Tensor, shift: torch.Tensor | None):
         def __init__(self):
             self.loaded_keys = set()
             self.weights = [scale] if shift is None else [scale, shift]
+            self.scale, self.shift = scale, shift
 
         def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                              intermediate_dtype=torch.float32, original_weights=None):
-            a = scale.to(device=weight.device, dtype=weight.dtype)
-            out = weight * a.view([-1] + [1] * (weight.ndim - 1))
-            if shift is not None:
-                out = out + shift.to(device=weight.device, dtype=weight.dtype)
-            return out
+            return fold(scale, shift, weight)
 
     return FoldedMap()
 
 
-def _patches(fold: dict[str, SiteMap]) -> dict:
+def _patches(maps: dict[str, SiteMap]) -> dict:
     patches = {}
-    for path, sm in fold.items():
+    for path, sm in maps.items():
         patches[f"diffusion_model.{path}.weight"] = make_folded_map(sm.a, None)
         patches[f"diffusion_model.{path}.bias"] = make_folded_map(sm.a, sm.c)
     return patches
+
+
+def _original(model, key: str) -> torch.Tensor:
+    """The weight ``key`` as loaded, before any clone's patches (ComfyUI's clones share one backup)."""
+    bk = getattr(model, "backup", {}).get(key)
+    if bk is not None:
+        return bk.weight
+    return model.get_model_object(key)
+
+
+def check_folded_chain(model, maps: dict[str, SiteMap], label: str) -> None:
+    """Before folding ``maps`` into ``model`` (a clone that may already hold folded maps of earlier nodes): the map
+    the whole chain composes at each site stays within the engine's bounds (:func:`check_map`), and the folded
+    weights fit the model's dtype (float16: 65504), else an error naming the site."""
+    for path, sm in maps.items():
+        key = f"diffusion_model.{path}.bias"
+        chain = [(p[1].scale, p[1].shift) for p in model.patches.get(key, [])
+                 if getattr(p[1], "name", "") == "hypertransport_fold" and getattr(p[1], "shift", None) is not None]
+        a, c = compose([*chain, (sm.a, sm.c)])
+        if chain:
+            check_map(path, a, c, f"{label}, with the {len(chain)} folded steering(s) before it")
+        for part, shift in (("weight", None), ("bias", c)):
+            check_folded(path, fold(a, shift, _original(model, f"diffusion_model.{path}.{part}")), label)
 
 
 def attach(model, interventions: Sequence[Intervention], *, start_percent=0.0, end_percent=1.0, rows="all", mode="auto",
@@ -263,8 +311,9 @@ def attach(model, interventions: Sequence[Intervention], *, start_percent=0.0, e
     wrapper = SteeringWrapper(interventions, start, end, rows, label, ramp, per_image, region)  # compiled and checked here
     m = model.clone()
     if mode == "folded" or (mode == "auto" and plain):
-        fold, rest = wrapper.plan.split_foldable(m.get_model_object("diffusion_model"))
-        patches = _patches(fold)
+        maps, rest = wrapper.plan.split_foldable(m.get_model_object("diffusion_model"))
+        check_folded_chain(m, maps, label)
+        patches = _patches(maps)
         if patches:
             added = m.add_patches(patches, 1.0, 1.0)
             if len(added) != len(patches):
@@ -273,6 +322,8 @@ def attach(model, interventions: Sequence[Intervention], *, start_percent=0.0, e
                     f"the model has no weights {missing} to fold the steering into. "
                     "Fix: set mode to 'hooks' on Apply Steering (Advanced)."
                 )
+        if patches:  # folded maps act at every call: check every output, as hooks do
+            m.add_wrapper_with_key(_wrappers_mp(), WRAPPER_KEY, FoldedOutputCheck(label))
         if not rest:
             return m
         wrapper = SteeringWrapper(interventions, start, end, rows, label, plan=rest)  # constant ramp: only this plan

@@ -53,8 +53,9 @@ def _is_safetensors(path):
     return first == b"{" and n < os.path.getsize(path)
 
 
-def _rewrite(src, dst, meta_update=None, drop=(), tensors_update=None):
-    """Copy a file with altered metadata/tensors (a hand-made bad file)."""
+def _rewrite(src, dst, meta_update=None, drop=(), tensors_update=None, rehash=False):
+    """Copy a file with altered metadata/tensors (a hand-made bad file); ``rehash``: with a content hash that matches
+    the altered content, as a hostile file would carry (so a check other than the hash must refuse it)."""
     with safe_open(src, "pt") as f:
         meta = dict(f.metadata())
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -62,6 +63,12 @@ def _rewrite(src, dst, meta_update=None, drop=(), tensors_update=None):
     for k in drop:
         meta.pop(k)
     tensors.update(tensors_update or {})
+    if rehash:
+        from hypertransport_core.tensorfile import HASH_KEY, write_tensors
+
+        meta.pop(HASH_KEY, None)
+        write_tensors(dst, tensors, meta, check_finite=False)
+        return dst
     save_file(tensors, dst, metadata=meta)
     return dst
 
@@ -182,12 +189,12 @@ def test_tensor_shape_mismatch_with_recorded_sites(st_file, hn_file, tmp_path):
 def test_nan_inf_values(st_file, hn_file, tmp_path, bad):
     w = torch.ones(18)
     w[5] = bad
-    p = _rewrite(st_file, str(tmp_path / "n.safetensors"), tensors_update={"w": w})
+    p = _rewrite(st_file, str(tmp_path / "n.safetensors"), tensors_update={"w": w}, rehash=True)
     with pytest.raises(HyperTransportError, match="tensor 'w' holds NaN/Inf.*Fix"):
         load_steering(p)
     cw = torch.zeros(18, 3)
     cw[0, 0] = bad
-    p = _rewrite(hn_file, str(tmp_path / "hn_nan.safetensors"), tensors_update={"channel_w": cw})
+    p = _rewrite(hn_file, str(tmp_path / "hn_nan.safetensors"), tensors_update={"channel_w": cw}, rehash=True)
     with pytest.raises(HyperTransportError, match="'channel_w' holds NaN/Inf"):
         load_hypernet(p)
 

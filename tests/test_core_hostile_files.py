@@ -232,7 +232,13 @@ def test_large_finite_value_is_refused(tmp_path):
     b = torch.zeros(18)
     b[2] = 3e38
     p = str(tmp_path / "big.safetensors")
-    save_steering(p, Steering(tuple(SITES), torch.ones(18), b, {"family": "flux"}))
+    with pytest.raises(HyperTransportError, match="Load Steering would refuse the file"):  # never written by us
+        save_steering(p, Steering(tuple(SITES), torch.ones(18), b, {"family": "flux"}))
+    save_steering(p, Steering(tuple(SITES), torch.ones(18), torch.zeros(18), {"family": "flux"}))
+    from hypertransport_core.tensorfile import HASH_KEY, write_tensors
+
+    meta = {k: v for k, v in read_layout(p).metadata.items() if k != HASH_KEY}
+    write_tensors(p, {"w": torch.ones(18), "b": b}, meta)  # a hostile file: valid hash, huge value
     with pytest.raises(HyperTransportError, match=f"magnitude 3e\\+38, beyond the {MAX_ABS_VALUE:g}"):
         load_steering(p)
 
