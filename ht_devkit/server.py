@@ -66,6 +66,15 @@ def write_hostile_hypernet(src, dst, **arch) -> None:
         f.write(struct.pack("<Q", len(body)) + body + data)
 
 
+def error_text(entry: dict) -> str:
+    """What ComfyUI said against a prompt: the validation response (HTTP 400) or its execution errors, as JSON."""
+    import json
+
+    if "response" in entry:  # rejected by validation (HTTP 400)
+        return json.dumps(entry["response"])
+    return json.dumps([m for m in entry["status"].get("messages", []) if m[0] == "execution_error"])
+
+
 def free_port() -> int:
     import socket
 

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ht_devkit.server import error_text
+
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
@@ -85,10 +87,6 @@ def images_of(server, entry: dict) -> list[np.ndarray]:
     return out
 
 
-def error_text(entry: dict) -> str:
-    if "response" in entry:  # rejected by validation (HTTP 400)
-        return json.dumps(entry["response"])
-    return json.dumps([m for m in entry["status"].get("messages", []) if m[0] == "execution_error"])
 
 
 def test_nodes_registered(comfy_server):

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ht_devkit.server import error_text
+
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,10 +54,6 @@ def world_prompt(hypernet: str = "world_hypernet.safetensors", text: str = "toma
     }
 
 
-def error_text(entry: dict) -> str:
-    if "response" in entry:  # refused by validation (HTTP 400)
-        return json.dumps(entry["response"])
-    return json.dumps([m for m in entry["status"].get("messages", []) if m[0] == "execution_error"])
 
 
 def refused(server, prompt: dict, *expect: str) -> str:
