@@ -80,9 +80,10 @@ def check_arch_name(arch: object) -> str:
 def check_arch(arch: object) -> str:
     """``arch`` when it is an encoder architecture a file may name, else a :class:`HyperTransportError`.
 
-    A file chooses no code: the name is a plain open_clip model name (no ``hf-hub:``/``local-dir:`` schema, no
-    path), open_clip knows it, and unless it is one of the configs open_clip ships (:func:`shipped_archs`) its
-    config has no key that loads a Hugging Face or timm model or tokenizer (:func:`loader_keys`).
+    A file chooses no code and reaches no network: the name is a plain open_clip model name (no ``hf-hub:`` /
+    ``local-dir:`` schema, no path), open_clip knows it, its config has no key that loads a Hugging Face or timm model
+    or tokenizer (:func:`loader_keys`), and a config that open_clip does not ship (:func:`shipped_archs`: one from a
+    model folder) builds within :data:`MAX_CLIP_PARAMETERS`.
     """
     import open_clip
 
@@ -92,27 +93,53 @@ def check_arch(arch: object) -> str:
             f"open_clip has no architecture {arch!r}. {_ARCH_FIX}, or put its open_clip config as {arch}.json in "
             "models/hypertransport."
         )
+    config = open_clip.get_model_config(arch) or {}
+    bad = loader_keys(config)
+    if bad:
+        raise HyperTransportError(
+            f"the open_clip config of {arch!r} has {', '.join(bad[:4])}: keys that fetch or run a Hugging Face or timm "
+            "model or tokenizer, which HyperTransport never lets a file choose (this machine may be offline, and such "
+            "code is not ours to run). Fix: use a CLIP with open_clip's own towers and BPE tokenizer (e.g. ViT-L-14, "
+            "ViT-bigG-14, or the embedded world's HT-World-CLIP)."
+        )
     if arch not in shipped_archs():
-        bad = loader_keys(open_clip.get_model_config(arch) or {})
-        if bad:
-            raise HyperTransportError(
-                f"the open_clip config of {arch!r} has {', '.join(bad[:4])}: keys that fetch or run a Hugging Face or "
-                f"timm model or tokenizer, which a config from a model folder may not. Fix: use a plain CLIP config "
-                "(vision_cfg and text_cfg widths, layers, heads)."
-            )
+        _check_size(arch, config)
     return arch
 
 
+#: the most parameters a CLIP config from a model folder may describe (ViT-bigG-14 has about 2.5 billion)
+MAX_CLIP_PARAMETERS = 3_000_000_000
+
+
+def _check_size(arch: str, config: Mapping) -> None:
+    """Build a config from a model folder on the meta device (nothing allocated) and refuse one that does not build
+    or exceeds :data:`MAX_CLIP_PARAMETERS`."""
+    import open_clip
+
+    try:
+        with torch.device("meta"):
+            model = open_clip.model.CLIP(int(config["embed_dim"]), dict(config["vision_cfg"]), dict(config["text_cfg"]))
+        n = sum(p.numel() for p in model.parameters())
+    except Exception as e:  # a malformed config raises many types
+        raise HyperTransportError(f"the open_clip config of {arch!r} does not describe a CLIP ({type(e).__name__}: "
+                                  f"{str(e)[:80]}). Fix: correct or remove {arch}.json.") from None
+    if n > MAX_CLIP_PARAMETERS:
+        raise HyperTransportError(f"the open_clip config of {arch!r} describes {n:,} parameters, more than the "
+                                  f"{MAX_CLIP_PARAMETERS:,} allowed. Fix: correct or remove {arch}.json.")
+
+
 def tokenizer_for(arch: str, context_length: int | None = None):
-    """open_clip's tokenizer for a checked ``arch`` (:func:`check_arch`): the one open_clip names for a config it
-    ships, else its BPE tokenizer (the vocabulary in the package); never one from a schema or a folder."""
+    """open_clip's BPE tokenizer (its vocabulary ships in the package) for a checked ``arch`` (:func:`check_arch`),
+    with the config's context length unless ``context_length`` is given; never one a schema, a folder or the Hub
+    provides."""
     import open_clip
 
     check_arch(arch)
-    if arch in shipped_archs():
-        return open_clip.get_tokenizer(arch, context_length=context_length)
     ctx = context_length or (open_clip.get_model_config(arch) or {}).get("text_cfg", {}).get("context_length", 77)
-    return open_clip.tokenizer.SimpleTokenizer(context_length=int(ctx))
+    if type(ctx) is not int or not 1 <= ctx <= 4096:
+        raise HyperTransportError(f"the open_clip config of {arch!r} has context_length {ctx!r}. Fix: an integer such "
+                                  "as 77.")
+    return open_clip.tokenizer.SimpleTokenizer(context_length=ctx)
 
 
 def _hash_tensors(h, items, sample: int) -> None:

@@ -46,6 +46,10 @@ WARN_SCALE = 100.0
 WARN_SHIFT = 100.0
 
 Intervention = tuple[Steering, StrengthSpec]
+
+
+class MapOutOfRange(HyperTransportError):
+    """A composed map is non-finite or beyond :data:`MAX_SCALE` / :data:`MAX_SHIFT` (raised by :func:`check_map`)."""
 log = logging.getLogger(__name__)
 
 
@@ -426,13 +430,13 @@ def check_map(name: str, a: torch.Tensor, c: torch.Tensor, what: str = "steering
         t = t.detach()
         finite = torch.isfinite(t)
         if not bool(finite.all()):
-            raise HyperTransportError(
+            raise MapOutOfRange(
                 f"{what}: the map at site {name!r} has a non-finite {kind} ({int((~finite).sum())} channels). "
                 "Fix: the steering or hypernet file is corrupt, or the strengths overflow; lower the strength."
             )
         big = float(t.abs().max()) if t.numel() else 0.0
         if big > limit:
-            raise HyperTransportError(
+            raise MapOutOfRange(
                 f"{what}: the map at site {name!r} has a {kind} of magnitude {big:.3g} (more than {limit:g}): "
                 "it would drown the model's activations. Fix: lower the strength or the block multipliers, "
                 "or check the steering file."

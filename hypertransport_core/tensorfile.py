@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import struct
@@ -97,14 +98,18 @@ def _err(path: str, msg: str) -> HyperTransportError:
 #: HyperTransport metadata value 4; a shape or offset has at most 20 digits)
 MAX_JSON_DEPTH = 16
 MAX_NUMBER_CHARS = 32
-_BRACKETS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+# a string (one that never closes runs to the end of the text, so every character is scanned once) or a bracket
+_BRACKETS = re.compile(r'"(?:[^"\\]|\\[\s\S]?)*(?:"|\Z)|[\[\]{}]')
 
 
 def _bounded_number(kind):
     def parse(text: str):
         if len(text) > MAX_NUMBER_CHARS:
             raise ValueError(f"a number of {len(text)} characters (at most {MAX_NUMBER_CHARS})")
-        return kind(text)
+        x = kind(text)
+        if kind is float and not math.isfinite(x):
+            raise ValueError(f"the number {text} overflows")
+        return x
 
     return parse
 
@@ -208,13 +213,15 @@ def read_tensors(layout: Layout, *, max_abs: float = 1e4, device: str | torch.de
     want = layout.metadata.get(HASH_KEY)
     if want is None and require_hash:
         raise _err(layout.path, "records no content hash. Fix: re-save it with hypertransport_core.")
-    if want is not None:
-        got = content_hash(layout)
-        if got != want:
-            raise _err(layout.path, f"content hash mismatch (recorded {want[:12]}…, computed {got[:12]}…): the file "
-                                    "changed after it was saved (a flipped byte, a partial copy). Fix: copy or download it again.")
     out: dict[str, torch.Tensor] = {}
-    with open(layout.path, "rb") as f:
+    with open(layout.path, "rb") as f:  # one handle for both passes: a file renamed over it meanwhile is not read
+        if os.fstat(f.fileno()).st_size != layout.size:
+            raise _err(layout.path, "changed while it was read. Fix: load it again once it is fully written.")
+        if want is not None:
+            got = content_hash(layout, f)
+            if got != want:
+                raise _err(layout.path, f"content hash mismatch (recorded {want[:12]}…, computed {got[:12]}…): the file "
+                                        "changed after it was saved (a flipped byte, a partial copy). Fix: copy or download it again.")
         for name, r in sorted(layout.tensors.items()):
             dtype, item = DTYPES[r.dtype]
             f.seek(layout.data_start + r.begin)
@@ -246,16 +253,19 @@ def _chunks(f, r: TensorRecord, path: str):
         yield lo, buf
 
 
-def content_hash(layout: Layout) -> str:
+def content_hash(layout: Layout, f=None) -> str:
     """The content hash of a file (its metadata without the hash, every tensor's name, dtype, shape and bytes),
-    read in chunks: memory stays at one chunk whatever the file's size."""
+    read in chunks (from ``f``, an open binary handle of it, when given): memory stays at one chunk whatever the
+    file's size."""
+    if f is None:
+        with open(layout.path, "rb") as fh:
+            return content_hash(layout, fh)
     h = hashlib.sha256(_canonical_meta(layout.metadata))
-    with open(layout.path, "rb") as f:
-        for name, r in sorted(layout.tensors.items()):
-            h.update(_tensor_prefix(name, r.dtype, r.shape))
-            f.seek(layout.data_start + r.begin)
-            for _, buf in _chunks(f, r, layout.path):
-                h.update(buf)
+    for name, r in sorted(layout.tensors.items()):
+        h.update(_tensor_prefix(name, r.dtype, r.shape))
+        f.seek(layout.data_start + r.begin)
+        for _, buf in _chunks(f, r, layout.path):
+            h.update(buf)
     return h.hexdigest()
 
 

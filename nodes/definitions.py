@@ -410,6 +410,9 @@ def check_prefix(filename_prefix: str) -> str:
                                   f"{MAX_PREFIX_CHARS}. {fix}")
     if any(ord(ch) < 32 or ch == "\x7f" for ch in prefix):
         raise HyperTransportError(f"Save Steering: filename_prefix {prefix[:60]!r} holds a control character. {fix}")
+    if any(ch in '<>:"|?*' for ch in prefix):
+        raise HyperTransportError(f"Save Steering: filename_prefix {prefix!r} holds one of < > : \" | ? *, which file "
+                                  f"names on Windows cannot. {fix}")
     parts = prefix.replace("\\", "/").split("/")
     if os.path.isabs(prefix) or prefix.startswith(("/", "\\")) or ".." in parts:
         raise HyperTransportError(f"Save Steering: filename_prefix {prefix!r} leaves the output folder. {fix}")

@@ -75,6 +75,7 @@ def list_files(folder: str, exts=(".safetensors",), kind: str | None = None) -> 
     return out
 
 
+_FINGERPRINT = re.compile(r"[0-9a-f]{16}")  # what weights_fingerprint gives: a file name may carry its first 8
 _KINDS: LRU[tuple] = LRU(4096)  # (path, size, mtime) -> (format,): a bounded cache
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,7 @@ def encoder_for(handle: HyperNetHandle, clip_weights: str, node: str) -> Concept
     else:
         candidates = []
         for n in clip_weight_choices()[1:]:
-            if _norm(arch) in _norm(os.path.basename(n)) or (fp and str(fp)[:8] in n):
+            if _norm(arch) in _norm(os.path.basename(n)) or (isinstance(fp, str) and _FINGERPRINT.fullmatch(fp) and fp[:8] in n):
                 p = _clip_path(n)
                 if p:
                     candidates.append(p)

@@ -4,6 +4,7 @@ weights that overflow, a growing plan cache, a NaN mask, a steering no file coul
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
@@ -116,18 +117,10 @@ def test_content_hash_is_the_one_written(tmp_path):
 
 # ---------------------------------------------------------------------------- text inputs ---
 @pytest.mark.parametrize("text", ["(" + ":" * 2000, "*" * 1999 + " y", "(" + ": " * 999 + ")", "a * " + "1" * 1990 + "x"])
-def test_concept_text_parsing_is_linear_and_capped(pack, text):
-    from time import perf_counter
-
+def test_concept_text_is_capped_before_parsing(pack, text):
     parse = pack.nodes.inputs.parse_concepts
     with pytest.raises(HyperTransportError, match="more than the 2,000"):
-        parse(text * 600)  # > 1 MB: refused by its length, before any parsing
-    t0 = perf_counter()
-    try:
-        parse(text[:2000])
-    except HyperTransportError:
-        pass
-    assert perf_counter() - t0 < 0.5  # quadratic backtracking took seconds on 8 kB
+        parse(text * 600)  # > 1 MB: refused by its length (the server test times the event loop meanwhile)
 
 
 @pytest.mark.parametrize("text,want", [
@@ -168,7 +161,7 @@ def test_folded_float16_overflow_is_refused_before_sampling(comfy, pack):
     st = _steering_for(model.model.diffusion_model, 1.0, 1e4)
     with pytest.raises(HyperTransportError, match=r"torch.float16.*65504.*Fix"):
         P.attach(model, [(st, 7.0)], mode="folded", label="Apply Steering (Advanced)")
-    assert not model.patches  # nothing left on the model
+    P.attach(model, [(st, 6.0)], mode="folded", label="Apply Steering (Advanced)")  # 6e4 fits float16: folded
 
 
 def test_folded_chain_is_bounded_and_outputs_checked(comfy, pack):
@@ -225,7 +218,7 @@ def test_a_steering_no_file_could_hold_is_not_saved(tmp_path):
     assert not p.exists()
 
 
-@pytest.mark.parametrize("prefix", [".", ".hidden", "sub/.x", "a\x00b", "x" * 5000, "/abs", "../up", "a//b"])
+@pytest.mark.parametrize("prefix", [".", ".hidden", "sub/.x", "a\x00b", "x" * 5000, "/abs", "../up", "a//b", "a:b"])
 def test_save_steering_prefix_is_checked(pack, prefix):
     with pytest.raises(HyperTransportError, match="Fix"):
         pack.nodes.definitions.check_prefix(prefix)
@@ -241,3 +234,29 @@ def test_learning_rate_above_one_is_refused_with_its_fix():
 
     with pytest.raises(HyperTransportError, match=r"--lr=1000000.0: must be in \(0, 1\]"):
         TrainConfig(lr=1e6).check()
+
+
+def test_command_line_files_and_overrides_give_the_fix(tmp_path):
+    from trainer.config import load_config_file
+    from trainer.protocol import parse_overrides
+
+    for name, text in (("bad.json", "{oops"), ("bad.toml", "steps = = 3"), ("list.json", "[1, 2]")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(HyperTransportError, match="Fix"):
+            load_config_file(str(tmp_path / name))
+    with pytest.raises(HyperTransportError, match="'abc' is not a int.*Fix"):
+        parse_overrides(["steps=abc"])
+
+
+def test_optimizer_flags_and_shapes_in_a_checkpoint_must_be_this_runs():
+    from trainer.checkpoint import _param_groups_problem
+
+    live = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))]).param_groups
+    good = json.loads(json.dumps(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2)),
+                                                    torch.nn.Parameter(torch.zeros(3))]).state_dict()["param_groups"]))
+    assert _param_groups_problem(good, live) is None
+    for change, expect in ((dict(maximize=True), "maximize=True"), (dict(amsgrad=True), "amsgrad=True"),
+                           (dict(eps=[1e-8]), "expected a number"), (dict(params=[1, 0]), "as its parameters"),
+                           (dict(params=[0, 0]), "as its parameters"), (dict(betas=[0.9, 1.0]), "out of range")):
+        bad = [{**good[0], **change}]
+        assert expect in (_param_groups_problem(bad, live) or ""), change

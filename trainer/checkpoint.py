@@ -72,24 +72,29 @@ def _finite_number(x) -> bool:
 def _param_groups_problem(groups: list, live: list) -> str | None:
     """Why the saved optimizer ``param_groups`` cannot be loaded into ``live`` ones (``None``: they can): the same
     keys, as many parameters per group, finite hyperparameters in their ranges (betas in [0, 1), eps > 0, lr >= 0)."""
+    offset = 0
     for i, (g, ref) in enumerate(zip(groups, live)):
         if not isinstance(g, dict):
             return f"group {i} is a JSON {type(g).__name__}, not an object"
         if set(g) != set(ref):
             return f"group {i} has keys {sorted(g)[:8]}, this run's optimizer {sorted(ref)[:8]}"
         params = g["params"]
-        if not isinstance(params, list) or len(params) != len(ref["params"]) or not all(type(p) is int for p in params):
-            return f"group {i} lists {params!r:.60} as its parameters, this run has {len(ref['params'])}"
+        ids = list(range(offset, offset + len(ref["params"])))  # how torch numbers the parameters of the groups
+        offset += len(ids)
+        if params != ids:
+            return f"group {i} lists {params!r:.60} as its parameters, this run's optimizer {ids!r:.60}"
         for k, v in g.items():
             want = ref[k]
             if k == "params":
                 continue
-            if want is None or isinstance(want, bool):
-                if not (v is None or type(v) is bool):
-                    return f"group {i} {k}={v!r:.40}, expected true, false or null"
+            if want is None or isinstance(want, bool):  # flags change what is optimised: they must be this run's
+                if v != want or type(v) is not type(want):
+                    return f"group {i} {k}={v!r:.40}, this run's optimizer has {want!r}"
                 continue
             if not isinstance(want, (int, float, tuple, list)):
                 continue
+            if isinstance(want, (tuple, list)) != isinstance(v, (tuple, list)):
+                return f"group {i} {k}={v!r:.40}, expected {'a list' if isinstance(want, (tuple, list)) else 'a number'}"
             vals = list(v) if isinstance(v, (list, tuple)) else [v]
             if isinstance(want, (tuple, list)) and len(vals) != len(want):
                 return f"group {i} {k}={v!r:.40}, expected {len(want)} numbers"

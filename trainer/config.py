@@ -60,12 +60,18 @@ def check_device(device: str) -> None:
 def load_config_file(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise HyperTransportError(f"config file {path!r} does not exist. Fix: pass an existing .json or .toml file.")
-    with open(path, "rb") as f:
-        if path.endswith(".toml"):
-            return tomllib.load(f)
-        if path.endswith(".json"):
-            return json.load(f)
-    raise HyperTransportError(f"config file {path!r}: use a .json or .toml file.")
+    if not path.endswith((".toml", ".json")):
+        raise HyperTransportError(f"config file {path!r}: use a .json or .toml file.")
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f) if path.endswith(".toml") else json.load(f)
+    except (OSError, ValueError, RecursionError) as e:  # tomllib.TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise HyperTransportError(f"config file {path!r} cannot be read ({type(e).__name__}: {str(e)[:120]}). "
+                                  "Fix: correct the file's syntax.") from None
+    if not isinstance(data, dict):
+        raise HyperTransportError(f"config file {path!r} holds a {type(data).__name__}, not a table of options. "
+                                  "Fix: write options as name = value (TOML) or {\"name\": value} (JSON).")
+    return data
 
 
 def _parse_bool(s: str) -> bool:

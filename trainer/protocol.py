@@ -51,7 +51,11 @@ def parse_overrides(items: list[str]) -> dict:
             raise HyperTransportError(f"--set {item!r}: expected name=value with a trainer option, e.g. steps=800. "
                              f"Options: {', '.join(sorted(hints))}")
         typ = hints[key]
-        out[key] = (val.strip().lower() in ("1", "true", "yes")) if typ is bool else typ(val.strip())
+        try:
+            out[key] = (val.strip().lower() in ("1", "true", "yes")) if typ is bool else typ(val.strip())
+        except (TypeError, ValueError):
+            raise HyperTransportError(f"--set {item!r}: {val.strip()!r} is not a {getattr(typ, '__name__', typ)}. "
+                                      "Fix: e.g. steps=800, lr=0.003.") from None
     return out
 
 

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from hypertransport_core import HyperNet, HyperNetConfig, LinEASConfig, Steering, fit_lineas, save_hypernet
 from hypertransport_core.encoders import text_projection
+from hypertransport_core.engine import MapOutOfRange
 from hypertransport_core.errors import HyperTransportError
 from hypertransport_core.lineas import steered_loss
 from trainer.backend import ComfyBackend
@@ -284,7 +285,7 @@ def train_step(run: Run) -> float:
     concepts, modalities, rng = _batch_for(run, run.step)
     try:
         loss = steered_batch_loss(run, concepts, modalities, rng, shard=run.shard)
-    except HyperTransportError as e:  # the maps left the engine's range: the hypernet's weights blew up
+    except MapOutOfRange as e:  # the maps left the engine's range: the hypernet's weights blew up
         if run.step == 0:
             raise
         raise TrainingDiverged(run, math.nan, math.nan, f"the hypernet's maps left the engine's range ({str(e).split(' Fix:')[0]})") from None
