@@ -318,3 +318,29 @@ def _resume_message(backend, tmp_path, name):
         T.build(_cfg(tmp_path / name.replace(" ", "_"), steps=3, resume=True, concepts=str(tmp_path / "good" / "concepts.txt")),
                 backend, progress=False)
     return str(e.value)
+
+
+def test_step_clock_and_flops_for_the_training_benchmark(backend, tmp_path):
+    """What benchmarks/bench_train.py prints: the phases of a step add up to the step, and the FLOP count is the
+    model's (it doubles when the batch's source rows double)."""
+    import sys
+    import time
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import bench_train
+
+    flops = {}
+    for p in (2, 4):
+        run = T.build(_cfg(tmp_path / f"p{p}", steps=5, prompts_per_concept=p, concepts_per_step=2, image_frac=0.0),
+                      backend, progress=False)
+        flops[p] = bench_train.step_flops(run)
+    assert flops[2] > 0 and flops[4] == pytest.approx(2 * flops[2], rel=0.1), flops
+    clock: dict = {}
+    t0 = time.perf_counter()
+    T.train_step(run, clock)
+    total = time.perf_counter() - t0
+    assert set(clock) == {"forward", "backward", "optimizer"} and all(v > 0 for v in clock.values())
+    assert sum(clock.values()) == pytest.approx(total, rel=0.05)
+    assert bench_train.parse_variant("fp32:precision=fp32,steps=3") == ("fp32", {"precision": "fp32", "steps": 3})
+    with pytest.raises(HyperTransportError, match="NAME:key=value"):
+        bench_train.parse_variant("no-colon")

@@ -277,8 +277,18 @@ def _kind_balanced_probs(run: Run) -> np.ndarray | None:
     return p / p.sum()
 
 
-def train_step(run: Run) -> float:
-    """One optimizer step; returns the batch loss."""
+def train_step(run: Run, clock: dict[str, float] | None = None) -> float:
+    """One optimizer step; returns the batch loss. ``clock``: seconds of each phase (``forward``: the hypernet and the
+    steered sampler run with the loss; ``backward``; ``optimizer``: clipping and the AdamW step) are added to it."""
+    t0 = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal t0
+        if clock is not None:
+            now = time.perf_counter()
+            clock[phase] = clock.get(phase, 0.0) + now - t0
+            t0 = now
+
     run.hypernet.train()
     for g in run.opt.param_groups:
         g["lr"] = _lr_at(run.cfg, run.step)
@@ -289,17 +299,20 @@ def train_step(run: Run) -> float:
         if run.step == 0:
             raise
         raise TrainingDiverged(run, math.nan, math.nan, f"the hypernet's maps left the engine's range ({str(e).split(' Fix:')[0]})") from None
+    lap("forward")
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     if run.shard is not None:  # sum the ranks' gradients (and losses): equal to one process's batch
         from trainer.distributed import all_reduce_grads
 
         loss = all_reduce_grads(run.hypernet, loss)
+    lap("backward")
     norm = torch.nn.utils.clip_grad_norm_(run.hypernet.parameters(), 1.0)
     if not (math.isfinite(float(loss.detach())) and math.isfinite(float(norm))):
         raise TrainingDiverged(run, float(loss.detach()), float(norm))
     run.opt.step()
     run.step += 1
+    lap("optimizer")
     return float(loss.detach())
 
 
