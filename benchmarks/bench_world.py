@@ -5,7 +5,7 @@
 Both on the embedded world's model, in the same run and process, for concepts the hypernet never
 saw. LinEAS time includes computing its concept's target activations (a new concept has none
 cached) and the fit; HyperTransport time is text encoding plus the hypernet's forward pass. Then the
-Fit Steering node's own code (``trainer/fit.py`` on the world's ComfyUI MODEL, as the node runs it) is
+Fit Steering node's own code (``hypertransport_comfy/fit.py`` on the world's ComfyUI MODEL, as the node runs it) is
 timed for ``--fit-steps`` steps: its cost per step on the world.
 """
 
@@ -21,9 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from hypertransport_comfy.targets import compute_targets  # noqa: E402
 from hypertransport_core import LinEASConfig, load_hypernet  # noqa: E402
 from trainer.config import default_hypernet, train_config_of  # noqa: E402
-from trainer.targets import compute_targets  # noqa: E402
 from trainer.train import fit_concept_lineas, make_backend  # noqa: E402
 
 
@@ -70,8 +70,8 @@ def main(argv=None) -> int:
 def fit_node_cost(concept: str, steps: int, weights: str) -> None:
     """Seconds per step of Fit Steering on the world's MODEL: a 1-step fit (targets + one step) and a
     ``1 + steps`` fit, the difference divided by ``steps``."""
+    from hypertransport_comfy import fit
     from hypertransport_world import model as WM
-    from trainer import fit
 
     world = WM.load(weights)
     times = []

@@ -63,7 +63,7 @@ def sdxl_unet_config(tiny: bool) -> dict:
 
 
 def build_patcher(tiny: bool, dtype: torch.dtype, device: torch.device):
-    from trainer.comfyui import import_comfyui
+    from hypertransport_comfy.comfyui import import_comfyui
 
     mm = import_comfyui()
     import comfy.model_patcher
@@ -135,10 +135,10 @@ def main(argv=None) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.precision]
 
     from ht_devkit.tiny import HashTextEncoder
+    from hypertransport_comfy.backend import ComfyBackend
+    from hypertransport_comfy.concepts import ListedConcepts, read_concepts, read_prompts
     from hypertransport_core import HyperNet, HyperNetConfig, LinEASConfig
     from trainer import train as T
-    from trainer.backend import ComfyBackend
-    from trainer.concepts import ListedConcepts, read_concepts, read_prompts
 
     torch.manual_seed(0)
     patcher, _ = build_patcher(a.tiny, dtype, device)

@@ -1,7 +1,7 @@
 """The project's dev kit: what tests, benchmarks, scripts and workflow builders share (not shipped to users).
 
 * :func:`setup_comfy` / :func:`load_pack`: ComfyUI in-process on the CPU (through the one bootstrap,
-  :func:`trainer.comfyui.import_comfyui`) and this repository imported as a custom-node package, as
+  :func:`hypertransport_comfy.comfyui.import_comfyui`) and this repository imported as a custom-node package, as
   ComfyUI's ``load_custom_node`` does;
 * :mod:`~ht_devkit.tiny`: tiny random-weight models from ComfyUI's own classes, random hypernets, a tiny
   open_clip encoder, model files ComfyUI's loaders detect;
@@ -15,7 +15,7 @@ import importlib.util
 import os
 import sys
 
-from trainer.comfyui import MISSING, REPO, find_comfyui, import_comfyui
+from hypertransport_comfy.comfyui import MISSING, REPO, find_comfyui, import_comfyui
 
 from .executor import DummyServer, constant_node, prompt_executor, run_prompt
 from .server import Server, free_port, prepare_server_base

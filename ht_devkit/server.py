@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainer.comfyui import MISSING, REPO, find_comfyui
+from hypertransport_comfy.comfyui import MISSING, REPO, find_comfyui
 
 from .tiny import build_from_file, write_hypernet, write_model_files, write_tiny_encoder
 

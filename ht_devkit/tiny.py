@@ -426,7 +426,7 @@ def tiny_world(seed: int = 0, weights_dir: str | None = None):
 
 def tiny_world_backend(seed: int = 0, steps: int = 2, guidance: float = 2.0, **kw):
     """A trainer backend on :func:`tiny_world` (meaningless images, real code paths)."""
-    from trainer.backend import ComfyBackend
+    from hypertransport_comfy.backend import ComfyBackend
 
     return ComfyBackend.world(models=tiny_world(seed), steps=steps, guidance=guidance, **kw)
 
@@ -455,8 +455,8 @@ def tiny_backend(patcher, encoder, context_dim: int, *, pooled_dim: int | None =
                  tokens: int = 8, **kw):
     """A trainer backend on a tiny random-weight ComfyUI model with :class:`HashTextEncoder` conditioning
     (``pooled_dim``: 1280 for SDXL, the vector width for Flux); concepts from the shipped list by default."""
-    from trainer.backend import ComfyBackend
-    from trainer.concepts import ListedConcepts, read_concepts, read_prompts
+    from hypertransport_comfy.backend import ComfyBackend
+    from hypertransport_comfy.concepts import ListedConcepts, read_concepts, read_prompts
 
     source = ListedConcepts(concepts if concepts is not None else read_concepts(), neutral if neutral is not None else read_prompts())
     return ComfyBackend(patcher, HashTextEncoder(context_dim, tokens, pooled_dim), encoder, source, **kw)

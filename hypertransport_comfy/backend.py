@@ -2,9 +2,9 @@
 
 Everything the trainer and the evaluator do to a model goes through :class:`ComfyBackend`: its
 steerable module tree (``root`` = ``model.diffusion_model``, the tree the nodes steer), its sites (the
-family's site table), its concept encoder, its concept source (:mod:`trainer.concepts`), and
+family's site table), its concept encoder, its concept source (:mod:`hypertransport_comfy.concepts`), and
 :meth:`ComfyBackend.run`, which samples a batch of prompts exactly as CLIPTextEncode → KSampler do
-(:mod:`trainer.sampling`), with the caller's hooks active. The same class serves
+(:mod:`hypertransport_comfy.sampling`), with the caller's hooks active. The same class serves
 
 * the embedded world (:meth:`ComfyBackend.world`): ComfyUI's UNet, CLIP and pixel-space VAE classes loaded
   from ``hypertransport_world/weights`` (:mod:`hypertransport_world.model`, what the loader node returns),
@@ -41,15 +41,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from hypertransport_comfy import sampling
+from hypertransport_comfy.comfyui import import_comfyui
+from hypertransport_comfy.concepts import ConceptSource, ListedConcepts, WorldConcepts
+from hypertransport_comfy.gradients import enable_gradient_checkpointing, inplace_guard
 from hypertransport_core import ConceptEncoder, Rows, Site, detect_family, list_sites, weights_fingerprint
 from hypertransport_core.encoders import to_model_input
 from hypertransport_core.engine import hook_handles
 from hypertransport_core.errors import HyperTransportError
 from hypertransport_core.tensorfile import read_layout, read_tensors, write_tensors
-from trainer import sampling
-from trainer.comfyui import import_comfyui
-from trainer.concepts import ConceptSource, ListedConcepts, WorldConcepts
-from trainer.gradients import enable_gradient_checkpointing, inplace_guard
 
 log = logging.getLogger("hypertransport.backend")
 
@@ -127,10 +127,10 @@ class ComfyBackend:
 
     Args:
         patcher: a ComfyUI ``ModelPatcher`` (the MODEL type).
-        text: prompt → ``[cond, extras]`` as CLIPTextEncode outputs it (:class:`trainer.sampling.PromptEncoder`).
+        text: prompt → ``[cond, extras]`` as CLIPTextEncode outputs it (:class:`hypertransport_comfy.sampling.PromptEncoder`).
         encoder: the concept encoder (open_clip, :class:`~hypertransport_core.ConceptEncoder`); ``None`` for a
             per-concept fit, which needs none.
-        source: concepts and prompts (:mod:`trainer.concepts`).
+        source: concepts and prompts (:mod:`hypertransport_comfy.concepts`).
         family: site table / sampling defaults; detected from the module tree when ``None``.
         steps: sampler steps (``None``: the family's default); ``timesteps`` overrides the schedule.
         guidance: classifier-free guidance (1: cond only, as distilled models are sampled).

@@ -79,3 +79,17 @@ def import_comfyui(*, base_directory: str | os.PathLike | None = None, cpu: bool
     import utils.extra_config  # noqa: F401  (ComfyUI's utils package: must precede `import nodes`)
 
     return mm
+
+
+def check_device(device: str) -> None:
+    """``HyperTransportError`` naming the fix when ``device`` is not a usable torch device here."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise HyperTransportError(f"--device={device!r}: not a torch device. Fix: cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise HyperTransportError(f"--device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s). Fix: --device cpu.")
+    if dev.type not in ("cpu", "cuda"):
+        raise HyperTransportError(f"--device={device!r}: only cpu and cuda are supported. Fix: --device cpu.")

@@ -22,7 +22,7 @@ import torch
 
 from hypertransport_core.errors import HyperTransportError
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "trainer" / "data"  # the training command's shipped lists (a path, not an import)
 CONCEPTS_TSV = str(DATA / "concepts.tsv")
 NEUTRAL_PROMPTS = str(DATA / "neutral_prompts.txt")
 HOLDOUT_TXT = str(DATA / "holdout.txt")

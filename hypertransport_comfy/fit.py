@@ -1,7 +1,7 @@
 """Fit one concept's steering on any ComfyUI model (LinEAS, METHOD §4): what the Fit Steering node runs.
 
 The model is the connected MODEL itself (no copy of its weights), sampled as the trainer samples it
-(:class:`trainer.backend.ComfyBackend`: ComfyUI's sampler, the family's schedule), its prompts encoded by
+(:class:`hypertransport_comfy.backend.ComfyBackend`: ComfyUI's sampler, the family's schedule), its prompts encoded by
 the connected CLIP as CLIPTextEncode does. Prompts come from lines of text: each line is a prompt, and
 ``{concept}`` marks where the concept goes (a line without it gets ``", {concept}"`` appended); the
 neutral prompt is the line without the concept. The target activations (the concept's prompts, no
@@ -25,9 +25,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from hypertransport_core import HyperTransportError, LinEASConfig, Steering, weights_fingerprint
+from hypertransport_comfy.concepts import ConceptInfo, ConceptSource
+from hypertransport_comfy.targets import TargetSettings, concept_seed
+from hypertransport_core import HyperTransportError, LinEASConfig, Steering, fit_lineas, weights_fingerprint
 from hypertransport_core.lru import LRU
-from trainer.concepts import ConceptInfo, ConceptSource
 
 log = logging.getLogger("hypertransport.fit")
 
@@ -88,7 +89,7 @@ def parse_prompts(text: str, concept: str) -> tuple[list[str], list[str]]:
 
 
 class PromptPairs(ConceptSource):
-    """One concept and its paired prompts (a concept source for :class:`trainer.backend.ComfyBackend`)."""
+    """One concept and its paired prompts (a concept source for :class:`hypertransport_comfy.backend.ComfyBackend`)."""
 
     def __init__(self, concept: str, neutral: Sequence[str], target: Sequence[str]):
         self.concepts = [ConceptInfo(concept, "concept")]
@@ -157,12 +158,35 @@ def fit_steering(patcher, clip, concept: str, prompts: str = "", settings: FitSe
     return steering
 
 
+def fit_concept_lineas(
+    backend, concept: str, targets: dict[str, torch.Tensor], cfg: TargetSettings, config: LinEASConfig | None = None,
+    callback=None, snapshot=None,
+) -> Steering:
+    """The per-concept baseline on the same backend, targets and loss: LinEAS fitting of one concept.
+
+    Args:
+        targets: ``{site: (sampler_steps, n_target, C)}`` of this concept (a row of the cache).
+        callback, snapshot: see :func:`hypertransport_core.fit_lineas`.
+    """
+    P = cfg.prompts_per_concept
+    device = next(backend.root.parameters()).device  # the cache is on the CPU; the loss runs beside the model
+    tgt = {k: list(v.to(device)) for k, v in targets.items()}  # per step: (n, C)
+    salt = concept_seed(cfg, concept, "lineas")
+
+    def batch_fn(step: int):
+        rng = np.random.default_rng([salt, step])
+        prompts = backend.source_prompts(P, rng)
+        seeds = [int(s) for s in rng.integers(0, 2**31 - 1, P)]
+        return (lambda: backend.run(prompts, seeds, grad=True)), tgt
+
+    return fit_lineas(backend.root, backend.sites, batch_fn, config, label=concept, callback=callback, snapshot=snapshot,
+                      steer_rows=backend.steer_rows, capture_rows=backend.cond_rows)
+
+
 def _fit(patcher, clip, concept: str, prompts: str, settings: FitSettings, on_step) -> Steering:
-    from trainer.backend import ComfyBackend
-    from trainer.config import TrainConfig
-    from trainer.sampling import PromptEncoder
-    from trainer.targets import compute_targets
-    from trainer.train import fit_concept_lineas
+    from hypertransport_comfy.backend import ComfyBackend
+    from hypertransport_comfy.sampling import PromptEncoder
+    from hypertransport_comfy.targets import compute_targets
 
     neutral, target = parse_prompts(prompts, concept)
     defaults = patcher.model_options.get("hypertransport_sampling", {})  # the embedded world states its own
@@ -173,8 +197,8 @@ def _fit(patcher, clip, concept: str, prompts: str, settings: FitSettings, on_st
         resolution=settings.resolution or defaults.get("side"), sampler=defaults.get("sampler"), scheduler=defaults.get("scheduler"),
         latent_shape=tuple(defaults["latent_shape"]) if "latent_shape" in defaults and not settings.resolution else None,
     )
-    cfg = TrainConfig(backend="comfy", seed=settings.seed, n_target=settings.n_target, prompts_per_concept=settings.prompts_per_step,
-                      sampler_steps=backend.steps, guidance=backend.guidance)
+    cfg = TargetSettings(seed=settings.seed, n_target=settings.n_target, prompts_per_concept=settings.prompts_per_step,
+                         sampler_steps=backend.steps, guidance=backend.guidance)
     if on_step is not None:
         on_step(0, settings.steps, float("nan"))
     targets = compute_targets(backend, [concept], cfg, progress=False)

@@ -12,12 +12,12 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 
 from hypertransport_core.errors import HyperTransportError
+from hypertransport_core.lru import LRU
 
 
 class PromptEncoder:
@@ -25,21 +25,16 @@ class PromptEncoder:
     (neutral prompts repeat across steps and concepts)."""
 
     def __init__(self, clip, cache_size: int = 4096):
-        self.clip, self.cache, self.cache_size = clip, OrderedDict(), cache_size
+        self.clip, self.cache = clip, LRU(cache_size)
 
     def __call__(self, prompt: str) -> list:
         hit = self.cache.get(prompt)
         if hit is not None:
-            self.cache.move_to_end(prompt)
             return hit
         with torch.inference_mode(False), torch.no_grad():
             out = self.clip.encode_from_tokens(self.clip.tokenize(prompt), return_pooled=True, return_dict=True)
         cond = out.pop("cond")
-        item = [cond.cpu(), {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in out.items()}]
-        self.cache[prompt] = item
-        if len(self.cache) > self.cache_size:
-            self.cache.popitem(last=False)
-        return item
+        return self.cache.put(prompt, [cond.cpu(), {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in out.items()}])
 
 
 def batch_conditioning(items: Sequence[list]) -> list:

@@ -33,6 +33,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,18 +42,32 @@ from tqdm import tqdm
 
 from hypertransport_core import HyperTransportError, capture_pooled, weights_fingerprint
 from hypertransport_core.tensorfile import read_layout, read_tensors, write_tensors
-from trainer.config import TrainConfig
 
 log = logging.getLogger("hypertransport.targets")
 
 INDEX = "index.json"
 
 
-def concept_seed(cfg: TrainConfig, concept: str, salt: str) -> int:
+@dataclass
+class TargetSettings:
+    """What cached target activations (and a LinEAS fit's batches) depend on; the trainer's ``TargetSettings`` has these
+    fields too and is passed as it is."""
+
+    seed: int = 0  # seeds each concept's target prompts and noise
+    n_target: int = 16  # target prompts per concept
+    sampler_steps: int = 4  # sampler steps per generation
+    guidance: float = 2.0  # classifier-free guidance
+    prompts_per_concept: int = 2  # source prompts per LinEAS step
+    out: str = ""  # folder of the target cache (load_or_compute_targets)
+    cache: str = "memory"  # "memory" (one file) or "disk" (shards)
+    cache_chunk: int = 4  # concepts per shard (cache "disk")
+
+
+def concept_seed(cfg: TargetSettings, concept: str, salt: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{cfg.seed}/{salt}/{concept}".encode()).digest()[:4], "little")
 
 
-def targets_key(backend, concepts: list[str], cfg: TrainConfig) -> str:
+def targets_key(backend, concepts: list[str], cfg: TargetSettings) -> str:
     ident = {
         "encoder": backend.encoder.identity,
         "unet": weights_fingerprint(backend.root),
@@ -65,7 +80,7 @@ def targets_key(backend, concepts: list[str], cfg: TrainConfig) -> str:
 
 
 @torch.no_grad()
-def compute_targets(backend, concepts: list[str], cfg: TrainConfig, chunk: int = 4, progress: bool = True) -> dict[str, torch.Tensor]:
+def compute_targets(backend, concepts: list[str], cfg: TargetSettings, chunk: int = 4, progress: bool = True) -> dict[str, torch.Tensor]:
     """Pooled activations of every site at every sampler step for each concept's target prompts.
 
     Returns ``{site: (n_concepts, sampler_steps, n_target, C)}`` (float32). Only the conditional rows are
@@ -90,7 +105,7 @@ def compute_targets(backend, concepts: list[str], cfg: TrainConfig, chunk: int =
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def load_or_compute_targets(backend, concepts: list[str], cfg: TrainConfig, progress: bool = True) -> dict[str, torch.Tensor]:
+def load_or_compute_targets(backend, concepts: list[str], cfg: TargetSettings, progress: bool = True) -> dict[str, torch.Tensor]:
     """The target cache at ``<out>/targets.safetensors``, recomputed only when its key differs."""
     if cfg.cache == "disk":  # shards under <out>/targets/, read lazily per batch
         return load_or_compute_disk(backend, concepts, cfg, progress)

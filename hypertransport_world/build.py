@@ -60,10 +60,9 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(a.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
-    from trainer.config import check_device
+    from hypertransport_comfy.comfyui import check_device, import_comfyui
 
     check_device(device)
-    from trainer.comfyui import import_comfyui
 
     import_comfyui()
     from . import model as WM

@@ -15,7 +15,7 @@ tensor (3, H, W) in [0, 1] (what the sampler returns, one row at a time).
 
 Example::
 
-    from trainer.world import metrics as M
+    from hypertransport_world import metrics as M
     M.colour_error(img, (255, 0, 0)), M.shape_of(img), M.pattern_of(img), M.inducement(img, "red")
 """
 
@@ -113,17 +113,6 @@ def position_of(img) -> tuple[float, float] | None:
         return None
     ys, xs = np.nonzero(m)
     return float(xs.mean() + 0.5), float(ys.mean() + 0.5)
-
-
-def ink_map(img, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(ink (H, W) RGB distance from the object colour, zero off the object; mask)."""
-    a = as_rgb255(img)
-    m = object_mask(a) if mask is None else mask
-    if not m.any():
-        return np.zeros(m.shape), m
-    c = object_colour(a, m)
-    ink = np.linalg.norm(a - c, axis=-1) * m
-    return ink, m
 
 
 _LATTICE: tuple[list[str], np.ndarray] | None = None

@@ -20,7 +20,7 @@ Image size: 32×32 pixels. Every concept of the world (139 colours, 26 fill patt
 hypernet trainer (15 minutes on two CPU cores) and in the template workflow (seconds).
 
 Import this module only where ComfyUI can be imported (inside ComfyUI, or after
-:func:`trainer.comfyui.import_comfyui`).
+:func:`hypertransport_comfy.comfyui.import_comfyui`).
 """
 
 from __future__ import annotations
@@ -327,10 +327,3 @@ def load(weights_dir: str = WEIGHTS_DIR, *, unet_dtype: torch.dtype | None = Non
     sd = open_clip_state_dict(clip_path)
     model = unet if unet is not None else load_unet(unet_path, unet_dtype)
     return WorldModels(model, text_encoder(sd), pixel_vae(), clip_vision(sd), clip_path, unet_path)
-
-
-def write_vision_config(path: str = VISION_CONFIG_FILE) -> None:
-    """(Re)write the ClipVisionModel JSON config that :func:`clip_vision` reads (shipped with the pack)."""
-    with open(path, "w") as f:
-        json.dump(VISION_CONFIG, f, indent=2)
-        f.write("\n")

@@ -22,7 +22,7 @@ from . import scene as W
 
 def sampler_for(world, steps: int, guidance: float):
     """``prompts, seeds -> (B, 3, 32, 32)`` images of the loaded world (``model.WorldModels``)."""
-    from trainer import sampling
+    from hypertransport_comfy import sampling
 
     from . import model as WM
 
@@ -124,7 +124,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from trainer.comfyui import import_comfyui
+    from hypertransport_comfy.comfyui import import_comfyui
 
     import_comfyui()
     from . import model as WM

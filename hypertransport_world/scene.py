@@ -20,7 +20,7 @@ Example::
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -486,5 +486,3 @@ def to_uint8(imgs: torch.Tensor) -> np.ndarray:
     return (imgs.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def spec_dict(spec: Spec) -> dict:
-    return asdict(spec)

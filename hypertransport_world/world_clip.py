@@ -66,19 +66,6 @@ def preprocess(imgs: torch.Tensor) -> torch.Tensor:
     return imgs * 2.0 - 1.0
 
 
-def text_tokens(model: open_clip.model.CLIP, tokens: torch.Tensor) -> torch.Tensor:
-    """Per-token text features (B, T, width): the text tower's last hidden state after ln_final.
-
-    This is what the world's diffusion model is conditioned on (as SD is on CLIP's last hidden
-    state). Same steps as ``CLIP.encode_text`` without the pooling and projection.
-    """
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast_dtype)
-    x = x + model.positional_embedding.to(cast_dtype)
-    x = model.transformer(x, attn_mask=model.attn_mask)
-    return model.ln_final(x)
-
-
 def encode_text(model, tokenizer, texts: list[str]) -> torch.Tensor:
     """Normalized pooled text embeddings (n, embed_dim)."""
     dev = next(model.parameters()).device

@@ -611,7 +611,7 @@ class FitSteering(io.ComfyNode):
         import comfy.model_management as mm
         import comfy.utils
 
-        fit = _trainer_module("fit")
+        from hypertransport_comfy import fit
         settings = fit.FitSettings(steps=int(steps), lr=float(learning_rate), seed=int(seed), sampler_steps=int(sampler_steps),
                                    cfg=float(cfg), resolution=int(resolution))
         bar = comfy.utils.ProgressBar(int(steps))
@@ -625,20 +625,6 @@ class FitSteering(io.ComfyNode):
         except SystemExit as e:  # never let an exit reach ComfyUI's prompt worker (it would stop the queue for good)
             raise HyperTransportError(f"Fit Steering: {e}") from None
         return io.NodeOutput(st)
-
-
-def _trainer_module(name: str):
-    """This pack's ``trainer.<name>`` (Fit Steering samples with the trainer's code); refuses another ``trainer``."""
-    import importlib
-
-    mod = importlib.import_module(f"trainer.{name}")
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.abspath(mod.__file__).startswith(here):
-        raise HyperTransportError(
-            f"Fit Steering: the module 'trainer' comes from {mod.__file__}, not from this pack ({here}). Fix: rename the "
-            "other 'trainer' package on Python's path, or install this pack's requirements in its own environment."
-        )
-    return mod
 
 
 NODES = [

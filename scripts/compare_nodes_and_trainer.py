@@ -38,7 +38,7 @@ def main(argv=None) -> int:
 
     base = tempfile.mkdtemp(prefix="ht_compare_")
     ht_devkit.setup_comfy(base_directory=os.path.join(base, "inprocess"))
-    from trainer.backend import ComfyBackend
+    from hypertransport_comfy.backend import ComfyBackend
 
     path = a.hypernet or SHIPPED_HYPERNET
     name = "world_hypernet.safetensors"

@@ -11,9 +11,9 @@ import pytest
 import torch
 from world_helpers import CONCEPTS, tiny_config
 
-from trainer import targets as TG
+from hypertransport_comfy import targets as TG
+from hypertransport_comfy.targets import ShardedTargets
 from trainer import train as T
-from trainer.targets import ShardedTargets
 
 pytestmark = pytest.mark.comfy
 

@@ -101,7 +101,7 @@ import ht_devkit as ch
 ch.setup_comfy(base_directory={base!r})
 enc = ch.write_tiny_encoder({base!r})
 from trainer import train as T
-from trainer.concepts import ConceptInfo
+from hypertransport_comfy.concepts import ConceptInfo
 concepts = [ConceptInfo(c, "colour", "{{prompt}}, in {{concept}} colours") for c in {concepts!r}]
 neutral = ["a house", "a cat", "a tree", "a boat", "a street", "a bowl of fruit"]
 backend = ch.tiny_backend(ch.tiny_sd15(), enc, 64, concepts=concepts, neutral=neutral, resolution=64, steps=2)

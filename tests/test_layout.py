@@ -1,5 +1,7 @@
-"""The project's layering, checked statically over every module (top-level and function-level imports):
-no import cycle, nothing outside ``tests/`` imports the tests, and the core imports no other layer."""
+"""The project's layering, checked statically over every module (top-level and function-level imports, and dynamic
+imports by name): no import cycle, nothing outside ``tests/`` imports the tests, the core imports no other layer,
+and no import runs back up a layer (the ComfyUI runtime, the world, the nodes and the dev kit never import the
+training command)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,17 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PACKAGES = ("hypertransport_core", "hypertransport_world", "trainer", "nodes", "ht_devkit", "workflows", "benchmarks", "scripts")
+PACKAGES = ("hypertransport_core", "hypertransport_comfy", "hypertransport_world", "trainer", "nodes", "ht_devkit", "workflows",
+            "benchmarks", "scripts")
+#: what each layer may not import: the layers above it
+FORBIDDEN = {
+    "hypertransport_comfy": {"nodes", "trainer", "ht_devkit", "workflows", "benchmarks", "scripts"},
+    "hypertransport_world": {"nodes", "trainer", "ht_devkit", "workflows", "benchmarks", "scripts"},
+    "nodes": {"trainer", "ht_devkit", "workflows", "benchmarks", "scripts"},
+    "ht_devkit": {"trainer", "workflows", "benchmarks", "scripts"},
+    "trainer": {"nodes", "ht_devkit", "workflows", "benchmarks", "scripts"},
+}
+_DYNAMIC = {"import_module", "__import__"}
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -64,3 +76,44 @@ def test_the_core_imports_no_other_layer():
         if m.startswith("hypertransport_core"):
             others = {d.split(".")[0] for d in _imports(m, p, mods)} - {"hypertransport_core"}
             assert not others, (m, others)
+
+
+def _dynamic_imports(path: pathlib.Path) -> set[str]:
+    """Project packages named by ``importlib.import_module(...)`` / ``__import__(...)`` calls (a string or an f-string
+    whose first part names the package)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Call) or not node.args:
+            continue
+        fn = node.func
+        name = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
+        if name not in _DYNAMIC:
+            continue
+        arg = node.args[0]
+        if isinstance(arg, ast.JoinedStr) and arg.values and isinstance(arg.values[0], ast.Constant):
+            arg = arg.values[0]
+        if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+            top = arg.value.split(".")[0]
+            if top in PACKAGES:
+                found.add(top)
+    return found
+
+
+def test_no_import_runs_back_up_a_layer():
+    mods = _modules()
+    bad = []
+    for m, p in mods.items():
+        layer = m.split(".")[0]
+        deps = {d.split(".")[0] for d in _imports(m, p, mods)} | _dynamic_imports(p)
+        for d in sorted(deps & FORBIDDEN.get(layer, set())):
+            bad.append(f"{m} imports {d}")
+    assert not bad, bad
+
+
+def test_the_layer_check_sees_static_and_dynamic_imports(tmp_path):
+    p = tmp_path / "m.py"
+    p.write_text("import importlib\n\ndef f(name):\n    return importlib.import_module(f'trainer.{name}')\n")
+    assert _dynamic_imports(p) == {"trainer"}
+    p.write_text("def f():\n    from trainer.fit import x\n    return __import__('nodes.patching')\n")
+    mods = {"trainer.fit": p, "nodes.patching": p}
+    assert _imports("hypertransport_comfy.x", p, mods) == {"trainer.fit"} and _dynamic_imports(p) == {"nodes"}

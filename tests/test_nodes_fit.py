@@ -77,7 +77,7 @@ def _graph(model_node: str, key: str, steps: int = 3, concept: str = "watercolor
 def test_fit_through_the_executor_on_inference_tensors(setup, monkeypatch):
     import comfy.utils
 
-    from trainer import targets
+    from hypertransport_comfy import targets
 
     progress = []
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: progress.append((value, total)))
@@ -99,7 +99,7 @@ def test_fit_through_the_executor_on_inference_tensors(setup, monkeypatch):
 
 
 def test_same_inputs_reuse_the_result(setup, monkeypatch):
-    from trainer import fit, targets
+    from hypertransport_comfy import fit, targets
 
     calls = []
     real = targets.compute_targets
@@ -117,7 +117,7 @@ def test_same_inputs_reuse_the_result(setup, monkeypatch):
 def test_cancel_stops_within_a_step_and_keeps_nothing(setup):
     import comfy.model_management as mm
 
-    from trainer import fit
+    from hypertransport_comfy import fit
 
     seen = []
 
@@ -137,7 +137,7 @@ def test_cancel_stops_within_a_step_and_keeps_nothing(setup):
 
 
 def test_bad_fit_inputs_name_the_fix(setup):
-    from trainer import fit
+    from hypertransport_comfy import fit
 
     with pytest.raises(ValueError, match="concept is empty"):
         fit.fit_steering(setup["plain"], setup["clip"], "  ", "")
@@ -154,11 +154,11 @@ def test_world_fit_induces_like_the_evaluators_lineas(setup, comfy):
     induce the concept about as much as the evaluator's LinEAS fit's (same steps and learning rate)."""
     import numpy as np
 
+    from hypertransport_comfy.backend import ComfyBackend
+    from hypertransport_comfy.targets import compute_targets
     from hypertransport_core import LinEASConfig, steer
     from hypertransport_world import metrics as M
-    from trainer.backend import ComfyBackend
     from trainer.config import TrainConfig
-    from trainer.targets import compute_targets
     from trainer.train import fit_concept_lineas
 
     concept, steps = "tomato", 40

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from hypertransport_comfy.concepts import ConceptInfo, WorldConcepts
 from hypertransport_core.errors import HyperTransportError
-from trainer.concepts import ConceptInfo, WorldConcepts
 from trainer.config import TrainConfig
 from trainer.train import split_concepts
 

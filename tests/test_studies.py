@@ -54,7 +54,7 @@ def test_lineas_checkpoints_equal_shorter_fits_and_the_curve_is_written(world, t
 
 
 def _targets(backend, tcfg, c):
-    from trainer.targets import compute_targets
+    from hypertransport_comfy.targets import compute_targets
 
     return {k: v[0] for k, v in compute_targets(backend, [c], tcfg, progress=False).items()}
 
@@ -155,6 +155,10 @@ def test_removal_study_measures_every_rule_on_the_split(world, tmp_path, monkeyp
             got = e["rules"][r]
             assert len(got["inducement_neg"]) == 1 and 0 <= got["shape_kept"] <= 1
             assert got["below_0"] == (got["inducement_neg"][0] < e["inducement_0"])
+    for r in out["rules"]:  # the summary is the mean over the concepts, rule by rule
+        per = [e["rules"][r] for e in out["concepts"].values()]
+        assert out["summary"][r]["shape_kept"] == pytest.approx(sum(g["shape_kept"] for g in per) / len(per))
+        assert out["summary"][r]["below_0"] == pytest.approx(sum(g["below_0"] for g in per) / len(per))
     assert seen == {0.01, 0.5}  # each rule's floor reached the steering hooks (and the mirror divides by nothing)
     assert "| floor 0.5 |" in (tmp_path / "r" / "removal.md").read_text()
     with pytest.raises(HyperTransportError, match="distinct floors"):

@@ -22,7 +22,7 @@ NEUTRAL = ["a house on a hill", "a cat sitting on a chair", "a city street", "a 
 
 
 def make_backend(comfy, encoder, family, **kw):
-    from trainer.concepts import TEMPLATES, ConceptInfo
+    from hypertransport_comfy.concepts import TEMPLATES, ConceptInfo
 
     ctx, pooled, res = DIMS[family]
     build = comfy.FAMILIES[family][0]
@@ -60,7 +60,7 @@ def cfg_for(tmp_path, backend, **kw):
 
 
 def test_family_defaults_schedules(comfy, encoder):
-    from trainer.backend import FAMILY_DEFAULTS
+    from hypertransport_comfy.backend import FAMILY_DEFAULTS
 
     b = make_backend(comfy, encoder, "sdxl", steps=4)  # DMD2: 4 steps at 999, 749, 499, 249
     ms = b.model.model_sampling

@@ -228,7 +228,7 @@ def test_unet_file_is_checked_before_loading(WM, tmp_path):
 def test_shipped_world_samples_with_comfyuis_sampler(world):
     import comfy.sample
 
-    from trainer import sampling
+    from hypertransport_comfy import sampling
 
     enc = sampling.PromptEncoder(world.clip)
     pos, neg = sampling.batch_conditioning([enc("a red circle"), enc("a blue square")]), sampling.batch_conditioning([enc("")])
@@ -243,3 +243,13 @@ def test_shipped_world_samples_with_comfyuis_sampler(world):
     imgs = world.vae.decode(a)
     assert imgs.shape == (2, 32, 32, 3) and 0 <= float(imgs.min()) and float(imgs.max()) <= 1
     assert M.inducement(imgs[0], "red") > 0.6 and M.shape_of(imgs[1]) == "square"
+
+
+def test_shipped_clip_vision_config_is_the_worlds(comfy):
+    """The JSON ComfyUI's ClipVisionModel reads (shipped) matches the config derived from HT-World-CLIP's."""
+    import json
+
+    from hypertransport_world import model as WM
+
+    with open(WM.VISION_CONFIG_FILE) as f:
+        assert json.load(f) == WM.VISION_CONFIG

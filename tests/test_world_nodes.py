@@ -17,7 +17,7 @@ SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def world_backend(comfy):
     if not os.path.isfile(os.path.join(SHIPPED, "world_unet.safetensors")):
         pytest.skip("world UNet absent: build it with `python -m hypertransport_world.build --seed 0`")
-    from trainer.backend import ComfyBackend
+    from hypertransport_comfy.backend import ComfyBackend
 
     return ComfyBackend.world(SHIPPED)  # fp32, as ComfyUI's KSampler computes on a CPU
 

@@ -25,12 +25,12 @@ if __package__ in (None, ""):
 
 import numpy as np
 
+from hypertransport_comfy.targets import compute_targets
 from hypertransport_core import LinEASConfig, save_steering
 from hypertransport_core.errors import HyperTransportError
 from trainer.cli import command
 from trainer.config import WORLD_WEIGHTS, build_parser, resolve
 from trainer.measure import EvalSet, hard_first, held_loss, inducement_of, lineas_cache_path, open_study
-from trainer.targets import compute_targets
 from trainer.train import fit_concept_lineas, read_list
 
 log = logging.getLogger("hypertransport.baseline")

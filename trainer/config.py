@@ -18,6 +18,7 @@ from typing import Any, get_type_hints
 
 import tomllib
 
+from hypertransport_comfy.comfyui import check_device
 from hypertransport_core.errors import HyperTransportError
 from hypertransport_core.ot import LOSS_ALIASES, LOSSES
 
@@ -41,20 +42,6 @@ def field_help(cls) -> dict[str, str]:
         if m:
             out[m.group(1)] = m.group(2).strip()
     return out
-
-
-def check_device(device: str) -> None:
-    """``HyperTransportError`` naming the fix when ``device`` is not a usable torch device here."""
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise HyperTransportError(f"--device={device!r}: not a torch device. Fix: cpu, cuda or cuda:N.") from None
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise HyperTransportError(f"--device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s). Fix: --device cpu.")
-    if dev.type not in ("cpu", "cuda"):
-        raise HyperTransportError(f"--device={device!r}: only cpu and cuda are supported. Fix: --device cpu.")
 
 
 def load_config_file(path: str) -> dict[str, Any]:

@@ -35,14 +35,15 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from hypertransport_comfy.backend import ComfyBackend
+from hypertransport_comfy.comfyui import check_device
+from hypertransport_comfy.targets import concept_seed
 from hypertransport_core import Steering
 from hypertransport_core.errors import HyperTransportError
 from hypertransport_world import scene
-from trainer.backend import ComfyBackend
 from trainer.cli import command
-from trainer.config import SHIPPED_HYPERNET, WORLD_WEIGHTS, build_parser, check_device, default_hypernet, resolve
+from trainer.config import SHIPPED_HYPERNET, WORLD_WEIGHTS, build_parser, default_hypernet, resolve
 from trainer.measure import EvalSet, hard_first, lineas_for, mean_inducement, open_study, steered_images
-from trainer.targets import concept_seed
 from trainer.train import read_list
 
 log = logging.getLogger("hypertransport.evaluate")

@@ -50,8 +50,8 @@ def open_study(cfg, backend=None):
 
 def world_backend(weights: str, tcfg, precision: str = "fp32", device: str = "auto"):
     """The world through ComfyUI, sampled as the hypernet ``tcfg`` was trained (steps, guidance, map form)."""
-    from trainer.backend import ComfyBackend
-    from trainer.comfyui import import_comfyui
+    from hypertransport_comfy.backend import ComfyBackend
+    from hypertransport_comfy.comfyui import import_comfyui
 
     import_comfyui(cpu=True if device == "cpu" else None)
     return ComfyBackend.world(weights, precision=precision, form=tcfg.form, steps=tcfg.sampler_steps, guidance=tcfg.guidance)
@@ -119,7 +119,7 @@ def lineas_cache_path(backend, tcfg, concept: str, steps: int, lr: float, cache_
     import json
     import os
 
-    from trainer.targets import targets_key
+    from hypertransport_comfy.targets import targets_key
 
     ident = {"targets": targets_key(backend, [concept], tcfg), "steps": steps, "lr": lr,
              **{k: getattr(tcfg, k) for k in ("prompts_per_concept", "loss", "form")}}
@@ -135,8 +135,8 @@ def lineas_for(backend, tcfg, concept: str, steps: int, lr: float, cache_dir: st
     import os
     import time
 
+    from hypertransport_comfy.targets import compute_targets
     from hypertransport_core import LinEASConfig, load_steering, save_steering
-    from trainer.targets import compute_targets
     from trainer.train import fit_concept_lineas
 
     path = lineas_cache_path(backend, tcfg, concept, steps, lr, cache_dir) if cache_dir else ""

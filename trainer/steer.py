@@ -72,8 +72,8 @@ def main(argv=None) -> int:
     a.hypernet = a.hypernet or default_hypernet()
     if not os.path.isfile(a.hypernet):
         raise HyperTransportError(f"--hypernet {a.hypernet!r} does not exist. Fix: run `python trainer/train.py` first, or pass a hypernet file.")
-    from trainer.backend import ComfyBackend
-    from trainer.comfyui import import_comfyui
+    from hypertransport_comfy.backend import ComfyBackend
+    from hypertransport_comfy.comfyui import import_comfyui
 
     try:
         hn = load_hypernet(a.hypernet)

@@ -34,16 +34,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hypertransport_core import HyperNet, HyperNetConfig, LinEASConfig, Steering, fit_lineas, save_hypernet
+from hypertransport_comfy.backend import ComfyBackend
+from hypertransport_comfy.fit import fit_concept_lineas  # noqa: F401  (the per-concept baseline, also T.fit_concept_lineas)
+from hypertransport_comfy.targets import compute_targets, concept_seed, load_or_compute_targets
+from hypertransport_core import HyperNet, HyperNetConfig, Steering, save_hypernet
 from hypertransport_core.encoders import text_projection
 from hypertransport_core.engine import MapOutOfRange
 from hypertransport_core.errors import HyperTransportError
 from hypertransport_core.lineas import steered_loss
-from trainer.backend import ComfyBackend
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.cli import command
 from trainer.config import TrainConfig, build_parser, resolve, train_config_of
-from trainer.targets import compute_targets, concept_seed, load_or_compute_targets
 
 log = logging.getLogger("hypertransport.train")
 
@@ -148,7 +149,7 @@ def encode_concepts(backend, concepts: list[str], cfg: TrainConfig) -> tuple[dic
 # --------------------------------------------------------------------------------------- build
 def make_backend(cfg: TrainConfig) -> ComfyBackend:
     """The backend ``cfg`` asks for: the embedded world, or a ComfyUI model file."""
-    from trainer.comfyui import import_comfyui
+    from hypertransport_comfy.comfyui import import_comfyui
 
     import_comfyui(cpu=None if cfg.device in ("auto", "cuda") or cfg.device.startswith("cuda") else True)
     precision = cfg.precision
@@ -349,31 +350,6 @@ class _IdentityHypernet:
 
 
 # --------------------------------------------------------------------------------------- LinEAS
-def fit_concept_lineas(
-    backend, concept: str, targets: dict[str, torch.Tensor], cfg: TrainConfig, config: LinEASConfig | None = None,
-    callback=None, snapshot=None,
-) -> Steering:
-    """The per-concept baseline on the same backend, targets and loss: LinEAS fitting of one concept.
-
-    Args:
-        targets: ``{site: (sampler_steps, n_target, C)}`` of this concept (a row of the cache).
-        callback, snapshot: see :func:`hypertransport_core.fit_lineas`.
-    """
-    P = cfg.prompts_per_concept
-    device = next(backend.root.parameters()).device  # the cache is on the CPU; the loss runs beside the model
-    tgt = {k: list(v.to(device)) for k, v in targets.items()}  # per step: (n, C)
-    salt = concept_seed(cfg, concept, "lineas")
-
-    def batch_fn(step: int):
-        rng = np.random.default_rng([salt, step])
-        prompts = backend.source_prompts(P, rng)
-        seeds = [int(s) for s in rng.integers(0, 2**31 - 1, P)]
-        return (lambda: backend.run(prompts, seeds, grad=True)), tgt
-
-    return fit_lineas(backend.root, backend.sites, batch_fn, config, label=concept, callback=callback, snapshot=snapshot,
-                      steer_rows=backend.steer_rows, capture_rows=backend.cond_rows)
-
-
 # --------------------------------------------------------------------------------------- files
 def save_final(run: Run, seconds: float) -> str:
     path = os.path.join(run.cfg.out, "hypernet.safetensors")

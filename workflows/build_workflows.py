@@ -5,7 +5,7 @@
 * ``workflows/api/<name>.json``: the API form (``POST /prompt``), used by the end-to-end tests.
 * ``docs/NODES.md``: every node's inputs and outputs, from the node schemas.
 
-Regenerate after editing (needs a ComfyUI, found as :func:`trainer.comfyui.find_comfyui` finds it, to read
+Regenerate after editing (needs a ComfyUI, found as :func:`hypertransport_comfy.comfyui.find_comfyui` finds it, to read
 the nodes' widget order)::
 
     .venv/bin/python workflows/build_workflows.py          # writes the files
