@@ -117,6 +117,24 @@ class LoadHyperNet(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, hypernet_name=None) -> bool | str:
+        """A missing file is named before the prompt runs (ComfyUI 0.3.75 does not check V3 combo values)."""
+        if not isinstance(hypernet_name, str):
+            return True
+
+        def check():
+            try:
+                mf.full_path(mf.HYPERNET_FOLDER, hypernet_name, "Load HyperNet")
+            except HyperTransportError as e:
+                raise HyperTransportError(
+                    f"{str(e).split(' Fix:')[0]} No hypernet for a released model (SDXL/DMD2, PixArt/Nitro, SD1.5, Flux) "
+                    "is published yet. Fix: for your model use Fit Steering (the fit_steering template shows it), train a "
+                    "hypernet (docs/train-your-own.md), or pick world_hypernet.safetensors for the embedded world."
+                ) from None
+
+        return _check_widgets(check)
+
+    @classmethod
     def execute(cls, hypernet_name) -> io.NodeOutput:
         path = mf.full_path(mf.HYPERNET_FOLDER, hypernet_name, "Load HyperNet")
         read_header(path, expect="hypertransport.hypernet")  # validates without loading tensors
@@ -455,6 +473,13 @@ class LoadSteering(io.ComfyNode):
                 io.String.Output(display_name="info", tooltip="Concept label, model family and number of sites."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, steering_name=None) -> bool | str:
+        """A missing file is named before the prompt runs (ComfyUI 0.3.75 does not check V3 combo values)."""
+        if not isinstance(steering_name, str):
+            return True
+        return _check_widgets(lambda: mf.full_path(mf.STEERING_FOLDER, steering_name, "Load Steering"))
 
     @classmethod
     def execute(cls, steering_name) -> io.NodeOutput:

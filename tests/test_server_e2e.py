@@ -286,3 +286,22 @@ def test_world_template_runs_and_steers(comfy_server):
     ref = {k: float(np.mean([M.inducement(im, shown) for im in rows[k]])) for k in ("unsteered", "reference image, strength +1")}
     assert ref["reference image, strength +1"] > ref["unsteered"] + 0.1, ref
     print(f"world template: {seconds:.1f} s on the server; inducement of {WORLD_CONCEPT!r} {ind}, of {shown!r} {ref}")
+
+
+def test_a_missing_hypernet_or_steering_is_named_at_validation(comfy_server):
+    """ComfyUI 0.3.75 does not check V3 combo values: the loaders name a missing file themselves, before anything
+    runs, with where to put it and what to use instead."""
+    p = _apply(comfy_server, {("4", "hypernet_name"): "hypertransport_not_published.safetensors"})
+    entry = comfy_server.run(p)
+    assert "response" in entry, "expected a validation error (HTTP 400), the prompt ran"
+    msg = json.dumps(entry["response"]["node_errors"]["4"])
+    for want in ("hypertransport_not_published.safetensors", "not found", "is published yet", "Fit Steering"):
+        assert want in msg, (want, msg)
+    p = {k: v for k, v in load_api("world_steering").items() if k in ("2", "6", "7", "8", "20", "31", "41", "51", "71")}
+    p["960"] = {"class_type": "HyperTransportLoadSteering", "inputs": {"steering_name": "gone.safetensors"}}
+    p["20"]["inputs"] = {"model": ["2", 0], "steering": ["960", 0], "strength": 1.0, "start_percent": 0.0,
+                         "end_percent": 1.0}
+    entry = comfy_server.run(p)
+    assert "response" in entry, "expected a validation error (HTTP 400), the prompt ran"  # its only output needs the file
+    assert "gone.safetensors" in json.dumps(entry["response"]["node_errors"]["960"])
+    assert comfy_server.get("/system_stats")["system"]
