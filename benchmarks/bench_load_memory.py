@@ -4,7 +4,8 @@
 
 For each size (MB of float32 parameters) a hypernet is written as float32 and as float16, plus a steering
 of 1M channels; each file is loaded by ``load_hypernet`` / ``load_steering`` in a fresh subprocess, whose
-peak resident memory (``ru_maxrss``) is read before and after the load. Prints the growth, the file's tensor
+peak is reset just before the load (``/proc/self/clear_refs``; importing torch peaks gigabytes above a small load) and
+the resident memory before it (``VmRSS``) is subtracted from the peak after it (``VmHWM``). Prints the growth, the file's tensor
 bytes, the growth over the tensor bytes, and the bound the README states: at most 2x the tensor bytes
 plus a fixed 24 MB (loading reads the file with plain reads, in chunks, into float32 tensors that become the
 module's parameters: no memory map, no second copy).
@@ -25,14 +26,20 @@ sys.path.insert(0, REPO)
 MARGIN = 24 * 2**20
 
 PROBE = textwrap.dedent("""
-    import resource, sys
+    import sys
     sys.path.insert(0, {repo!r})
     import torch
     from hypertransport_core import load_hypernet, load_steering
     torch.zeros(1)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def status(key):
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
+
+    # reset the peak (importing torch peaks far above a small load and would hide it), then peak minus resident
+    open("/proc/self/clear_refs", "w").write("5")
+    base = status("VmRSS:")
     obj = {loader}({path!r})
-    print(1024 * (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base))
+    print(1024 * max(0, status("VmHWM:") - base))
 """)
 
 

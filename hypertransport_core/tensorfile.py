@@ -226,13 +226,17 @@ def read_tensors(layout: Layout, *, max_abs: float = 1e4, device: str | torch.de
             dtype, item = DTYPES[r.dtype]
             f.seek(layout.data_start + r.begin)
             flat = torch.empty(r.numel, dtype=torch.float32)
-            for lo, buf in _chunks(f, r, layout.path):
-                flat[lo : lo + len(buf) // item] = torch.frombuffer(buf, dtype=dtype).float()
-            bad = ~torch.isfinite(flat)
-            if bool(bad.any()):
-                raise _err(layout.path, f"tensor {name!r} holds NaN/Inf at {int(bad.sum())} of {r.numel} values. "
+            nonfinite, big = 0, 0.0
+            for lo, buf in _chunks(f, r, layout.path):  # checked chunk by chunk: no full-size temporary
+                part = flat[lo : lo + len(buf) // item]
+                part.copy_(torch.frombuffer(buf, dtype=dtype))
+                finite = torch.isfinite(part)
+                nonfinite += int(part.numel() - finite.sum())
+                if part.numel():
+                    big = max(big, float(part.abs().max()))
+            if nonfinite:
+                raise _err(layout.path, f"tensor {name!r} holds NaN/Inf at {nonfinite} of {r.numel} values. "
                                         "Fix: the file is corrupt or its training diverged; retrain or re-export it.")
-            big = float(flat.abs().max()) if r.numel else 0.0
             if big > max_abs:
                 raise _err(layout.path, f"tensor {name!r} holds a value of magnitude {big:.3g}, beyond the {max_abs:g} a "
                                         "valid file holds. Fix: the file is corrupt; retrain or re-export it.")
