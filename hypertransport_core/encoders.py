@@ -78,7 +78,14 @@ def check_arch_name(arch: object) -> str:
 
 
 def check_arch(arch: object) -> str:
-    """``arch`` when it is an encoder architecture a file may name, else a :class:`HyperTransportError`.
+    """``arch`` when it is an encoder architecture a file may name, else a :class:`HyperTransportError`
+    (see :func:`_checked_config`)."""
+    _checked_config(arch)
+    return arch  # type: ignore[return-value]
+
+
+def _checked_config(arch: object) -> dict:
+    """The open_clip config of ``arch`` once it is checked, else a :class:`HyperTransportError`.
 
     A file chooses no code and reaches no network: the name is a plain open_clip model name (no ``hf-hub:`` /
     ``local-dir:`` schema, no path), open_clip knows it, its config has no key that loads a Hugging Face or timm model
@@ -104,7 +111,7 @@ def check_arch(arch: object) -> str:
         )
     if arch not in shipped_archs():
         _check_size(arch, config)
-    return arch
+    return config
 
 
 #: the most parameters a CLIP config from a model folder may describe (ViT-bigG-14 has about 2.5 billion)
@@ -134,8 +141,7 @@ def tokenizer_for(arch: str, context_length: int | None = None):
     provides."""
     import open_clip
 
-    check_arch(arch)
-    ctx = context_length or (open_clip.get_model_config(arch) or {}).get("text_cfg", {}).get("context_length", 77)
+    ctx = context_length or _checked_config(arch).get("text_cfg", {}).get("context_length", 77)
     if type(ctx) is not int or not 1 <= ctx <= 4096:
         raise HyperTransportError(f"the open_clip config of {arch!r} has context_length {ctx!r}. Fix: an integer such "
                                   "as 77.")

@@ -203,7 +203,6 @@ def _load_encoder(arch: str, path: str) -> ConceptEncoder:
     enc = _ENCODERS.get(key)
     if enc is None:
         ensure_arch(arch)
-        check_arch(arch)
         enc = _ENCODERS.put(key, ConceptEncoder.from_open_clip(arch, weights=path))
     return enc
 
