@@ -266,7 +266,7 @@ class SiteMap:
         self._cast: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def cast(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        key = (device.type, device.index, dtype)
+        key = (device.type, device.index, dtype, torch.is_grad_enabled())  # a cast made without grad has no graph
         hit = self._cast.get(key)
         if hit is None:
             a = self.a.to(device=device, dtype=dtype)

@@ -280,3 +280,18 @@ def test_steer_with_batched_steering_and_tensor_row_mask():
         masked = net(x)
     assert torch.equal(masked[2:], plain[2:])
     torch.testing.assert_close(masked[:2], out[:2])
+
+
+def test_a_map_first_run_without_gradients_still_carries_them_later():
+    """A plan's per-dtype casts are made at the first hooked call; one made under no_grad (a sampler step whose loss is
+    not wanted) must not be reused when gradients are on, or the gradient through it is silently lost."""
+    from hypertransport_core.engine import SiteMap
+
+    site = Site("m", "m", 4)
+    a = torch.full((4,), 1.5, requires_grad=True)
+    sm = SiteMap(site, a, torch.zeros(4, requires_grad=True))
+    z = torch.randn(2, 3, 4, dtype=torch.bfloat16)  # a model under autocast: the map is cast to its dtype
+    with torch.no_grad():
+        sm(z)
+    sm(z).float().sum().backward()
+    assert a.grad is not None and torch.allclose(a.grad, z.float().sum((0, 1)), rtol=0.02, atol=0.05)
