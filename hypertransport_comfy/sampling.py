@@ -88,23 +88,30 @@ def sigmas_for(patcher, scheduler: str, steps: int, timesteps: Sequence[int] | N
 
 class _DetachedStep:
     """Wraps the sampler's model: every call gets a detached input and gives a detached output, with
-    gradients on inside, so hooks in the model keep the graph of that one call."""
+    gradients on inside, so hooks in the model keep the graph of that one call. Calls before ``grad_from``
+    (the sampler steps whose loss is not wanted) run without gradients."""
 
-    def __init__(self, model):
-        self._model = model
+    def __init__(self, model, grad_from: int = 0):
+        self._model, self._grad_from, self._calls = model, grad_from, 0
 
     def __getattr__(self, name):  # samplers read model.inner_model...model_sampling
         return getattr(self._model, name)
 
     def __call__(self, x, sigma, **kwargs):
-        with torch.enable_grad():
+        grad = self._calls >= self._grad_from
+        self._calls += 1
+        with torch.set_grad_enabled(grad):
             out = self._model(x.detach(), sigma, **kwargs)
         return out.detach()
 
 
-def sampler_object(name: str, grad: bool = False):
+ONE_CALL_SAMPLERS = ("euler", "lcm")  # one model call per step: call i is step i
+
+
+def sampler_object(name: str, grad: bool = False, grad_from: int = 0):
     """ComfyUI's ``KSAMPLER`` for ``name``; ``grad=True``: the same k-diffusion function run with gradients
-    (its ``__wrapped__``, i.e. without the ``@torch.no_grad()`` decorator) on :class:`_DetachedStep`."""
+    (its ``__wrapped__``, i.e. without the ``@torch.no_grad()`` decorator) on :class:`_DetachedStep`, the model
+    calls before ``grad_from`` without them."""
     import comfy.k_diffusion.sampling as kd
     import comfy.samplers
 
@@ -116,21 +123,26 @@ def sampler_object(name: str, grad: bool = False):
         raise HyperTransportError(f"ComfyUI's sampler {name!r} cannot run with gradients here (no undecorated "
                                   "k-diffusion function). Fix: train with 'euler' or 'lcm'.")
 
+    if grad_from and name not in ONE_CALL_SAMPLERS:
+        raise HyperTransportError(f"ComfyUI's sampler {name!r} calls the model more than once a step, so a loss at one step "
+                                  f"cannot be told from its calls. Fix: train with one of {ONE_CALL_SAMPLERS}, or --loss-steps all.")
+
     def with_grad(model, x, sigmas, extra_args=None, callback=None, disable=None, **kw):
-        return inner(_DetachedStep(model), x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **kw)
+        return inner(_DetachedStep(model, grad_from), x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **kw)
 
     return comfy.samplers.KSAMPLER(with_grad)
 
 
 def sample(patcher, positive: list, negative: list | None, noise: torch.Tensor, sigmas: torch.Tensor, cfg: float,
-           sampler: str = "euler", *, grad: bool = False, seed: int = 0) -> torch.Tensor:
+           sampler: str = "euler", *, grad: bool = False, seed: int = 0, grad_from: int = 0) -> torch.Tensor:
     """Latents ``(B, C, H, W)`` (the model's latent space, as KSampler outputs them), from ``noise`` over
-    ``sigmas``. Runs outside inference mode (ComfyUI's executor runs nodes inside it)."""
+    ``sigmas``. Runs outside inference mode (ComfyUI's executor runs nodes inside it). ``grad_from``: with
+    ``grad``, the model calls before it run without gradients."""
     import comfy.sample
 
     latent = torch.zeros_like(noise)
     with torch.inference_mode(False):
-        return comfy.sample.sample_custom(patcher, noise, cfg, sampler_object(sampler, grad), sigmas, positive,
+        return comfy.sample.sample_custom(patcher, noise, cfg, sampler_object(sampler, grad, grad_from), sigmas, positive,
                                           negative if negative is not None else positive, latent,
                                           disable_pbar=True, seed=int(seed))
 

@@ -59,18 +59,22 @@ def steered_loss(
     *,
     steer_rows: RowsLike = None,
     capture_rows: RowsLike = None,
+    groups: slice | None = None,
 ) -> torch.Tensor:
     """Run ``run()`` with ``steering`` active at strength 1 and return the transport loss to ``targets``.
 
     This is the loss of both the trainer and LinEAS. ``steering`` may hold ``K`` maps (``(K, C)``: K
     concepts, each steering its own block of rows); ``targets`` are then ``(K, n, C)`` per group.
     ``steer_rows`` lays out the rows the maps act on and ``capture_rows`` selects the rows compared (e.g.
-    the conditional chunk of a guided batch), see :class:`~hypertransport_core.engine.Rows`.
+    the conditional chunk of a guided batch), see :class:`~hypertransport_core.engine.Rows`. ``groups`` keeps
+    only those recorded groups (model calls) for the loss, e.g. ``slice(-1, None)`` with the last step's targets.
     """
     plan = SteeringPlan.compile([(steering, 1.0)], what="steered_loss")
     concepts = steering.w.shape[0] if steering.w.ndim == 2 else 1
     with plan.hooks(root, steer_rows), capture_pooled(root, steering.sites, rows=capture_rows) as acts:
         run()
+    if groups is not None:
+        acts = {k: v[groups] for k, v in acts.items()}
     return transport_loss(acts, targets, kind, concepts=concepts)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from world_helpers import CONCEPTS, tiny_config
@@ -13,8 +14,8 @@ from world_helpers import CONCEPTS, tiny_config
 from hypertransport_comfy import targets as TG
 from hypertransport_core import load_hypernet, read_header
 from hypertransport_core.errors import HyperTransportError
+from studies.evaluate import EvalConfig, evaluate
 from trainer import train as T
-from trainer.evaluate import EvalConfig, evaluate
 
 pytestmark = pytest.mark.comfy
 
@@ -174,7 +175,7 @@ def test_evaluator_on_a_tiny_config(backend, tmp_path):
                       lineas_steps=2, lineas_concepts=1, strengths="-1,0,1")
     res = evaluate(ecfg, backend=backend, progress=False)
     assert set(res["concepts"]) == set(run.holdout)
-    from trainer.measure import hard_first
+    from studies.measure import hard_first
 
     fitted = [c for c, e in res["concepts"].items() if "lineas" in e["methods"]]
     assert fitted == hard_first(list(res["concepts"]), 1)  # one LinEAS fit, on the hardest concept (a pattern if any)
@@ -201,7 +202,7 @@ def _check_reference(res, hypernet, tmp_path):
     """A run is compared with a reference of the same split, concepts and images, and only with one."""
     import json
 
-    from trainer.evaluate import compare_to_reference, reference_figures
+    from studies.evaluate import compare_to_reference, reference_figures
 
     ours = reference_figures(res, hypernet)
     assert len(ours["hypernet_sha256"]) == 64  # the hash the hypernet file records
@@ -333,7 +334,8 @@ def test_step_clock_and_flops_for_the_training_benchmark(backend, tmp_path):
 
     flops = {}
     for p in (2, 4):
-        run = T.build(_cfg(tmp_path / f"p{p}", steps=5, prompts_per_concept=p, concepts_per_step=2, image_frac=0.0),
+        run = T.build(_cfg(tmp_path / f"p{p}", steps=5, prompts_per_concept=p, concepts_per_step=2, image_frac=0.0,
+                           loss_steps="all"),  # every step alike: the count depends on the rows only
                       backend, progress=False)
         flops[p] = bench_train.step_flops(run)
     assert flops[2] > 0 and flops[4] == pytest.approx(2 * flops[2], rel=0.1), flops
@@ -344,5 +346,48 @@ def test_step_clock_and_flops_for_the_training_benchmark(backend, tmp_path):
     assert set(clock) == {"forward", "backward", "optimizer"} and all(v > 0 for v in clock.values())
     assert sum(clock.values()) == pytest.approx(total, rel=0.05)
     assert bench_train.parse_variant("fp32:precision=fp32,steps=3") == ("fp32", {"precision": "fp32", "steps": 3})
+    assert bench_train.parse_variant("a:loss_steps=one,budget=90") == ("a", {"loss_steps": "one", "budget": 90.0})
+    with pytest.raises(HyperTransportError, match="budget must be a positive"):
+        bench_train.parse_variant("a:budget=soon")
     with pytest.raises(HyperTransportError, match="NAME:key=value"):
         bench_train.parse_variant("no-colon")
+
+
+def test_one_step_loss_is_an_unbiased_estimate_of_the_all_steps_loss(backend, tmp_path):
+    """--loss-steps one: the loss at step t (the sampler stopped after t, only t backpropagated) is the t-th term of
+    the all-steps loss, so its mean over the drawn t is that loss, and so is its gradient; it runs t + 1 model calls."""
+    run = T.build(_cfg(tmp_path, steps=5, image_frac=0.0, concepts_per_step=2, loss_steps="one"), backend, progress=False)
+    with torch.no_grad():  # a hypernet that steers (a fresh one is the identity)
+        g = torch.Generator().manual_seed(0)
+        for p in (run.hypernet.channel_w, run.hypernet.channel_b, run.hypernet.offset_b):
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    concepts = run.train[:2]
+
+    def loss_and_grad(only_step):
+        run.hypernet.zero_grad(set_to_none=True)
+        calls = []
+        h = backend.root.register_forward_pre_hook(lambda *a: calls.append(1))
+        try:
+            loss = T.steered_batch_loss(run, concepts, ["text", "text"], np.random.default_rng(7), only_step=only_step)
+        finally:
+            h.remove()
+        loss.backward()
+        return float(loss.detach()), run.hypernet.channel_w.grad.clone(), len(calls)
+
+    n_steps = len(backend.sigmas) - 1
+    assert n_steps == 2
+    run.cfg.loss_steps = "all"
+    full, full_grad, full_calls = loss_and_grad(None)
+    per_step = [loss_and_grad(t) for t in range(n_steps)]
+    assert np.mean([p[0] for p in per_step]) == pytest.approx(full, rel=1e-4)
+    mean_grad = sum(p[1] for p in per_step) / n_steps
+    assert float((mean_grad - full_grad).norm()) < 1e-4 * float(full_grad.norm()), "a step's gradient is lost or doubled"
+    assert per_step[0][0] != pytest.approx(per_step[1][0], rel=1e-3)  # the steps' terms differ: the draw matters
+    calls = [p[2] for p in per_step]
+    # step 0 stops the sampler before step 1 (a guided step with gradients is 2 model calls, one without 1)
+    assert calls[0] == full_calls // n_steps and calls[0] < calls[1] <= full_calls
+    run.cfg.loss_steps = "one"  # a drawn step: one of the terms above
+    drawn = float(T.steered_batch_loss(run, concepts, ["text", "text"], np.random.default_rng(7)))
+    assert any(drawn == pytest.approx(p[0], rel=1e-4) for p in per_step)
+    with pytest.raises(HyperTransportError, match="loss-steps"):
+        T.TrainConfig(loss_steps="some").check()

@@ -123,11 +123,11 @@ class TrainConfig:
     val_frac: float = 0.15  # share of the other concepts kept out of training as the validation set (choose configurations on it; the held-out test concepts stay untouched)
     concepts: str = ""  # file restricting the concept list, one per line (default: all of the backend's)
     n_target: int = 16  # target prompts per concept whose activations are cached
-    concepts_per_step: int = 16  # concepts in one batch
+    concepts_per_step: int = 8  # concepts in one batch (8 reached a lower validation loss than 16 or 4 in the same CPU time, docs/benchmarks.md)
     prompts_per_concept: int = 2  # source prompts per concept in one batch
     balance_kinds: float = 1.0  # a kind's share of each batch ~ (its training concepts)^this: 1 = proportional (uniform over concepts), 0 = equal shares
-    steps: int = 130  # optimizer steps (the default run fits ~10 min on two idle CPU cores; the shipped hypernet trained longer)
-    lr: float = 3e-3  # AdamW learning rate
+    steps: int = 450  # optimizer steps (the default run trains ~5 min on two idle CPU cores; the shipped hypernet trained longer)
+    lr: float = 6e-3  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     hidden: int = 512  # hypernet trunk width
     depth: int = 1  # hypernet trunk layers (1 generalizes to held-out pattern compositions better than 2 on the embedded world)
@@ -136,6 +136,7 @@ class TrainConfig:
     image_frac: float = 0.25  # share of training concepts given as a reference-image embedding
     n_refs: int = 8  # reference images rendered per concept (image-embedding inputs)
     loss: str = "w2_quantile"  # "w2_quantile" (per-channel W2, quantile-interpolated), "w2_exact" (POT) or "sliced"
+    loss_steps: str = "one"  # sampler steps the training loss compares: "all", or "one" drawn per batch (the sampler stops there and only that step is backpropagated: the same objective in expectation, for less work)
     sampler_steps: int = 4  # sampler steps per generation
     guidance: float = 2.0  # classifier-free guidance of the sampler (1 = none)
     form: str = "pooled"  # map form at spatial (GroupNorm) sites: "pooled" or "elementwise"
@@ -191,6 +192,8 @@ class TrainConfig:
             bad("balance_kinds", "must be in [0, 1] (1: batches proportional to each kind's size, 0: equal shares).")
         if LOSS_ALIASES.get(self.loss, self.loss) not in LOSSES:
             bad("loss", f"must be one of {LOSSES}.")
+        if self.loss_steps not in ("all", "one"):
+            bad("loss_steps", "must be 'all' (the loss at every sampler step) or 'one' (at one step drawn per batch).")
         if self.form not in ("pooled", "elementwise"):
             bad("form", "must be 'pooled' or 'elementwise'.")
         if self.guidance < 1:
@@ -204,7 +207,7 @@ class TrainConfig:
 
 RESUME_KEYS = ("backend", "seed", "holdout_frac", "holdout", "val_frac", "concepts", "n_target", "concepts_per_step",
                 "prompts_per_concept", "balance_kinds", "lr", "weight_decay", "hidden", "depth", "rank", "dropout", "image_frac", "n_refs",
-                "loss", "sampler_steps", "guidance", "form", "model", "concept_list", "neutral_prompts", "resolution",
+                "loss", "loss_steps", "sampler_steps", "guidance", "form", "model", "concept_list", "neutral_prompts", "resolution",
                 "timesteps")
 
 
@@ -215,3 +218,22 @@ def train_config_of(hypernet) -> TrainConfig:
     saved.pop("device", None)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in saved.items() if k in known})
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["steps=800", "rank=32"]`` → typed TrainConfig overrides (unknown names refused with the list)."""
+    hints = get_type_hints(TrainConfig)
+    out = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in hints:
+            raise HyperTransportError(f"--set {item!r}: expected name=value with a trainer option, e.g. steps=800. "
+                             f"Options: {', '.join(sorted(hints))}")
+        typ = hints[key]
+        try:
+            out[key] = (val.strip().lower() in ("1", "true", "yes")) if typ is bool else typ(val.strip())
+        except (TypeError, ValueError):
+            raise HyperTransportError(f"--set {item!r}: {val.strip()!r} is not a {getattr(typ, '__name__', typ)}. "
+                                      "Fix: e.g. steps=800, lr=0.003.") from None
+    return out

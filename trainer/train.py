@@ -223,12 +223,15 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def steered_batch_loss(run: Run, concepts: list[str], modalities: list[str], rng: np.random.Generator, grad: bool = True,
-                       shard: tuple[int, int] | None = None) -> torch.Tensor:
+                       shard: tuple[int, int] | None = None, only_step: int | None = None) -> torch.Tensor:
     """OT loss of one batch: each concept steers its own block of source rows in one sampler run; the loss is
     LinEAS's (:func:`hypertransport_core.lineas.steered_loss`), batched over the concepts.
 
     ``shard=(rank, world)`` (data parallel): every draw is that of the whole batch, then only this rank's
-    concepts run; the loss is scaled by their share, so the ranks' summed gradients equal one process's."""
+    concepts run; the loss is scaled by their share, so the ranks' summed gradients equal one process's.
+
+    ``only_step=t``: the loss at sampler step ``t`` alone (the sampler stops there); with ``--loss-steps one`` a step
+    is drawn for each batch that carries gradients."""
     cfg, backend, hn = run.cfg, run.backend, run.hypernet
     emb = torch.stack([
         run.text_emb[c] if m == "text" else run.image_emb[c][int(rng.integers(len(run.image_emb[c])))]
@@ -245,12 +248,21 @@ def steered_batch_loss(run: Run, concepts: list[str], modalities: list[str], rng
         share = (hi - lo) / K
         concepts, modalities, emb = concepts[lo:hi], modalities[lo:hi], emb[lo:hi]
         prompts, seeds, K = prompts[lo * P : hi * P], seeds[lo * P : hi * P], hi - lo
+    # --loss-steps one: the loss at one sampler step drawn per batch (drawn last, so the batches are those of "all");
+    # its mean over the draw is the loss at every step, and the sampler stops at that step
+    only = only_step
+    if only is None and grad and cfg.loss_steps == "one":
+        only = int(rng.integers(len(backend.sigmas) - 1))
     with torch.set_grad_enabled(grad):
         w, b = hn(emb, modalities)  # (K, C): concept k steers rows k*P..(k+1)*P-1 of every chunk
         idx = torch.tensor([run.index[c] for c in concepts])
         targets = {s.name: list(run.targets[s.name][idx].transpose(0, 1)) for s in backend.sites}  # per step: (K, n, C)
-        loss = steered_loss(backend.root, Steering(tuple(backend.sites), w, b), lambda: backend.run(prompts, seeds, grad=grad),
-                            targets, cfg.loss, steer_rows=backend.steer_rows, capture_rows=backend.cond_rows)
+        if only is not None:
+            targets = {k: v[only : only + 1] for k, v in targets.items()}
+        loss = steered_loss(backend.root, Steering(tuple(backend.sites), w, b),
+                            lambda: backend.run(prompts, seeds, grad=grad, only_step=only), targets, cfg.loss,
+                            steer_rows=backend.steer_rows, capture_rows=backend.cond_rows,
+                            groups=None if only is None else slice(-1, None))
         return loss * share
 
 
