@@ -199,7 +199,8 @@ class ComfyBackend:
 
         models = models or WM.load(weights or WM.WEIGHTS_DIR)
         world_clip.register()
-        enc = ConceptEncoder.from_open_clip(world_clip.MODEL_NAME, weights=models.clip_path)
+        enc = ConceptEncoder.from_open_clip(world_clip.MODEL_NAME, weights=models.clip_path, mean=world_clip.IMAGE_MEAN,
+                                            std=world_clip.IMAGE_STD)
         s = WM.SAMPLING
         return cls(models.model, sampling.PromptEncoder(models.clip), enc, WorldConcepts(), steps=steps or s.steps,
                    guidance=s.cfg if guidance is None else guidance, sampler=s.sampler, scheduler=s.scheduler,
@@ -308,19 +309,27 @@ class ComfyBackend:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
 
-    def run(self, prompts: Sequence[str], seeds: Sequence[int], grad: bool = False) -> torch.Tensor:
+    def run(self, prompts: Sequence[str], seeds: Sequence[int], grad: bool = False, only_step: int | None = None) -> torch.Tensor:
         """Sample latents ``(B, C, h, w)`` (the model's latent space, as KSampler outputs them) for ``prompts``,
-        one seed each; hooks the caller set on ``root`` are active. ``grad=True`` builds one graph per step."""
+        one seed each; hooks the caller set on ``root`` are active. ``grad=True`` builds one graph per step.
+
+        ``only_step=t`` (with ``grad``): the sampler stops after step ``t`` (it returns the latents at the next sigma)
+        and only that step's model call builds a graph: a loss at one step needs nothing after it."""
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; pass one seed per prompt")
+        sigmas, grad_from = self.sigmas, 0
+        if only_step is not None:
+            if not grad or not 0 <= only_step < len(self.sigmas) - 1:
+                raise ValueError(f"only_step={only_step} needs grad=True and a step in [0, {len(self.sigmas) - 1})")
+            sigmas, grad_from = self.sigmas[: only_step + 2], only_step
         with torch.inference_mode(False):  # ComfyUI's executor runs nodes in inference mode: plain tensors here
             noise = sampling.seeded_noise(seeds, self.latent_shape)
             positive = sampling.batch_conditioning([self._cond(p) for p in prompts])
             negative = sampling.batch_conditioning([self._cond("")]) if self.rows_per_prompt == 2 else None
             with hook_handles() as handles, inplace_guard(self.root, self.family), self._autocast():
                 handles.append(self.root.register_forward_pre_hook(self._call.pre_hook, with_kwargs=True))
-                return sampling.sample(self._grad_patcher if grad else self.patcher, positive, negative, noise, self.sigmas,
-                                       self.guidance, self.sampler, grad=grad, seed=int(seeds[0]))
+                return sampling.sample(self._grad_patcher if grad else self.patcher, positive, negative, noise, sigmas,
+                                       self.guidance, self.sampler, grad=grad, seed=int(seeds[0]), grad_from=grad_from)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → images ``(B, H, W, 3)`` in [0, 1]: the VAE when there is one (VAE Decode), else ComfyUI's

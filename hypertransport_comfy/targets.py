@@ -69,7 +69,8 @@ def concept_seed(cfg: TargetSettings, concept: str, salt: str) -> int:
 
 def targets_key(backend, concepts: list[str], cfg: TargetSettings) -> str:
     ident = {
-        "encoder": backend.encoder.identity,
+        # the prompts' text encoder's weights (the concept encoder's image side, e.g. its normalization, plays no part)
+        "encoder": {k: backend.encoder.identity.get(k) for k in ("arch", "fingerprint")},
         "unet": weights_fingerprint(backend.root),
         "concepts": concepts,
         "sites": [s.name for s in backend.sites],

@@ -269,6 +269,23 @@ def concept_texts(texts: Sequence[str] | str) -> list[str]:
     return texts
 
 
+def normalization_of(identity: dict) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """``(mean, std)`` of the image normalization an encoder identity records (``(None, None)`` when it records none,
+    as files written before it was recorded). Checked: three finite numbers each, std in (0, 10], mean in [-10, 10]."""
+    mean, std = identity.get("image_mean"), identity.get("image_std")
+    if mean is None and std is None:
+        return None, None
+
+    def ok(v, lo, hi):
+        return (isinstance(v, list) and len(v) == 3
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and lo < x <= hi for x in v))
+
+    if not ok(mean, -10.001, 10) or not ok(std, 0, 10):
+        raise HyperTransportError(f"encoder image_mean {str(mean)[:60]} / image_std {str(std)[:60]}: expected three numbers "
+                                  "each (std in (0, 10]). Fix: re-save the file with hypertransport_core.")
+    return tuple(float(x) for x in mean), tuple(float(x) for x in std)
+
+
 class ConceptEncoder:
     """Text and image towers of one open_clip model.
 
@@ -291,10 +308,13 @@ class ConceptEncoder:
 
     @classmethod
     def from_open_clip(
-        cls, arch: str, weights: str | None = None, pretrained: str | None = None, device: str | torch.device = "cpu"
+        cls, arch: str, weights: str | None = None, pretrained: str | None = None, device: str | torch.device = "cpu",
+        mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
     ) -> ConceptEncoder:
         """Build ``arch`` with open_clip and load ``weights`` (a local ``.safetensors``/``.pt`` file) or a
-        ``pretrained`` tag (needs a network). With neither, the weights are random (tests only)."""
+        ``pretrained`` tag (needs a network). With neither, the weights are random (tests only). ``mean``/``std``: the
+        image normalization the weights were trained with (open_clip assumes OpenAI CLIP's for a weights file; a hypernet
+        records its encoder's, see :func:`normalization_of`)."""
         import open_clip
 
         check_arch(arch)
@@ -304,7 +324,7 @@ class ConceptEncoder:
                 "(or models/hypertransport) folder and select it."
             )
         model = open_clip.create_model(arch, pretrained=weights or pretrained, device=device)
-        return cls(model, tokenizer_for(arch), arch)
+        return cls(model, tokenizer_for(arch), arch, mean=mean, std=std)
 
     @classmethod
     def from_model(cls, model: nn.Module, tokenizer, arch: str, **kw) -> ConceptEncoder:
@@ -328,6 +348,8 @@ class ConceptEncoder:
                 "arch": self.arch,
                 "fingerprint": weights_fingerprint(self.model),
                 "embed_dim": int(d),
+                "image_mean": [float(v) for v in self.mean],
+                "image_std": [float(v) for v in self.std],
                 **open_clip_tower_fingerprints(self.model, self.mean, self.std),
             }
             self._identity = {k: v for k, v in self._identity.items() if v is not None}

@@ -35,7 +35,7 @@ import os
 
 import torch
 
-from .encoders import check_arch_name
+from .encoders import check_arch_name, normalization_of
 from .errors import HyperTransportError, describe_mismatch
 from .hypernet import MAX_PARAMETERS, HyperNet, HyperNetConfig
 from .interventions import Steering
@@ -111,11 +111,12 @@ def read_header(path: str, expect: str | None = None) -> dict:
     for key in ("encoder", "training", "meta"):
         if key in meta and not isinstance(meta[key], dict):
             raise _err(path, f"metadata key {key!r} must be a JSON object, found {type(meta[key]).__name__}. Fix: re-save the file.")
-    if "arch" in meta.get("encoder", {}):
-        try:
+    try:
+        if "arch" in meta.get("encoder", {}):
             check_arch_name(meta["encoder"]["arch"])
-        except HyperTransportError as e:
-            raise _err(path, f"metadata key 'encoder': {e}") from None
+        normalization_of(meta.get("encoder", {}))
+    except HyperTransportError as e:
+        raise _err(path, f"metadata key 'encoder': {e}") from None
     if not isinstance(meta["sites"], list) or not meta["sites"]:
         raise _err(path, "metadata key 'sites' must be a non-empty list. Fix: re-save the file.")
     if len(meta["sites"]) > 4096:

@@ -110,8 +110,8 @@ VISION_CONFIG: dict = {
     "num_hidden_layers": _VIS["layers"],
     "patch_size": _VIS["patch_size"],
     "projection_dim": world_clip.CLIP_CONFIG["embed_dim"],
-    "image_mean": [0.5, 0.5, 0.5],
-    "image_std": [0.5, 0.5, 0.5],
+    "image_mean": list(world_clip.IMAGE_MEAN),
+    "image_std": list(world_clip.IMAGE_STD),
 }
 VISION_CONFIG_FILE = os.path.join(HERE, "clip_vision_config.json")
 

@@ -27,6 +27,7 @@ from . import scene as W
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "HT-World-CLIP"
+IMAGE_MEAN = IMAGE_STD = (0.5, 0.5, 0.5)  # the image tower sees [0, 1] images as (x - 0.5) / 0.5, see preprocess
 FORMAT = "ht-world-clip/1"
 CLIP_CONFIG: dict = {
     "embed_dim": 128,

@@ -23,7 +23,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from hypertransport_core.encoders import ConceptEncoder, check_arch, loader_keys
+from hypertransport_core.encoders import ConceptEncoder, check_arch, loader_keys, normalization_of
 from hypertransport_core.errors import HyperTransportError
 from hypertransport_core.hypernet import HyperNet
 from hypertransport_core.lru import LRU
@@ -198,12 +198,12 @@ def ensure_arch(arch: str) -> None:
             return
 
 
-def _load_encoder(arch: str, path: str) -> ConceptEncoder:
-    key = (arch, os.path.abspath(path), os.path.getmtime(path))
+def _load_encoder(arch: str, path: str, mean=None, std=None) -> ConceptEncoder:
+    key = (arch, os.path.abspath(path), os.path.getmtime(path), mean, std)
     enc = _ENCODERS.get(key)
     if enc is None:
         ensure_arch(arch)
-        enc = _ENCODERS.put(key, ConceptEncoder.from_open_clip(arch, weights=path))
+        enc = _ENCODERS.put(key, ConceptEncoder.from_open_clip(arch, weights=path, mean=mean, std=std))
     return enc
 
 
@@ -223,6 +223,7 @@ def encoder_for(handle: HyperNetHandle, clip_weights: str, node: str) -> Concept
     try:
         ensure_arch(arch)
         check_arch(arch)
+        mean, std = normalization_of(want)  # the image normalization the encoder was trained with
     except HyperTransportError as e:
         raise HyperTransportError(f"{node}: hypernet {handle.name}: {e}") from None
     if clip_weights and clip_weights != AUTO:
@@ -249,7 +250,7 @@ def encoder_for(handle: HyperNetHandle, clip_weights: str, node: str) -> Concept
     found = []
     for path in candidates:  # every candidate is tried: one that fails to load does not hide the others
         try:
-            enc = _load_encoder(arch, path)
+            enc = _load_encoder(arch, path, mean, std)
         except Exception as e:  # open_clip/torch raise many types for a file that is not these weights
             found.append(f"{os.path.basename(path)} (does not load as {arch}: {type(e).__name__}: {str(e).splitlines()[0][:120]})")
             continue

@@ -26,7 +26,7 @@ from hypertransport_core import (
     load_hypernet,
     load_steering,
 )
-from hypertransport_core.files import MAX_ABS_VALUE, save_hypernet, save_steering
+from hypertransport_core.files import MAX_ABS_VALUE, read_header, save_hypernet, save_steering
 from hypertransport_core.tensorfile import MAX_HEADER_BYTES, read_layout, write_tensors
 
 ENC = {"arch": "ht-tiny", "fingerprint": "0123456789abcdef", "embed_dim": 16}
@@ -311,3 +311,25 @@ def test_peak_memory_of_loading_stays_near_the_tensor_size(tmp_path):
         growth = int(out.stdout.split()[-1]) * 1024
         factor = 1 if dtype == torch.float32 else 2
         assert growth < factor * tensor_bytes + 24 * 2**20, (name, growth, tensor_bytes)
+
+
+@pytest.mark.parametrize("mean,std", [(["x", 0, 0], [1, 1, 1]), ([0.5] * 3, [0, 1, 1]), ([0.5] * 2, [1] * 2),
+                                      ([1e300] * 3, [1] * 3), ([0.5] * 3, None), ([True, 0, 0], [1] * 3)])
+def test_encoder_normalization_is_checked_in_the_header(tmp_path, mean, std):
+    """The image normalization a hypernet records (what the nodes' open_clip path applies) is three plain numbers each."""
+    enc = {**ENC, "image_mean": mean, "image_std": std}
+    hn = HyperNet(HyperNetConfig(embed_dim=16, hidden=12, rank=3), SITES, family="flux", encoder=enc)
+    path = str(tmp_path / "norm.safetensors")
+    save_hypernet(path, hn)
+    with pytest.raises(HyperTransportError, match="image_mean .* Fix: re-save"):
+        read_header(path)
+
+
+def test_encoder_normalization_round_trips(tmp_path):
+    from hypertransport_core.encoders import normalization_of
+
+    enc = {**ENC, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    path = str(tmp_path / "ok.safetensors")
+    save_hypernet(path, HyperNet(HyperNetConfig(embed_dim=16, hidden=12, rank=3), SITES, family="flux", encoder=enc))
+    assert normalization_of(read_header(path)["encoder"]) == ((0.5,) * 3, (0.5,) * 3)
+    assert normalization_of(ENC) == (None, None)  # a file saved before the normalization was recorded
