@@ -33,7 +33,7 @@ MIN_ABS_W = 1e-2
 #: amplifies no channel: it undoes the shift ``b`` and shrinks what the map enlarged (below −1 it extrapolates).
 #: The sign of ``w`` is kept, so a channel with ``−1 < w < 0`` is mirrored (``a = −1`` at λ = −1): measured
 #: that way, an unsigned floor was not measured. Chosen on the validation concepts of three splits among
-#: 0.01–4 by ``trainer/removal.py`` (README, "Removing a concept").
+#: 0.01–4 by ``studies/removal.py`` (README, "Removing a concept").
 REMOVAL_FLOOR = 1.0
 #: The highest removal floor allowed (beyond it the inverse only shrinks activations towards 0).
 MAX_REMOVAL_FLOOR = 100.0

@@ -249,3 +249,27 @@ def inducement(img, concept) -> float:
     if c["kind"] == "shape":
         return float(shape_of(img) == c["name"])
     raise KeyError(f"unknown concept kind {c['kind']!r}; expected 'colour', 'pattern' or 'shape'")
+
+
+def off_kind_change(img, ref, kind: str) -> float:
+    """How much steering towards a concept of ``kind`` changed the *other* kind of the object, ``img`` against the
+    unsteered ``ref`` of the same seed, in [0, 1] (0: untouched; NaN when either image has no object):
+
+    * ``"colour"``: the largest change of any pattern's score (:func:`pattern_scores`, 'plain' left out): a colour
+      that draws stripes moves it;
+    * ``"pattern"``: the object's colour shift, ``|colour - colour_ref| / 200`` in RGB units (the scale of colour
+      inducement), capped at 1.
+    """
+    if kind == "colour":
+        a, b = as_rgb255(img), as_rgb255(ref)
+        if object_mask(a).sum() < 4 or object_mask(b).sum() < 4:
+            return float("nan")
+        s, r = pattern_scores(a), pattern_scores(b)
+        return float(max(abs(s[p] - r[p]) for p in s if p != "plain"))
+    if kind == "pattern":
+        c, r = object_colour(img), object_colour(ref)
+        if c is None or r is None:
+            return float("nan")
+        return float(min(1.0, np.linalg.norm(np.asarray(c, float) - np.asarray(r, float)) / 200.0))
+    raise KeyError(f"off_kind_change: kind {kind!r} has no other kind to measure; expected 'colour' or 'pattern'")
+

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train and evaluate several hypernet configurations on the embedded world side by side on one CUDA
-# machine (each: `python trainer/train.py --device cuda ...` then `python trainer/evaluate.py --device cuda`).
+# machine (each: `python trainer/train.py --device cuda ...` then `python studies/evaluate.py --device cuda`).
 #
 #   bash scripts/gpu_train_world.sh "A:" "B:--form elementwise" "C:--steps 600"
 #
@@ -9,7 +9,7 @@
 # CPU-trained one to ±0.001 inducement where compared (bf16 kernels differ); the README quotes CPU runs for its targets.
 # The device tool returns few files: `tar` the run folders into one when using it.
 # Evaluation on the GPU hit CUDNN_STATUS_INTERNAL_ERROR in LinEAS fits with 8 jobs sharing an H200 (not
-# investigated); EVAL=0 and `python trainer/evaluate.py --hypernet ...` on the CPU avoids it.
+# investigated); EVAL=0 and `python studies/evaluate.py --hypernet ...` on the CPU avoids it.
 # Wheels for packages the machine lacks (open_clip_torch, ftfy, wcwidth, POT) may be put in .whl/. The world is a ComfyUI
 # model: the machine needs the ComfyUI tree too (carry .comfyui/ to it, or set COMFYUI_DIR).
 set -uo pipefail
@@ -17,7 +17,7 @@ OUT=${OUT:-runs/gpu_sweep}
 LIMIT=${LIMIT:-480}  # seconds the training, and then the evaluation, of each run may take
 DEVICE=${DEVICE:-cuda}
 EVAL_FLAGS=${EVAL_FLAGS:-}  # extra evaluator flags (e.g. --lineas-concepts 0)
-EVAL=${EVAL:-1}  # 0: train only (evaluate the hypernets elsewhere, e.g. on the CPU with trainer/evaluate.py)
+EVAL=${EVAL:-1}  # 0: train only (evaluate the hypernets elsewhere, e.g. on the CPU with studies/evaluate.py)
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
@@ -49,7 +49,7 @@ for spec in "$@"; do
   {
     # shellcheck disable=SC2086  # the flags are meant to split
     ( timeout "$LIMIT" python3 trainer/train.py --device "$DEVICE" --threads 2 --out "$OUT/$name" $flags \
-        && { [ "$EVAL" = 0 ] || timeout "$LIMIT" python3 trainer/evaluate.py --device "$DEVICE" $EVAL_FLAGS --threads 2 \
+        && { [ "$EVAL" = 0 ] || timeout "$LIMIT" python3 studies/evaluate.py --device "$DEVICE" $EVAL_FLAGS --threads 2 \
              --hypernet "$OUT/$name/hypernet.safetensors" --out "$OUT/$name/report"; } ) >"$OUT/$name/log.txt" 2>&1
     rm -f "$OUT/$name/targets.safetensors" "$OUT/$name/checkpoint.safetensors"
     grep -h "held-out OT loss\|max-minutes .* reached" "$OUT/$name/log.txt" | sed "s|^|$name: |"

@@ -237,8 +237,7 @@ def test_learning_rate_above_one_is_refused_with_its_fix():
 
 
 def test_command_line_files_and_overrides_give_the_fix(tmp_path):
-    from trainer.config import load_config_file
-    from trainer.protocol import parse_overrides
+    from trainer.config import load_config_file, parse_overrides
 
     for name, text in (("bad.json", "{oops"), ("bad.toml", "steps = = 3"), ("list.json", "[1, 2]")):
         (tmp_path / name).write_text(text)

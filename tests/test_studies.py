@@ -6,17 +6,18 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from world_helpers import tiny_config
 
 from hypertransport_core import HyperTransportError, Steering, effective_affine, load_hypernet
 from hypertransport_core.interventions import removal_floor
-from trainer import baseline, compose, protocol, removal
+from studies import baseline, compose, protocol, removal
+from studies.evaluate import EvalConfig, evaluate
+from studies.measure import held_loss, lineas_for
 from trainer import train as T
 from trainer.config import train_config_of
-from trainer.evaluate import EvalConfig, evaluate
-from trainer.measure import held_loss, lineas_for
 
 pytestmark = pytest.mark.comfy
 
@@ -113,6 +114,54 @@ def test_evaluator_takes_the_split_sweeps_methods_and_says_where_concepts_came_f
         EvalConfig(hypernet=hn, sweep_methods="ht_image").check()
     with pytest.raises(HyperTransportError, match="--split"):
         EvalConfig(hypernet=hn, split="holdout").check()
+
+
+def test_lineas_samples_draw_random_concepts_apart_from_the_hardest():
+    from hypertransport_world import scene
+    from studies.evaluate import lineas_samples
+
+    names = sorted(scene.COLOURS)[:40] + list(scene.PATTERNS)[:8]
+    a = lineas_samples(names, 6, 12, split_seed=0)
+    assert len(a["hardest"]) == 6 and len(a["random"]) == 12 and a["random"] <= set(names)
+    assert a["random"] == lineas_samples(list(reversed(names)), 6, 12, split_seed=0)["random"]  # whatever the list's order
+    assert lineas_samples(names, 0, 12, split_seed=0)["random"] == a["random"]  # the draw ignores how many hardest are fitted
+    assert lineas_samples(names, 6, 12, split_seed=1)["random"] != a["random"]  # another split, another draw
+    assert lineas_samples(names, 6, 0, split_seed=0)["random"] == set() and lineas_samples(names, 0, 0, 0)["hardest"] == set()
+    # a uniform draw: over many splits every concept is picked about 12/48 of the time, patterns no more than colours
+    counts = {c: 0 for c in names}
+    for seed in range(400):
+        for c in lineas_samples(names, 6, 12, split_seed=seed)["random"]:
+            counts[c] += 1
+    share = np.array(list(counts.values())) / 400
+    assert abs(share.mean() - 0.25) < 1e-9 and share.min() > 0.15 and share.max() < 0.35
+    assert abs(np.mean([counts[c] for c in scene.PATTERNS if c in counts]) / 400 - 0.25) < 0.06
+
+
+def test_evaluator_fits_random_and_hardest_concepts_and_measures_both_with_one_estimator(world, tmp_path):
+    backend, run, hn = world
+    res = evaluate(EvalConfig(hypernet=hn, split="test", out=str(tmp_path / "t"), seeds_per_shape=1, lineas_steps=2,
+                              lineas_concepts=1, lineas_random=2, strengths="-1,0,1", held_batches=1),
+                   backend=backend, progress=False)
+    cs, s = res["concepts"], res["summary"]
+    fitted = {c for c in cs if "lineas" in cs[c]["methods"]}
+    assert fitted == set(res["lineas_sets"]["hardest"]) | set(res["lineas_sets"]["random"]) and len(res["lineas_sets"]["random"]) == 2
+    assert s["on_random"]["n"] == 2 and s["on_hardest"]["n"] == 1
+    # the held loss of both methods is the same estimator: measure.held_loss with the same batches, recomputed here
+    c = next(iter(fitted))
+    hn_obj = load_hypernet(hn)
+    tgt = {k: v[0] for k, v in T.compute_targets(backend, [c], train_config_of(hn_obj), progress=False).items()}
+    want = held_loss(backend, train_config_of(hn_obj), c, tgt, hn_obj.steering(backend.encoder.concept(c)), batches=1)
+    assert cs[c]["held_loss"]["ht_text"] == pytest.approx(want, rel=1e-5)
+    assert cs[c]["held_loss"]["lineas"] != pytest.approx(want, rel=1e-3)  # a different steering, measured alike
+    for k in ("colour", "pattern"):
+        mine = [e["methods"]["ht_text"]["off_kind"] for e in cs.values() if e["kind"] == k]
+        if mine:  # the unsteered images are the reference: their off-kind change is exactly 0
+            assert s["off_kind_by_kind"][k]["none"] == 0.0
+            assert s["off_kind_by_kind"][k]["ht_text"] == pytest.approx(float(np.nanmean(mine)))
+    colours = [e["sweep"]["spearman"] for e in cs.values() if e["kind"] == "colour"]
+    assert s["spearman_by_kind"]["colour"] == pytest.approx(float(np.mean(colours)))
+    report = (tmp_path / "t" / "report.md").read_text()
+    assert "randomly drawn" in report and "Spearman by kind" in report and "one estimator" in report
 
 
 def test_removal_floors_bound_the_inverse_and_the_mirror_continues_the_line():

@@ -253,3 +253,20 @@ def test_shipped_clip_vision_config_is_the_worlds(comfy):
 
     with open(WM.VISION_CONFIG_FILE) as f:
         assert json.load(f) == WM.VISION_CONFIG
+
+
+def test_off_kind_change_sees_the_other_kind_only():
+    """Specificity: steering a colour must not be credited when it draws a pattern, and a pattern when it recolours."""
+    def img(colour, pattern):
+        return W.render_batch([W.Spec("circle", colour, pattern, 16, 16, 11)])[0]
+
+    red, blue, red_striped = img("red", "plain"), img("blue", "plain"), img("red", "diagonal-banded")
+    assert M.off_kind_change(blue, red, "colour") < 0.05  # recoloured, no pattern: nothing off-kind
+    assert M.off_kind_change(red_striped, red, "colour") > 0.5  # a "colour" that draws stripes
+    assert M.off_kind_change(red_striped, red, "pattern") < 0.15  # a pattern on the same colour
+    assert M.off_kind_change(blue, red, "pattern") == pytest.approx(1.0)  # a "pattern" that recolours red to blue
+    assert M.off_kind_change(red, red, "colour") == 0.0 == M.off_kind_change(red, red, "pattern")
+    empty = torch.tensor(W.BACKGROUND, dtype=torch.float32)[:, None, None].expand(3, 32, 32) / 255
+    assert np.isnan(M.off_kind_change(empty, red, "colour")) and np.isnan(M.off_kind_change(red, empty, "pattern"))
+    with pytest.raises(KeyError, match="shape"):
+        M.off_kind_change(red, red, "shape")

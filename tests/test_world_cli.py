@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from hypertransport_core import read_header
-from trainer import steer
+from studies import steer
 from trainer.config import SHIPPED_HYPERNET
 
 pytestmark = [pytest.mark.comfy, pytest.mark.skipif(not os.path.isfile(SHIPPED_HYPERNET), reason="shipped world hypernet missing")]

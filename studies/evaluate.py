@@ -1,7 +1,7 @@
 """Evaluate steering on the embedded world: held-out concepts, five methods, a strength sweep.
 
-    python trainer/evaluate.py                                   # runs/world/hypernet.safetensors
-    python trainer/evaluate.py --hypernet FILE --concepts my_concepts.txt --out reports/mine
+    python studies/evaluate.py                                   # runs/world/hypernet.safetensors
+    python studies/evaluate.py --hypernet FILE --concepts my_concepts.txt --out reports/mine
 
 For each concept (default: the hypernet's held-out concepts, which it never saw) and each method
 
@@ -37,13 +37,13 @@ from scipy.stats import spearmanr
 
 from hypertransport_comfy.backend import ComfyBackend
 from hypertransport_comfy.comfyui import check_device
-from hypertransport_comfy.targets import concept_seed
+from hypertransport_comfy.targets import compute_targets, concept_seed
 from hypertransport_core import Steering
 from hypertransport_core.errors import HyperTransportError
 from hypertransport_world import scene
+from studies.measure import EvalSet, hard_first, held_loss, lineas_for, mean_inducement, open_study, steered_images
 from trainer.cli import command
 from trainer.config import SHIPPED_HYPERNET, WORLD_WEIGHTS, build_parser, default_hypernet, resolve
-from trainer.measure import EvalSet, hard_first, lineas_for, mean_inducement, open_study, steered_images
 from trainer.train import read_list
 
 log = logging.getLogger("hypertransport.evaluate")
@@ -72,6 +72,8 @@ class EvalConfig:
     strengths: str = "-1,-0.5,0,0.5,1,1.5"  # strength sweep
     sweep_methods: str = "ht_text"  # methods swept over the strengths: any of ht_text, ht_image, lineas (lineas where fitted)
     lineas_concepts: int = 6  # concepts that also get a LinEAS fit (patterns and saturated colours first; 0 = all, -1 = none)
+    lineas_random: int = 0  # and this many drawn at random (seeded by the split seed): the ratio for an ordinary concept
+    held_batches: int = 2  # fixed source batches of 8 prompts for the held OT loss of HT and LinEAS (one estimator for both; 0 = skip)
     lineas_steps: int = 60  # LinEAS optimizer steps per concept
     lineas_lr: float = 1e-2  # LinEAS learning rate
     lineas_cache: str = ""  # folder keeping LinEAS fits for reuse (named by all they depend on; "" = fit every time)
@@ -137,12 +139,24 @@ def image_metrics(backend: ComfyBackend, imgs: torch.Tensor, concept: str, ref: 
     out = {"inducement": ind, "clip": clip, "shape_kept": shape_kept, "shape_kept_clip": shape_kept_clip, "position_shift": moved}
     if shapes is not None:
         out["shape_correct"] = [float(M.shape_of(im) == s) for im, s in zip(imgs, shapes)]
+    kind = backend.concept_info(concept).kind
+    if kind in ("colour", "pattern"):  # specificity: how much the other kind moved
+        out["off_kind"] = [M.off_kind_change(im, r, kind) for im, r in zip(imgs, ref)]
     return out
 
 
 def _mean(xs) -> float:
     xs = [x for x in xs if x == x]
     return float(np.mean(xs)) if xs else float("nan")
+
+
+def lineas_samples(concepts: list[str], n_hardest: int, n_random: int, split_seed: int) -> dict[str, set[str]]:
+    """The concepts LinEAS is fitted on: ``{"hardest": the n_hardest of hard_first, "random": n_random drawn at random}``
+    (the random draw is seeded by the split seed alone, so it is the same whatever the hardest are)."""
+    rng = np.random.default_rng([int(split_seed), 20261207])
+    pool = sorted(concepts)
+    pick = rng.choice(len(pool), min(max(0, n_random), len(pool)), replace=False) if n_random > 0 else []
+    return {"hardest": set(hard_first(concepts, n_hardest)) if n_hardest else set(), "random": {pool[i] for i in pick}}
 
 
 def _grid_concepts(concepts: list[str], backend, n: int) -> set[str]:
@@ -178,7 +192,8 @@ def evaluate(cfg: EvalConfig, backend: ComfyBackend | None = None, progress: boo
     origin = provenance(hn.training_summary)
     grid_set = _grid_concepts(concepts, backend, cfg.grid_concepts)
     n_lineas = len(concepts) if cfg.lineas_concepts == 0 else max(0, min(cfg.lineas_concepts, len(concepts)))
-    with_lineas = set(hard_first(concepts, n_lineas))  # patterns and saturated colours first: the hard cases are in
+    lineas_sets = lineas_samples(concepts, n_lineas, cfg.lineas_random, hn.training_summary.get("split_seed", tcfg.seed))
+    with_lineas = set().union(*lineas_sets.values())
     es = EvalSet.default(cfg.seeds_per_shape)
     shapes, seeds = list(es.shapes), list(es.seeds)
     os.makedirs(cfg.out, exist_ok=True)
@@ -186,6 +201,7 @@ def evaluate(cfg: EvalConfig, backend: ComfyBackend | None = None, progress: boo
     base = steered_images(backend, es, [])
     lam_list = cfg.strength_list()
     results = {"config": dataclasses.asdict(cfg), "train_config": dataclasses.asdict(tcfg), "concepts": {},
+               "lineas_sets": {k: sorted(v) for k, v in lineas_sets.items()},
                "strengths": lam_list, "held_out": [c for c in concepts if c not in seen], "split": cfg.split,
                "split_seed": hn.training_summary.get("split_seed", tcfg.seed)}
     grid_rows = []
@@ -206,6 +222,11 @@ def evaluate(cfg: EvalConfig, backend: ComfyBackend | None = None, progress: boo
             st, t_fit, t_targets = lineas_for(backend, tcfg, concept, cfg.lineas_steps, cfg.lineas_lr, cfg.lineas_cache)
             steerings["lineas"] = (st, t_fit + t_targets)
             entry["lineas_target_seconds"] = t_targets
+            entry["lineas_sets"] = [k for k, v in lineas_sets.items() if concept in v]
+            if cfg.held_batches:  # one estimator for both methods: the same prompts, seeds, counts and precision
+                tgt = {k: v[0] for k, v in compute_targets(backend, [concept], tcfg, progress=False).items()}
+                entry["held_loss"] = {m: held_loss(backend, tcfg, concept, tgt, steerings[m][0], batches=cfg.held_batches)
+                                      for m in ("lineas", "ht_text")}
         imgs = {"none": base, "prompt": backend.images(backend.source.paired_prompts(concept, shapes)[1], seeds)}
         for name, (st, _) in steerings.items():
             imgs[name] = steered_images(backend, es, [(st, 1.0)])
@@ -320,14 +341,32 @@ def summarize(results: dict) -> dict:
     out: dict = {"n_concepts": len(cs), "n_lineas": len(with_lineas), "methods": {}}
     for m in METHODS:
         out["methods"][m] = {k: avg(m, k) for k in ("inducement", "clip", "shape_kept", "shape_kept_clip", "shape_correct",
-                                                     "position_shift", "seconds_to_intervention")}
+                                                     "position_shift", "seconds_to_intervention", "off_kind")}
+
+    def against_lineas(names: list[str]) -> dict:
+        ind_l, ind_t, ind_n = (avg(m, "inducement", names) for m in ("lineas", "ht_text", "none"))
+        held = [cs[c]["held_loss"] for c in names if "held_loss" in cs[c]]
+        got = {"n": len(names), "lineas": ind_l, "ht_text": ind_t, "none": ind_n,
+               "text_over_lineas": ind_t / ind_l if ind_l else float("nan"),
+               "text_gain_over_lineas_gain": (ind_t - ind_n) / (ind_l - ind_n) if ind_l != ind_n else float("nan")}
+        if held:
+            got["held_loss"] = {m: _mean([h[m] for h in held]) for m in ("lineas", "ht_text")}
+            got["held_loss_text_over_lineas"] = got["held_loss"]["ht_text"] / got["held_loss"]["lineas"]
+        return got
+
     if with_lineas:
-        ind_l = avg("lineas", "inducement", with_lineas)
-        ind_t = avg("ht_text", "inducement", with_lineas)
-        ind_n = avg("none", "inducement", with_lineas)
-        out["on_lineas_concepts"] = {"lineas": ind_l, "ht_text": ind_t, "none": ind_n,
-                                     "text_over_lineas": ind_t / ind_l if ind_l else float("nan"),
-                                     "text_gain_over_lineas_gain": (ind_t - ind_n) / (ind_l - ind_n) if ind_l != ind_n else float("nan")}
+        out["on_lineas_concepts"] = against_lineas(with_lineas)
+        for name in ("hardest", "random"):  # the hardest concepts, and an ordinary (random) sample of them
+            names = [c for c in with_lineas if name in cs[c].get("lineas_sets", [])]
+            if names:
+                out[f"on_{name}"] = against_lineas(names)
+        pats = [c for c in with_lineas if cs[c]["kind"] == "pattern"]
+        if pats:
+            out["on_lineas_patterns"] = against_lineas(pats)
+    kinds = sorted({cs[c]["kind"] for c in cs})
+    out["spearman_by_kind"] = {k: _mean([cs[c]["sweep"]["spearman"] for c in cs if cs[c]["kind"] == k]) for k in kinds}
+    out["off_kind_by_kind"] = {k: {m: avg(m, "off_kind", [c for c in cs if cs[c]["kind"] == k]) for m in METHODS}
+                               for k in kinds if k in ("colour", "pattern")}
     ind_t, ind_i, ind_n = avg("ht_text", "inducement"), avg("ht_image", "inducement"), avg("none", "inducement")
     out["image_over_text"] = ind_i / ind_t if ind_t else float("nan")
     out["image_gain_over_text_gain"] = (ind_i - ind_n) / (ind_t - ind_n) if ind_t != ind_n else float("nan")
@@ -431,11 +470,21 @@ def write_report(results: dict, cfg: EvalConfig) -> None:
               "the background colour loses pixels), so compare with the `none` and `prompt` rows (prompting changes only the "
               "colour/pattern words)."]
     lines += ["", "## Acceptance figures", ""]
-    if "on_lineas_concepts" in s:
-        o = s["on_lineas_concepts"]
-        lines.append(f"- On the {s['n_lineas']} LinEAS concepts: HT-from-text inducement {o['ht_text']:.3f} vs LinEAS {o['lineas']:.3f} "
-                     f"(ratio **{o['text_over_lineas']:.3f}**; gain over no steering {o['text_gain_over_lineas_gain']:.3f} of LinEAS's), "
-                     f"no steering {o['none']:.3f}.")
+    for key, what in (("on_lineas_concepts", "LinEAS concepts"), ("on_hardest", "hardest (patterns and saturated colours)"),
+                      ("on_random", "randomly drawn"), ("on_lineas_patterns", "LinEAS patterns")):
+        if key in s:
+            o = s[key]
+            held = (f"; held OT loss HT {o['held_loss']['ht_text']:.4f} vs LinEAS {o['held_loss']['lineas']:.4f} "
+                    f"(ratio {o['held_loss_text_over_lineas']:.2f}, one estimator)" if "held_loss" in o else "")
+            lines.append(f"- On the {o['n']} {what}: HT-from-text inducement {o['ht_text']:.3f} vs LinEAS {o['lineas']:.3f} "
+                         f"(ratio **{o['text_over_lineas']:.3f}**; gain over no steering {o['text_gain_over_lineas_gain']:.3f} "
+                         f"of LinEAS's), no steering {o['none']:.3f}{held}.")
+    if s.get("spearman_by_kind"):
+        lines.append("- Spearman by kind: " + ", ".join(f"{k} **{v:.3f}**" for k, v in s["spearman_by_kind"].items()) + ".")
+    for kind, row in s.get("off_kind_by_kind", {}).items():
+        other = "pattern scores" if kind == "colour" else "colour"
+        lines.append(f"- Specificity, steering a {kind}: change of the {other} (0 = untouched) " +
+                     ", ".join(f"{m} {v:.3f}" for m, v in row.items() if v == v) + ".")
     lines.append(f"- From a reference image vs from text: ratio **{s['image_over_text']:.3f}** "
                  f"(gain over no steering: {s['image_gain_over_text_gain']:.3f} of text's).")
     lines.append(f"- Inducement vs λ: mean Spearman **{s['spearman_mean']:.3f}**.")

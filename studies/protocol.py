@@ -1,15 +1,15 @@
 """The quality protocol: one configuration on three splits, chosen on validation, reported on test concepts.
 
-    python trainer/protocol.py --tag base --stage val                      # train seeds 0,1,2; evaluate validation
-    python trainer/protocol.py --tag long --set steps=800 --stage val      # an alternative, judged the same way
-    python trainer/protocol.py --tag long --stage test --compose           # the chosen one, on the test concepts
-    python trainer/protocol.py --report                                    # every tag's table: reports/protocol/
+    python studies/protocol.py --tag base --stage val                      # train seeds 0,1,2; evaluate validation
+    python studies/protocol.py --tag long --set steps=800 --stage val      # an alternative, judged the same way
+    python studies/protocol.py --tag long --stage test --compose           # the chosen one, on the test concepts
+    python studies/protocol.py --report                                    # every tag's table: reports/protocol/
 
 Each split is a seed of :func:`trainer.train.split_concepts`: its test concepts are held out of training and of
 every choice; its validation concepts are held out of training and are what configurations are compared on. A
 tag trains one hypernet per seed (``runs/protocol/<tag>/seed<N>``, reused when present) with ``--set`` overrides
 of the trainer's defaults, then runs the evaluator on the ``--stage`` concepts, on test with a converged LinEAS
-baseline (``--lineas-steps``, see ``trainer/baseline.py``; fits are cached and shared; validation compares HT
+baseline (``--lineas-steps``, see ``studies/baseline.py``; fits are cached and shared; validation compares HT
 configurations alone unless ``--lineas-concepts`` says otherwise), and with ``--compose`` the
 composition study. ``--report`` collects every tag and stage into ``reports/protocol/protocol.md`` with the
 issue's targets, per split and as the mean of the splits.
@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import sys
-from typing import get_type_hints
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,31 +31,12 @@ import numpy as np
 
 from hypertransport_core.errors import HyperTransportError
 from trainer.cli import command
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, parse_overrides
 
 log = logging.getLogger("hypertransport.protocol")
 
 RUNS, REPORTS = os.path.join("runs", "protocol"), os.path.join("reports", "protocol")
 LINEAS_CACHE = os.path.join("runs", "lineas_cache")
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """``["steps=800", "rank=32"]`` → typed TrainConfig overrides (unknown names refused with the list)."""
-    hints = get_type_hints(TrainConfig)
-    out = {}
-    for item in items:
-        key, sep, val = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in hints:
-            raise HyperTransportError(f"--set {item!r}: expected name=value with a trainer option, e.g. steps=800. "
-                             f"Options: {', '.join(sorted(hints))}")
-        typ = hints[key]
-        try:
-            out[key] = (val.strip().lower() in ("1", "true", "yes")) if typ is bool else typ(val.strip())
-        except (TypeError, ValueError):
-            raise HyperTransportError(f"--set {item!r}: {val.strip()!r} is not a {getattr(typ, '__name__', typ)}. "
-                                      "Fix: e.g. steps=800, lr=0.003.") from None
-    return out
 
 
 def train_split(tag: str, seed: int, overrides: dict) -> str:
@@ -80,16 +60,17 @@ def train_split(tag: str, seed: int, overrides: dict) -> str:
 
 
 def evaluate_split(tag: str, seed: int, hypernet: str, stage: str, a: argparse.Namespace) -> dict:
-    from trainer.evaluate import EvalConfig, evaluate
+    from studies.evaluate import EvalConfig, evaluate
 
     out = os.path.join(REPORTS, tag, f"seed{seed}-{stage}")
     cfg = EvalConfig(hypernet=hypernet, split=stage, out=out, lineas_concepts=a.lineas_concepts, lineas_steps=a.lineas_steps,
-                     lineas_cache=LINEAS_CACHE, sweep_methods=a.sweep_methods, grid_concepts=a.grid_concepts)
+                     lineas_random=a.lineas_random, lineas_cache=LINEAS_CACHE, sweep_methods=a.sweep_methods,
+                     grid_concepts=a.grid_concepts)
     return evaluate(cfg)
 
 
 def compose_split(tag: str, seed: int, hypernet: str, a: argparse.Namespace) -> dict:
-    from trainer.compose import ComposeConfig, compose
+    from studies.compose import ComposeConfig, compose
 
     return compose(ComposeConfig(hypernet=hypernet, pairs=a.pairs, pool=min(a.lineas_concepts, 8) if a.lineas_concepts > 0 else 8,
                                  lineas_steps=a.lineas_steps, lineas_cache=LINEAS_CACHE,
@@ -98,10 +79,14 @@ def compose_split(tag: str, seed: int, hypernet: str, a: argparse.Namespace) -> 
 
 # ------------------------------------------------------------------------------------------ report
 TARGETS = [  # (name, how it is computed from one split's figures, target, "≥")
-    ("HT text / converged LinEAS", "text_over_lineas", 1.00),
+    ("HT text / converged LinEAS, random concepts", "random_text_over_lineas", 1.00),
+    ("HT text / converged LinEAS, hardest", "hardest_text_over_lineas", 0.90),
+    ("HT text / converged LinEAS, all fitted", "text_over_lineas", 1.00),
     ("HT text / LinEAS, patterns", "pattern_text_over_lineas", 0.80),
     ("HT image / HT text", "image_over_text", 0.90),
     ("Spearman(inducement, λ)", "spearman", 0.95),
+    ("Spearman, colours", "spearman_colour", 0.95),
+    ("Spearman, patterns", "spearman_pattern", 0.95),
     ("λ < 0 below λ = 0", "negative_share", 0.95),
     ("shape kept at λ = 1", "shape_kept", 0.95),
     ("composition: colour kept", "compose_colour", 0.70),
@@ -127,6 +112,13 @@ def split_figures(results: dict, composition: dict | None) -> dict:
         "image_over_text": s["image_over_text"], "spearman": s["spearman_mean"],
         "negative_share": s.get("negative_moves_away", {}).get("share", float("nan")),
         "shape_kept": s["methods"]["ht_text"]["shape_kept"],
+        "random_text_over_lineas": s.get("on_random", {}).get("text_over_lineas", float("nan")),
+        "hardest_text_over_lineas": s.get("on_hardest", {}).get("text_over_lineas", float("nan")),
+        "spearman_colour": s.get("spearman_by_kind", {}).get("colour", float("nan")),
+        "spearman_pattern": s.get("spearman_by_kind", {}).get("pattern", float("nan")),
+        "held_loss_text_over_lineas": s.get("on_lineas_concepts", {}).get("held_loss_text_over_lineas", float("nan")),
+        "off_kind": {k: {m: row.get(m, float("nan")) for m in ("prompt", "lineas", "ht_text")}
+                     for k, row in s.get("off_kind_by_kind", {}).items()},
         "ind": {m: s["methods"][m]["inducement"] for m in ("none", "prompt", "lineas", "ht_text", "ht_image")},
         "seconds_ht": s["methods"]["ht_text"]["seconds_to_intervention"],
         "seconds_lineas": s["methods"]["lineas"]["seconds_to_intervention"],
@@ -157,6 +149,11 @@ def collect() -> dict:
     return found
 
 
+def _nanmean(vals) -> float:
+    good = [v for v in vals if v == v]
+    return float(np.mean(good)) if good else float("nan")
+
+
 def _fmt(v) -> str:
     return "-" if v is None or (isinstance(v, float) and v != v) else f"{v:.3f}"
 
@@ -164,10 +161,10 @@ def _fmt(v) -> str:
 def report() -> str:
     found = collect()
     if not found:
-        raise HyperTransportError(f"nothing evaluated under {REPORTS}. Fix: run e.g. `python trainer/protocol.py --tag base --stage val`.")
+        raise HyperTransportError(f"nothing evaluated under {REPORTS}. Fix: run e.g. `python studies/protocol.py --tag base --stage val`.")
     lines = ["# The quality protocol on the embedded world", "",
              "Per tag (a training configuration) and stage (`val`: validation concepts, used to choose; `test`: the test "
-             "concepts, reported once), every split and their mean. Commands: `trainer/protocol.py` (its docstring).", ""]
+             "concepts, reported once), every split and their mean. Commands: `studies/protocol.py` (its docstring).", ""]
     for (tag, stage), seeds in sorted(found.items()):
         with_settings = os.path.join(RUNS, tag, f"seed{min(seeds)}", "protocol.json")
         settings = json.load(open(with_settings)) if os.path.isfile(with_settings) else {}
@@ -184,6 +181,14 @@ def report() -> str:
         for m in ("none", "prompt", "lineas", "ht_text", "ht_image"):
             vals = [seeds[s]["ind"][m] for s in sorted(seeds)]
             lines.append(f"| inducement: {m} | | " + " | ".join(_fmt(v) for v in vals) + f" | {_fmt(float(np.mean(vals)))} | |")
+        vals = [seeds[s].get("held_loss_text_over_lineas", float("nan")) for s in sorted(seeds)]
+        lines.append("| held OT loss: HT text / LinEAS (one estimator; lower is better) | | " + " | ".join(_fmt(v) for v in vals) +
+                     f" | {_fmt(_nanmean(vals))} | |")
+        for kind in ("colour", "pattern"):  # specificity: HT (and LinEAS) should move the other kind no more than prompting
+            for m in ("prompt", "lineas", "ht_text"):
+                vals = [seeds[s].get("off_kind", {}).get(kind, {}).get(m, float("nan")) for s in sorted(seeds)]
+                lines.append(f"| off-kind change steering a {kind}: {m} | ≤ prompt's | " + " | ".join(_fmt(v) for v in vals) +
+                             f" | {_fmt(_nanmean(vals))} | |")
         n = seeds[min(seeds)]
         per = "; ".join(f"split {k}: {seeds[k]['lineas_steps']} steps on {seeds[k]['n_lineas']} "
                         f"({seeds[k]['n_lineas_patterns']} patterns)" for k in sorted(seeds))
@@ -201,7 +206,7 @@ def report() -> str:
 def loss_plot(path: str, curve: str = os.path.join("reports", "lineas_curve", "curve.json")) -> bool:
     """The hypernets' validation loss during training (every tag and split; the final one is estimated on other
     batches, so it is left out), their test loss at the end, and
-    the converged LinEAS fits' held loss over LinEAS steps (``trainer/baseline.py``); False when nothing to plot."""
+    the converged LinEAS fits' held loss over LinEAS steps (``studies/baseline.py``); False when nothing to plot."""
     logs = sorted(glob.glob(os.path.join(RUNS, "*", "seed*", "train_log.jsonl")))
     if not logs:
         return False
@@ -247,9 +252,12 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="trainer option, repeatable")
     p.add_argument("--seeds", default="0,1,2", help="the splits")
     p.add_argument("--stage", choices=("val", "test"), default="val")
-    p.add_argument("--lineas-steps", type=int, default=240, help="LinEAS steps of the baseline (converged: see trainer/baseline.py)")
+    p.add_argument("--lineas-steps", type=int, default=240, help="LinEAS steps of the baseline (converged: see studies/baseline.py)")
     p.add_argument("--lineas-concepts", type=int, default=None,
                    help="concepts per split given a LinEAS fit (default: 16 on test, none (-1) on val: choices compare HT configurations)")
+    p.add_argument("--lineas-random", type=int, default=None,
+                   help="and concepts drawn at random per split, seeded (default: 12 on test, 0 on val): the ratio for an "
+                        "ordinary concept")
     p.add_argument("--sweep-methods", default="ht_text,ht_image,lineas", help="methods swept over λ")
     p.add_argument("--grid-concepts", type=int, default=12)
     p.add_argument("--compose", action="store_true", help="also the composition study (test stage)")
@@ -264,6 +272,8 @@ def main(argv=None) -> int:
     overrides = parse_overrides(a.set)
     if a.lineas_concepts is None:
         a.lineas_concepts = 16 if a.stage == "test" else -1
+    if a.lineas_random is None:
+        a.lineas_random = 12 if a.stage == "test" else 0
     bad = {k for k in overrides if k in ("seed", "out", "max_minutes")}
     if bad:
         raise HyperTransportError(f"--set {sorted(bad)}: the protocol sets these itself (per split).")

@@ -1,7 +1,7 @@
 """How long LinEAS must fit before it stops improving: inducement and loss vs optimizer steps, per concept.
 
-    python trainer/baseline.py                                   # 16 test concepts of the shipped hypernet's split
-    python trainer/baseline.py --steps 480 --checkpoints 15,30,60,120,240,480 --concepts-file mine.txt
+    python studies/baseline.py                                   # 16 test concepts of the shipped hypernet's split
+    python studies/baseline.py --steps 480 --checkpoints 15,30,60,120,240,480 --concepts-file mine.txt
 
 The per-concept baseline the hypernet amortizes is only an honest yardstick once it has converged. For each
 concept (by default 16 of the hypernet's test concepts, the most saturated colours and the patterns first, so
@@ -28,9 +28,9 @@ import numpy as np
 from hypertransport_comfy.targets import compute_targets
 from hypertransport_core import LinEASConfig, save_steering
 from hypertransport_core.errors import HyperTransportError
+from studies.measure import EvalSet, hard_first, held_loss, inducement_of, lineas_cache_path, open_study
 from trainer.cli import command
 from trainer.config import WORLD_WEIGHTS, build_parser, resolve
-from trainer.measure import EvalSet, hard_first, held_loss, inducement_of, lineas_cache_path, open_study
 from trainer.train import fit_concept_lineas, read_list
 
 log = logging.getLogger("hypertransport.baseline")

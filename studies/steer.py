@@ -1,7 +1,7 @@
 """Steer one generation of the embedded world from a concept's words or a reference image.
 
-    python trainer/steer.py --concept "tomato" --strength 1 --out tomato.png
-    python trainer/steer.py --image my_reference.png --prompt "a square" --strength 0.7 --out out.png
+    python studies/steer.py --concept "tomato" --strength 1 --out tomato.png
+    python studies/steer.py --image my_reference.png --prompt "a square" --strength 0.7 --out out.png
 
 Writes a PNG: the unsteered image and the steered one side by side (upscaled, nearest neighbour),
 unless ``--single``. The concept can be any text: the hypernet maps its CLIP embedding, whether or

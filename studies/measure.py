@@ -1,7 +1,7 @@
 """What every world study measures the same way: the evaluation images, pixel inducement, a held OT loss.
 
-The evaluator (``trainer/evaluate.py``), the LinEAS convergence curve (``trainer/baseline.py``), composition
-(``trainer/compose.py``) and the split protocol (``trainer/protocol.py``) all generate the same seeds of the
+The evaluator (``studies/evaluate.py``), the LinEAS convergence curve (``studies/baseline.py``), composition
+(``studies/compose.py``) and the split protocol (``studies/protocol.py``) all generate the same seeds of the
 neutral prompt ``"a {shape}"`` and score them with the world's pixel metrics, so their figures compare.
 """
 

@@ -1,7 +1,7 @@
 """Two concepts at once: how much of each survives, by the hypernet (combined or stacked) and by LinEAS stacked.
 
-    python trainer/compose.py                                   # the hypernet's test concepts
-    python trainer/compose.py --hypernet runs/world/hypernet.safetensors --pairs 4 --lineas-steps 240
+    python studies/compose.py                                   # the hypernet's test concepts
+    python studies/compose.py --hypernet runs/world/hypernet.safetensors --pairs 4 --lineas-steps 240
 
 Pairs are drawn from ``--pool`` of the hypernet's test concepts (patterns and saturated colours first): ``--pairs`` colour + pattern pairs and half as many colour +
 colour pairs. For each pair (a, b), on the evaluator's seeds of ``"a {shape}"``:
@@ -32,9 +32,9 @@ import torch
 
 from hypertransport_core import combine_concepts
 from hypertransport_world import scene
+from studies.measure import EvalSet, hard_first, lineas_for, mean_inducement, open_study, steered_images
 from trainer.cli import command
 from trainer.config import WORLD_WEIGHTS, build_parser, resolve
-from trainer.measure import EvalSet, hard_first, lineas_for, mean_inducement, open_study, steered_images
 
 log = logging.getLogger("hypertransport.compose")
 
@@ -47,9 +47,9 @@ class ComposeConfig:
     world_weights: str = WORLD_WEIGHTS
     pairs: int = 4  # colour + pattern pairs (and pairs // 2 colour + colour pairs)
     pool: int = 8  # drawn from this many test concepts, hard first (the evaluator's LinEAS concepts: fits are shared)
-    lineas_steps: int = 240  # LinEAS steps per concept (the converged count, see trainer/baseline.py)
+    lineas_steps: int = 240  # LinEAS steps per concept (the converged count, see studies/baseline.py)
     lineas_lr: float = 1e-2
-    lineas_cache: str = "runs/lineas_cache"  # LinEAS fits shared with the evaluator (see trainer/measure.py)
+    lineas_cache: str = "runs/lineas_cache"  # LinEAS fits shared with the evaluator (see studies/measure.py)
     seeds_per_shape: int = 4
     out: str = "reports/composition"
     threads: int = 0

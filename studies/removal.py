@@ -1,7 +1,7 @@
 """Removing a concept (λ < 0): how far the inverse map may divide, measured on validation concepts.
 
-    python trainer/removal.py --hypernet runs/protocol/base/seed0/hypernet.safetensors --split val
-    python trainer/removal.py --floors 0.01,0.25,0.5 --split test --out reports/removal/test
+    python studies/removal.py --hypernet runs/protocol/base/seed0/hypernet.safetensors --split val
+    python studies/removal.py --floors 0.01,0.25,0.5 --split test --out reports/removal/test
 
 ``λ < 0`` applies the inverse map ``T⁻¹(z) = (z − b) / w`` (METHOD §2, the paper's), with ``|w|`` kept at
 least a floor (ours: ``hypertransport_core.interventions.REMOVAL_FLOOR``, varied here with ``removal_floor``). A hypernet's maps hold channels with
@@ -37,10 +37,10 @@ from scipy.stats import spearmanr
 from hypertransport_core import Steering
 from hypertransport_core.errors import HyperTransportError
 from hypertransport_core.interventions import MAX_REMOVAL_FLOOR, MIN_ABS_W, removal_floor
+from studies.evaluate import SPLITS, _mean, image_metrics
+from studies.measure import EvalSet, mean_inducement, open_study, steered_images
 from trainer.cli import command
 from trainer.config import WORLD_WEIGHTS, build_parser, resolve
-from trainer.evaluate import SPLITS, _mean, image_metrics
-from trainer.measure import EvalSet, mean_inducement, open_study, steered_images
 
 log = logging.getLogger("hypertransport.removal")
 
