@@ -5,19 +5,33 @@ ComfyUI imports this file as a package from ``custom_nodes/<this folder>`` and c
 ``import``) ``comfy_api`` is absent and nothing ComfyUI-specific is imported. Inside a ComfyUI too old
 for the V3 node API (before 0.3.75's ``comfy_api.latest``), a warning says so and no node is registered.
 
-The pack's folder is appended to ``sys.path`` so that ``hypertransport_core`` (and the pack's other
-top-level packages) are imported by their own names: the trainer, the tests and the nodes then share one
-copy of each class in a process. Appended, never prepended, so ComfyUI's own ``nodes`` module keeps
-precedence over this pack's ``nodes/`` folder, which ComfyUI reaches as ``<pack>.nodes``.
+The pack's libraries, ``hypertransport_core``, ``hypertransport_comfy`` and ``hypertransport_world``, are imported by
+their own names (the trainer, the tests and the nodes then share one copy of each class in a process): a finder on
+``sys.meta_path`` resolves exactly those three names in the pack's folder. The folder itself is not put on
+``sys.path``, so its other folders (``nodes``, ``trainer``, ``tests`` ...) never shadow or collide with ComfyUI's
+modules or another pack's; ComfyUI reaches ``nodes/`` as ``<pack>.nodes``. A copy of the libraries installed in the
+environment comes first.
 """
 
+import importlib.abc
+import importlib.machinery
 import logging
 import os
 import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:
-    sys.path.append(_HERE)
+_LIBRARIES = ("hypertransport_core", "hypertransport_comfy", "hypertransport_world")
+
+
+class _LibraryFinder(importlib.abc.MetaPathFinder):
+    """Finds the pack's three libraries (top-level names only; their submodules follow their package's path)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        return importlib.machinery.PathFinder.find_spec(fullname, [_HERE]) if fullname in _LIBRARIES else None
+
+
+if not any(type(f).__name__ == "_LibraryFinder" for f in sys.meta_path):  # one finder, even if the pack is loaded twice
+    sys.meta_path.append(_LibraryFinder())
 
 try:
     import comfy_api.latest  # noqa: F401

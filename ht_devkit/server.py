@@ -48,9 +48,9 @@ def prepare_server_base(base: str | os.PathLike) -> dict:
     return {**names, "encoder": enc.identity}
 
 
-def write_hostile_hypernet(src, dst, **arch) -> None:
-    """``src`` with its recorded trunk claiming ``arch`` (default: 500 layers of width 1024): a 15 KB file that
-    would allocate gigabytes if the header were trusted before its tensors are checked."""
+def with_metadata(src, dst, **changes) -> str:
+    """``src`` rewritten to ``dst`` with metadata keys changed (a non-string value is JSON-encoded), the tensor bytes
+    copied as they are: the content hash no longer matches, as in a file edited by hand."""
     import json
     import struct
 
@@ -58,12 +58,22 @@ def write_hostile_hypernet(src, dst, **arch) -> None:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
         data = f.read()
-    cfg = json.loads(header["__metadata__"]["arch"])
-    cfg.update(arch or {"depth": 500, "hidden": 1024})
-    header["__metadata__"]["arch"] = json.dumps(cfg)
+    header["__metadata__"].update({k: (v if isinstance(v, str) else json.dumps(v)) for k, v in changes.items()})
     body = json.dumps(header).encode()
     with open(dst, "wb") as f:
         f.write(struct.pack("<Q", len(body)) + body + data)
+    return str(dst)
+
+
+def write_hostile_hypernet(src, dst, **arch) -> None:
+    """``src`` with its recorded trunk claiming ``arch`` (default: 500 layers of width 1024): a 15 KB file that
+    would allocate gigabytes if the header were trusted before its tensors are checked."""
+    import json
+
+    from hypertransport_core.tensorfile import read_layout
+
+    cfg = json.loads(read_layout(src, what="hypernet").metadata["arch"])
+    with_metadata(src, dst, arch={**cfg, **(arch or {"depth": 500, "hidden": 1024})})
 
 
 def error_text(entry: dict) -> str:

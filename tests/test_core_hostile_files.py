@@ -17,6 +17,7 @@ import pytest
 import torch
 from core_helpers import single_thread  # noqa: F401
 
+from ht_devkit.server import with_metadata
 from hypertransport_core import (
     HyperNet,
     HyperNetConfig,
@@ -54,16 +55,6 @@ def _meta_of(path) -> dict:
     return dict(read_layout(path).metadata)
 
 
-def _with_metadata(src, dst, **changes) -> str:
-    """``src`` rewritten with changed metadata (tensor bytes copied as they are; the hash no longer matches)."""
-    with open(src, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        data = f.read()
-    header["__metadata__"].update({k: (v if isinstance(v, str) else json.dumps(v)) for k, v in changes.items()})
-    return _raw_file(dst, header, data)
-
-
 @pytest.fixture
 def hn_file(tmp_path):
     p = str(tmp_path / "hn.safetensors")
@@ -89,14 +80,14 @@ def st_file(tmp_path):
     ([1, 2], "'arch' must be a JSON object"),
 ])
 def test_config_checked_before_anything_is_built(hn_file, tmp_path, arch, message):
-    p = _with_metadata(hn_file, tmp_path / "big.safetensors", arch=arch)
+    p = with_metadata(hn_file, tmp_path / "big.safetensors", arch=arch)
     with pytest.raises(HyperTransportError, match=message):
         load_hypernet(p)
 
 
 def test_trunk_tensors_must_match_the_recorded_depth(hn_file, tmp_path):
     # a header claiming three trunk layers over a file holding two: refused from the header
-    p = _with_metadata(hn_file, tmp_path / "deep.safetensors", arch={"hidden": 12, "depth": 3, "rank": 3, "dropout": 0.0})
+    p = with_metadata(hn_file, tmp_path / "deep.safetensors", arch={"hidden": 12, "depth": 3, "rank": 3, "dropout": 0.0})
     with pytest.raises(HyperTransportError, match=r"tensor 'trunk.6.(weight|bias)' is missing \(.* expected from its config"):
         load_hypernet(p)
 
@@ -123,7 +114,7 @@ LOAD_IN_SMALL_ADDRESS_SPACE = textwrap.dedent("""
 
 @pytest.mark.parametrize("arch", [{"hidden": 1024, "depth": 500, "rank": 3}, {"hidden": 8192, "depth": 16, "rank": 512}])
 def test_hostile_config_is_refused_in_a_small_address_space(hn_file, tmp_path, arch):
-    p = _with_metadata(hn_file, tmp_path / "hostile.safetensors", arch=arch)
+    p = with_metadata(hn_file, tmp_path / "hostile.safetensors", arch=arch)
     code = LOAD_IN_SMALL_ADDRESS_SPACE.format(repo=REPO, path=p)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert "REFUSED" in out.stdout, out.stdout + out.stderr
@@ -180,18 +171,18 @@ def test_malformed_headers(tmp_path, header, message):
 def test_site_fields_are_validated(st_file, tmp_path, field, value, message):
     sites = [s.to_dict() for s in SITES]
     sites[0][field] = value
-    p = _with_metadata(st_file, tmp_path / "s.safetensors", sites=sites)
+    p = with_metadata(st_file, tmp_path / "s.safetensors", sites=sites)
     with pytest.raises(HyperTransportError, match=message):
         load_steering(p)
 
 
 def test_duplicate_and_too_many_sites(st_file, tmp_path):
     sites = [s.to_dict() for s in SITES]
-    p = _with_metadata(st_file, tmp_path / "d.safetensors", sites=sites + sites[:1])
+    p = with_metadata(st_file, tmp_path / "d.safetensors", sites=sites + sites[:1])
     with pytest.raises(HyperTransportError, match="lists site 'a.norm' twice"):
         load_steering(p)
     many = [{"name": f"s{i}", "channels": 1} for i in range(5000)]
-    p = _with_metadata(st_file, tmp_path / "many.safetensors", sites=many)
+    p = with_metadata(st_file, tmp_path / "many.safetensors", sites=many)
     with pytest.raises(HyperTransportError, match="5000 sites, more than the 4096 allowed"):
         load_steering(p)
 
@@ -271,7 +262,7 @@ def test_saving_refuses_non_finite_and_keeps_the_old_file(tmp_path):
 
 def test_version_1_files_without_a_hash_still_load_with_a_warning(hn_file, tmp_path, caplog):
     meta = _meta_of(hn_file)
-    p = _with_metadata(hn_file, tmp_path / "v1.safetensors", format_version=1)
+    p = with_metadata(hn_file, tmp_path / "v1.safetensors", format_version=1)
     with open(p, "rb") as f:  # drop the hash, as version 1 files have none
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
@@ -282,7 +273,7 @@ def test_version_1_files_without_a_hash_still_load_with_a_warning(hn_file, tmp_p
     loaded = load_hypernet(p)
     assert loaded.sites == tuple(SITES)
     assert "saved before content hashes" in caplog.text
-    v2 = _with_metadata(p, tmp_path / "v2nohash.safetensors", format_version=2)
+    v2 = with_metadata(p, tmp_path / "v2nohash.safetensors", format_version=2)
     with pytest.raises(HyperTransportError, match="'sha256' .* is missing"):
         load_hypernet(v2)
 

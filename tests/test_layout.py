@@ -9,15 +9,16 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PACKAGES = ("hypertransport_core", "hypertransport_comfy", "hypertransport_world", "trainer", "nodes", "ht_devkit", "workflows",
-            "benchmarks", "scripts")
+PACKAGES = ("hypertransport_core", "hypertransport_comfy", "hypertransport_world", "trainer", "studies", "nodes", "ht_devkit",
+            "workflows", "benchmarks", "scripts")
 #: what each layer may not import: the layers above it
 FORBIDDEN = {
-    "hypertransport_comfy": {"nodes", "trainer", "ht_devkit", "workflows", "benchmarks", "scripts"},
-    "hypertransport_world": {"nodes", "trainer", "ht_devkit", "workflows", "benchmarks", "scripts"},
-    "nodes": {"trainer", "ht_devkit", "workflows", "benchmarks", "scripts"},
-    "ht_devkit": {"trainer", "workflows", "benchmarks", "scripts"},
-    "trainer": {"nodes", "ht_devkit", "workflows", "benchmarks", "scripts"},
+    "hypertransport_comfy": {"nodes", "trainer", "studies", "ht_devkit", "workflows", "benchmarks", "scripts"},
+    "hypertransport_world": {"nodes", "trainer", "studies", "ht_devkit", "workflows", "benchmarks", "scripts"},
+    "nodes": {"trainer", "studies", "ht_devkit", "workflows", "benchmarks", "scripts"},
+    "ht_devkit": {"trainer", "studies", "workflows", "benchmarks", "scripts"},
+    "trainer": {"nodes", "studies", "ht_devkit", "workflows", "benchmarks", "scripts"},
+    "studies": {"nodes", "ht_devkit", "workflows", "benchmarks", "scripts"},
 }
 _DYNAMIC = {"import_module", "__import__"}
 
@@ -117,3 +118,31 @@ def test_the_layer_check_sees_static_and_dynamic_imports(tmp_path):
     p.write_text("def f():\n    from trainer.fit import x\n    return __import__('nodes.patching')\n")
     mods = {"trainer.fit": p, "nodes.patching": p}
     assert _imports("hypertransport_comfy.x", p, mods) == {"trainer.fit"} and _dynamic_imports(p) == {"nodes"}
+
+
+def test_the_pack_makes_only_its_libraries_importable(tmp_path):
+    """Loaded as ComfyUI loads a custom node, the pack adds exactly its three libraries to the import system: its folder
+    is not on sys.path, so its nodes/, trainer/, tests/ ... shadow nothing of ComfyUI's or another pack's."""
+    import os
+    import subprocess
+    import sys
+
+    code = f"""
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("HyperTransport", {str(ROOT / "__init__.py")!r},
+                                              submodule_search_locations=[{str(ROOT)!r}])
+pack = importlib.util.module_from_spec(spec)
+sys.modules["HyperTransport"] = pack
+spec.loader.exec_module(pack)
+spec.loader.exec_module(pack)  # loaded twice: still one finder
+import hypertransport_core.engine, hypertransport_world.scene, hypertransport_comfy.targets
+assert hypertransport_core.__file__.startswith({str(ROOT)!r}), hypertransport_core.__file__
+assert {str(ROOT)!r} not in sys.path
+assert sum(type(f).__name__ == "_LibraryFinder" for f in sys.meta_path) == 1
+for name in ("nodes", "trainer", "studies", "tests", "scripts", "benchmarks", "ht_devkit", "workflows"):
+    assert importlib.util.find_spec(name) is None, name
+print("only the libraries")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "only the libraries" in out.stdout, out.stderr[-2000:]
