@@ -46,6 +46,7 @@ from hypertransport_core.encoders import (
 )
 from hypertransport_core.errors import HyperTransportError
 
+from . import feedback
 from . import model_files as mf
 
 log = logging.getLogger(__name__)
@@ -262,7 +263,7 @@ def _choose(handle, obj, what: str, tower_kind: str, towers, make, clip_weights:
             f"hypernet {handle.name} records no {tower_kind}_fingerprint (saved before per-tower fingerprints), "
             f"so the connected {what} cannot be matched to its encoder {arch}"
         )
-    log.warning("%s: %s. Using open_clip weights from the model folders instead.", node, why)
+    feedback.warn_in_ui(node, f"{why}. Using open_clip weights from the model folders instead.")
     try:
         return mf.encoder_for(handle, clip_weights, node)
     except HyperTransportError as e:

@@ -18,7 +18,7 @@ from hypertransport_core.files import load_hypernet, load_steering, read_header,
 from hypertransport_core.interventions import Steering
 from hypertransport_core.sites import block_presets
 
-from . import comfy_clip, patching
+from . import comfy_clip, feedback, patching
 from . import model_files as mf
 from .inputs import check_blocks, check_model, parse_batch_strengths, parse_block_strengths, parse_concepts
 
@@ -29,11 +29,14 @@ HyperNetType = io.Custom("HT_HYPERNET")
 ConceptType = io.Custom("HT_CONCEPT")
 SteeringType = io.Custom("HT_STEERING")
 
-_STRENGTH = dict(default=1.0, min=patching.STRENGTH_RANGE[0], max=patching.STRENGTH_RANGE[1], step=0.05)
+# the slider spans what works (the maps were fitted at 1; past about ±2 images break up); a prompt sent through the API
+# may still use up to patching.STRENGTH_RANGE (validate_inputs checks that bound) and gets a warning past ±2
+_STRENGTH = dict(default=1.0, min=-3.0, max=3.0, step=0.05)
 _STRENGTH_TIP = (
-    "How strongly the concept is applied, from -10 to 10: 0 leaves the model unchanged, 1 the full learned map, "
-    "above 1 extrapolates; negative removes it with the inverse map, which pushes away from the concept (towards an "
-    "opposite); from -1 to 0 it amplifies no channel."
+    "How strongly the concept is applied: 0 leaves the model unchanged, 1 the full learned map, above 1 extrapolates; "
+    "negative removes it with the inverse map, which pushes away from the concept (towards an opposite); from -1 to 0 it "
+    "amplifies no channel. The slider spans -3 to 3 (a prompt sent through the API may use -10 to 10); past about ±2 "
+    "images break up, and the node shows a warning."
 )
 _START_TIP = "Fraction of the sampling at which steering starts (0 = first step)."
 _END_TIP = "Fraction of the sampling at which steering stops (1 = last step)."
@@ -140,6 +143,7 @@ class LoadHyperNet(io.ComfyNode):
         read_header(path, expect="hypertransport.hypernet")  # validates without loading tensors
         handle = mf.HyperNetHandle(load_hypernet(path), hypernet_name)
         info = handle.describe()
+        feedback.progress_text(info)  # on the node itself: a V3 node's text output is not shown without a web extension
         return io.NodeOutput(handle, info, ui=ui.PreviewText(info))
 
 
@@ -352,6 +356,7 @@ class ApplySteering(io.ComfyNode):
         st, what = _source_steering(node, hypernet, concept, steering)
         check_model(model, hypernet.net.family if steering is None else st.meta.get("family", "generic"),
                     hypernet.net.sites if steering is None else st.sites, what)
+        feedback.warn_in_ui(node, patching.extreme_warning([(st, lam)]))
         return io.NodeOutput(
             patching.attach(model, [(st, lam)], start_percent=start_percent, end_percent=end_percent, mode="auto",
                             label=f"{node} ({what})")
@@ -508,7 +513,8 @@ class ApplySteeringAdvanced(io.ComfyNode):
             "cond/uncond rows, and hooks or folded weights. Patches a clone only; strength 0 returns the model as is.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to steer."),
-                SteeringType.Input("steering", tooltip="From Make, Fit or Load Steering."),
+                SteeringType.Input("steering", optional=True,
+                                   tooltip="From Make, Fit or Load Steering (or connect a hypernet and a concept below)."),
                 *_strength_and_range(),
                 io.Combo.Input(
                     "mode",
@@ -544,10 +550,16 @@ class ApplySteeringAdvanced(io.ComfyNode):
                                 "gets strength. At most 256 numbers (4,000 characters). Needs hooks."),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Steer only where the mask is 1 (resized to every site's resolution; token sites "
-                              "by token position). Outside it every site's output is the unsteered one. Needs hooks."),
+                              "by token position). Outside it every site's output is the unsteered one, but the model's "
+                              "convolutions and attention still carry part of the effect across the border: expect a "
+                              "soft seam and some change outside (a blurred mask softens the seam). Needs hooks."),
                 io.Combo.Input("ramp", options=list(patching.RAMPS), default="constant", optional=True,
                                tooltip="Over the steered steps: constant strength, ease in (0 at the first step, full "
                                "at the last) or ease out (full, then down to 0). Needs hooks."),
+                HyperNetType.Input("hypernet", optional=True,
+                                   tooltip="Instead of a steering: a hypernet from Load HyperNet, with a concept."),
+                ConceptType.Input("concept", optional=True,
+                                  tooltip="With a hypernet: from Encode Concept, Encode Reference Image or Combine Concepts."),
             ],
             outputs=[io.Model.Output(tooltip="The steered model (a patched clone).")],
         )
@@ -557,8 +569,9 @@ class ApplySteeringAdvanced(io.ComfyNode):
         return True if strength is None else _check_widgets(lambda: _strength(strength, "Apply Steering (Advanced)"))
 
     @classmethod
-    def execute(cls, model, steering, strength=1.0, start_percent=0.0, end_percent=1.0, mode="auto", rows="all",
-                block_strengths="", preset="all", batch_strengths="", mask=None, ramp="constant") -> io.NodeOutput:
+    def execute(cls, model, steering=None, strength=1.0, start_percent=0.0, end_percent=1.0, mode="auto", rows="all",
+                block_strengths="", preset="all", batch_strengths="", mask=None, ramp="constant", hypernet=None,
+                concept=None) -> io.NodeOutput:
         node = "Apply Steering (Advanced)"
         lam = _strength(strength, node)
         mult = parse_block_strengths(block_strengths)
@@ -566,7 +579,7 @@ class ApplySteeringAdvanced(io.ComfyNode):
         if lam == 0.0 or (per_image is not None and not any(per_image)) or (mult and "*" in mult and not any(mult.values())
                                                                             and preset == "all"):
             return io.NodeOutput(model)
-        st, what = _source_steering(node, None, None, steering)
+        st, what = _source_steering(node, hypernet, concept, steering)
         check_model(model, st.meta.get("family", "generic"), st.sites, what)
         if preset != "all":
             groups = block_presets(st.sites)
@@ -584,6 +597,9 @@ class ApplySteeringAdvanced(io.ComfyNode):
             raise HyperTransportError(f"{node}: the mask holds NaN/Inf values. Fix: connect a mask with values from 0 to 1 "
                                       "(Load Image's MASK output, Solid Mask, ...).")
         region = None if mask is None else (mask[None] if mask.ndim == 2 else mask).float().clamp(0, 1)
+        strengths = [lam * v for v in (per_image or (1.0,))]
+        every = [(st, x * m) for x in strengths for m in {"*": 1.0, **mult}.values()]
+        feedback.warn_in_ui(node, patching.extreme_warning(every))
         return io.NodeOutput(
             patching.attach(
                 model, [(st, spec)], start_percent=start_percent, end_percent=end_percent, rows=rows, mode=mode,
@@ -616,7 +632,10 @@ class FitSteering(io.ComfyNode):
                 ),
                 io.Int.Input("steps", default=60, min=1, max=10000, tooltip="Optimizer steps (LinEAS: 50 already works well)."),
                 io.Float.Input("learning_rate", default=0.01, min=1e-5, max=1.0, step=0.001, tooltip="Adam learning rate."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seeds the prompts' order and the noise."),
+                # no "control after generate": a randomized seed would refit on every Queue and the cache would never hit
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Seeds the prompts' order and the noise. The same inputs again reuse the last fit; "
+                             "change the seed (or turn refit on) for a new one."),
                 io.Int.Input("sampler_steps", default=0, min=0, max=100, optional=True,
                              tooltip="Sampler steps of each fitting generation; 0: the model's own (DMD2: 4, Nitro: 1, the "
                              "embedded world: 4)."),
@@ -626,13 +645,23 @@ class FitSteering(io.ComfyNode):
                 io.Int.Input("resolution", default=0, min=0, max=4096, step=8, optional=True,
                              tooltip="Image side of the fitting generations in pixels; 0: the model's (SDXL/DMD2, PixArt, "
                              "Flux 1024, SD1.5 512, the embedded world 32). Smaller is faster."),
+                io.Boolean.Input("refit", default=False, optional=True,
+                                 tooltip="On: fit again on every Queue, even with the same inputs. Off: the same inputs "
+                                 "reuse the last fit (ComfyUI's cache)."),
             ],
             outputs=[SteeringType.Output(display_name="STEERING", tooltip="The fitted maps for this concept.")],
         )
 
     @classmethod
+    def fingerprint_inputs(cls, refit=False, **_):
+        """ComfyUI's ``IS_CHANGED``: NaN (never equal to itself) re-runs the node on every Queue when refit is on."""
+        return float("nan") if refit else False
+
+    @classmethod
     def execute(cls, model, clip, concept, prompts="", steps=60, learning_rate=0.01, seed=0, sampler_steps=0,
-                cfg=0.0, resolution=0) -> io.NodeOutput:
+                cfg=0.0, resolution=0, refit=False) -> io.NodeOutput:
+        import time
+
         import comfy.model_management as mm
         import comfy.utils
 
@@ -640,10 +669,12 @@ class FitSteering(io.ComfyNode):
         settings = fit.FitSettings(steps=int(steps), lr=float(learning_rate), seed=int(seed), sampler_steps=int(sampler_steps),
                                    cfg=float(cfg), resolution=int(resolution))
         bar = comfy.utils.ProgressBar(int(steps))
+        started = time.perf_counter()
 
         def on_step(step, total, loss):
             mm.throw_exception_if_processing_interrupted()  # Cancel: stops here, nothing is returned or cached
             bar.update_absolute(step, total)
+            feedback.progress_text(f"step {step}/{total}, transport loss {loss:.4g}, {time.perf_counter() - started:.0f} s")
 
         try:
             st = fit.fit_steering(model, clip, concept, prompts, settings, on_step=on_step)

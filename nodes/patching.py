@@ -57,6 +57,32 @@ def _wrappers_mp():
     return pe.WrappersMP.APPLY_MODEL
 
 
+#: beyond this |strength| the maps extrapolate far past what they were fitted for (the embedded world's images turn to
+#: noise past about ±2); a node still runs up to STRENGTH_RANGE but says so in the UI
+SOFT_STRENGTH = 2.0
+#: a composed map that scales a channel by more than this (or flips it harder than its negative) is reported
+SOFT_SCALE = 6.0
+
+
+def extreme_warning(steerings) -> str | None:
+    """A warning for the UI when ``[(Steering, strength), ...]`` is beyond what its maps were fitted for: a strength
+    past :data:`SOFT_STRENGTH`, or a composed per-channel scale past :data:`SOFT_SCALE`; None when all is ordinary."""
+    from hypertransport_core.interventions import effective_affine
+
+    far = [lam for _, lam in steerings if abs(float(lam)) > SOFT_STRENGTH]
+    if far:
+        return (f"strength {far[0]:g} is past ±{SOFT_STRENGTH:g}: the maps extrapolate far beyond what they were fitted for "
+                "and images may turn to noise. Fix: use a strength between -2 and 2 (1 is the full learned map).")
+    scale = 0.0
+    for st, lam in steerings:
+        a, _ = effective_affine(st.w.float(), st.b.float(), float(lam))
+        scale = max(scale, float(a.abs().max()))
+    if scale > SOFT_SCALE:
+        return (f"the composed maps scale some channels by {scale:.1f}x (more than {SOFT_SCALE:g}x): images may break up. "
+                "Fix: lower the strength, or steer with fewer concepts at once.")
+    return None
+
+
 def check_strength(strength: float, what: str = "strength") -> float:
     """A finite strength within :data:`STRENGTH_RANGE`, else an error naming the value and the fix."""
     s = float(strength)

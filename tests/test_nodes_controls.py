@@ -55,6 +55,39 @@ def test_basic_node_takes_a_steering(t, D):
         D.ApplySteering.execute(t.model, None, None, 0.8)
 
 
+def test_advanced_node_takes_a_hypernet_and_a_concept(t, D):
+    via_steering = t.advanced(0.8)
+    via_hypernet = D.ApplySteeringAdvanced.execute(t.model, None, 0.8, 0.0, 1.0, "hooks", "all", "", hypernet=t.hn,
+                                                   concept=t.concept).args[0]
+    torch.testing.assert_close(t.sample(via_hypernet), t.sample(via_steering), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not both"):
+        D.ApplySteeringAdvanced.execute(t.model, t.steering, 0.8, hypernet=t.hn, concept=t.concept)
+    with pytest.raises(ValueError, match="nothing to apply"):
+        D.ApplySteeringAdvanced.execute(t.model, None, 0.8, hypernet=t.hn)
+
+
+def test_extreme_strengths_and_maps_are_warned_about(t, P, D, pack, caplog, monkeypatch):
+    """Past ±2, or a composed scale past 6x, the node still runs (the hard bound is ±10) but warns in the UI and the log."""
+    shown = []
+    monkeypatch.setattr(pack.nodes.feedback, "progress_text", shown.append)
+    assert P.extreme_warning([(t.steering, 1.0)]) is None and P.extreme_warning([(t.steering, -2.0)]) is None
+    assert "past ±2" in P.extreme_warning([(t.steering, 2.5)])
+    big = type(t.steering)(t.steering.sites, torch.full_like(t.steering.w, 4.0), t.steering.b)  # 1 + 2 (4 - 1) = 7x
+    assert "7.0x" in P.extreme_warning([(big, 2.0)]) and P.extreme_warning([(big, 1.0)]) is None
+    with caplog.at_level("WARNING"):
+        D.ApplySteering.execute(t.model, None, None, 5.0, steering=t.steering)
+        D.ApplySteeringAdvanced.execute(t.model, t.steering, 1.0, 0.0, 1.0, "hooks", "all", "", batch_strengths="1, 3")
+    assert len(shown) == 2 and all(x.startswith("warning: strength") for x in shown), shown
+    assert "strength 5 is past" in caplog.text and "strength 3 is past" in caplog.text
+    shown.clear()
+    D.ApplySteering.execute(t.model, None, None, 1.0, steering=t.steering)
+    assert shown == []
+    hn = D.LoadHyperNet.execute(t.hn.name).args[0]  # Load HyperNet shows its description on the node
+    assert shown == [hn.describe()] and "sites" in shown[0]
+    spec = {i.id: i for i in D.ApplySteering.define_schema().inputs}["strength"]
+    assert (spec.min, spec.max) == (-3.0, 3.0) and P.STRENGTH_RANGE == (-10.0, 10.0)  # the slider, and the hard bound
+
+
 # ------------------------------------------------------------------- one strength per image ---
 def test_one_strength_per_image_equals_separate_runs(t, P):
     strengths = (-1.0, 0.0, 0.5, 1.0)

@@ -116,3 +116,21 @@ def test_mask_steers_inside_and_leaves_outside(comfy_server):
           f"{gain['masked'][1]:.0f} outside (whole image: {gain['whole'][0]:.0f} / {gain['whole'][1]:.0f}) RGB units")
     assert gain["masked"][0] > 30 and gain["whole"][1] > 30, gain
     assert gain["masked"][0] > 1.3 * gain["masked"][1] and gain["masked"][1] < 0.6 * gain["whole"][1], gain
+
+
+def test_the_worlds_clip_and_clip_vision_are_the_shipped_hypernets_encoder(pack, monkeypatch):
+    """Encode Concept and Encode Reference Image on the embedded world use the CLIP and CLIP_VISION that Load Embedded
+    World returns, never the open_clip fallback (which would load the weights a second time, and warn)."""
+    from hypertransport_core import load_hypernet
+
+    D, MF, CC = pack.nodes.definitions, pack.nodes.model_files, pack.nodes.comfy_clip
+    _, clip, _, clip_vision = D.LoadEmbeddedWorld.execute().args
+    handle = MF.HyperNetHandle(load_hypernet(os.path.join(SHIPPED, "world_hypernet.safetensors")), "world_hypernet.safetensors")
+
+    def fallback(*a, **k):
+        raise AssertionError("the open_clip fallback was taken")
+
+    monkeypatch.setattr(MF, "encoder_for", fallback)
+    assert isinstance(CC.image_encoder_for(handle, clip_vision, MF.AUTO), CC.ComfyImageEncoder)
+    assert isinstance(CC.text_encoder_for(handle, clip, MF.AUTO), CC.ComfyTextEncoder)
+    assert handle.net.encoder["image_mean"] == [0.5, 0.5, 0.5] == list(clip_vision.image_mean)

@@ -23,7 +23,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
-SDXL_NOTE = """Files this workflow needs (put them where ComfyUI looks):
+SDXL_NOTE = """NO HYPERNET FOR SDXL IS PUBLISHED YET. This template needs one you train yourself (docs/train-your-own.md:
+`python trainer/train.py --backend comfy ...`); until then Load HyperNet reports the missing file before anything
+runs. With the model alone you can steer today: Fit Steering fits a concept on your model (the fit_steering
+template shows it on the embedded world: swap its Load Embedded World for your checkpoint).
+Files this workflow needs (put them where ComfyUI looks):
 - models/checkpoints/sd_xl_base_1.0.safetensors  (SDXL base 1.0, stabilityai/stable-diffusion-xl-base-1.0)
 - models/loras/dmd2_sdxl_4step_lora_fp16.safetensors  (DMD2 4-step LoRA, tianweiy/DMD2)
 - models/hypertransport/hypertransport_sdxl_dmd2.safetensors  (a HyperTransport hypernet trained for SDXL)
@@ -31,7 +35,10 @@ SDXL_NOTE = """Files this workflow needs (put them where ComfyUI looks):
   e.g. models/clip/ViT-L-14.safetensors; 'auto' in Encode Concept finds a file named after the architecture.
 DMD2 samples in 4 steps with cfg 1 (lcm sampler, sgm_uniform scheduler)."""
 
-PIXART_NOTE = """Files this workflow needs:
+PIXART_NOTE = """NO HYPERNET FOR PIXART IS PUBLISHED YET. This template needs one you train yourself (docs/train-your-own.md);
+until then Load HyperNet reports the missing file before anything runs. With the model alone, Fit Steering fits a
+concept on your model today (see the fit_steering template).
+Files this workflow needs:
 - models/diffusion_models/nitro_1_pixart.safetensors  (Nitro-1-PixArt, amd/Nitro-1, a 1-step PixArt-Sigma distillation;
   any PixArt-Sigma checkpoint works with more steps)
 - models/text_encoders/t5xxl_fp16.safetensors  (T5-XXL, the PixArt text encoder)
@@ -73,7 +80,7 @@ def L(node: int, slot: int = 0) -> tuple[int, int]:
 
 def _sdxl_base(note: str = SDXL_NOTE) -> list[Node]:
     return [
-        Node(1, "Note", {"text": note}, (1300, 420), "Model files", (640, 260)),
+        Node(1, "Note", {"text": note}, (1300, 420), "Model files", (660, 360)),
         Node(2, "CheckpointLoaderSimple", {"ckpt_name": "sd_xl_base_1.0.safetensors"}, (0, 0)),
         Node(
             3,
@@ -218,7 +225,8 @@ def fit_steering() -> list[Node]:
         Node(3, "HyperTransportFitSteering",
              {"model": L(2, 0), "clip": L(2, 1), "concept": WORLD_CONCEPT,
               "prompts": "a {concept} circle\na {concept} square\na {concept} triangle", "steps": 60,
-              "learning_rate": 0.01, "seed": 0, "sampler_steps": 0, "cfg": 0.0, "resolution": 0}, (0, 200), "Fit (LinEAS)"),
+              "learning_rate": 0.01, "seed": 0, "sampler_steps": 0, "cfg": 0.0, "resolution": 0, "refit": False}, (0, 200),
+             "Fit (LinEAS)"),
         Node(4, "HyperTransportSaveSteering", {"steering": L(3), "filename_prefix": "world_" + WORLD_CONCEPT.replace(" ", "_")}, (420, 520)),
         Node(6, "CLIPTextEncode", {"text": "a circle", "clip": L(2, 1)}, (420, 0), "Prompt"),
         Node(7, "CLIPTextEncode", {"text": "", "clip": L(2, 1)}, (420, 220), "Negative (empty)"),
@@ -285,7 +293,7 @@ def combine_concepts() -> list[Node]:
 
 def pixart_nitro() -> list[Node]:
     return [
-        Node(1, "Note", {"text": PIXART_NOTE}, (1300, 420), "Model files", (640, 260)),
+        Node(1, "Note", {"text": PIXART_NOTE}, (1300, 420), "Model files", (660, 360)),
         Node(2, "UNETLoader", {"unet_name": "nitro_1_pixart.safetensors", "weight_dtype": "default"}, (0, 0)),
         Node(3, "CLIPLoader", {"clip_name": "t5xxl_fp16.safetensors", "type": "pixart", "device": "default"}, (0, 200)),
         Node(18, "VAELoader", {"vae_name": "sdxl_vae.safetensors"}, (0, 600)),
