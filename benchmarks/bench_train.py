@@ -2,9 +2,9 @@
 
     python benchmarks/bench_train.py [--variant NAME:key=value,...]... [--budget 240] [--threads 0]
 
-For each variant (default: the loss at every sampler step, ``--loss-steps all``, and at one step drawn per batch,
-``--loss-steps one``, each for 330 s, about the main job's 130 steps, and for a third of that) on the embedded world,
-one after another in this process (never time two trainings side by side: they share the cores):
+For each variant (default: ``before``, the trainer's former defaults, for 330 s, about what its main job trained; then
+today's defaults for a third of that and for all of it) on the embedded world, one after another in this process (never
+time two trainings side by side: they share the cores):
 
 1. set-up: split, concept embeddings and the cached target activations, timed (``setup s``);
 2. the FLOPs of an optimizer step (the mean over ``--flop-steps``), counted by ``torch.utils.flop_counter``
@@ -39,10 +39,9 @@ from trainer.config import (
     parse_overrides,  # noqa: E402
 )
 
-# the trainer's defaults for about the main job's training time (130 steps), then for a third of it, then the one-step
-# loss (--loss-steps one) for both: the time to reach a loss is read off the same table
-DEFAULT_VARIANTS = ("all-steps:loss_steps=all,budget=330", "all-steps/3:loss_steps=all,budget=110",
-                    "one-step:loss_steps=one,budget=330", "one-step/3:loss_steps=one,budget=110")
+# before: the trainer's defaults until 2026-12-07 (the loss at every sampler step, 16 concepts a step, lr 3e-3) for about
+# what the main job trained then (130 steps); after: today's defaults for a third of that CPU time, and for all of it
+DEFAULT_VARIANTS = ("before:loss_steps=all,concepts_per_step=16,lr=0.003,budget=330", "after-third:budget=110", "after:budget=330")
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -113,7 +112,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", action="append", default=None,
                    help="NAME:key=value,... trainer options of one variant, budget=SECONDS its own budget (repeat; "
-                        "default: all-steps and one-step, each at 330 s and 110 s)")
+                        "default: before (the former defaults, 330 s), after-third (110 s) and after (330 s))")
     p.add_argument("--budget", type=float, default=240.0, help="CPU seconds of training for the loss at a fixed budget")
     p.add_argument("--timed-steps", type=int, default=6, help="steps timed for the per-step figures")
     p.add_argument("--flop-steps", type=int, default=4, help="steps whose FLOPs are counted (the mean is printed)")
