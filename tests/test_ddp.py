@@ -26,7 +26,10 @@ def _cfg(out: Path, **kw):
     # smaller batches through the model) grow with lr; at 1e-2 one entry of 13k drifted 2e-5 in 4 steps.
     from world_helpers import tiny_config
 
-    return tiny_config(out, **{"steps": 4, "concepts_per_step": 5, "ckpt_every": 2, "eval_every": 2, "lr": 1e-3, **kw})
+    # the loss at every sampler step: with one step per batch the drawn step is the same on every rank (it comes from the
+    # batch's RNG), but the single-step gradients hold more near-zero entries for Adam to amplify the ranks' rounding in
+    return tiny_config(out, **{"steps": 4, "concepts_per_step": 5, "ckpt_every": 2, "eval_every": 2, "lr": 1e-3,
+                               "loss_steps": "all", **kw})
 
 
 def _worker(rank: int, world: int, port: int, out: str, result: str):

@@ -339,16 +339,26 @@ REAL_MODEL_TEMPLATES = ("text_steering_sdxl_dmd2", "strength_sweep", "pixart_nit
                         "combine_concepts")
 
 
-@pytest.mark.parametrize("name", REAL_MODEL_TEMPLATES)
-def test_a_real_model_template_without_its_files_names_the_missing_hypernet(comfy_server, name):
-    """Queued as it ships, in a ComfyUI without the model's files: refused at validation, before any download would
-    matter, naming the hypernet file, that none is published, and Fit Steering as what to use instead."""
-    prompt = load_api(name)
-    hn_id = next(k for k, v in prompt.items() if v["class_type"] == "HyperTransportLoadHyperNet")
-    status, body = comfy_server.post_prompt(prompt)
-    if status == 200 and "prompt_id" in body:  # some branch was valid and ran: let it finish before the next test
-        comfy_server.wait(body["prompt_id"])
-    errors = body.get("node_errors", {})
-    msg = json.dumps(errors.get(hn_id, {}))
-    for want in (prompt[hn_id]["inputs"]["hypernet_name"], "is published yet", "Fit Steering"):
-        assert want in msg, (name, want, json.dumps(body)[:2000])
+@pytest.fixture(scope="module")
+def bare_server(comfy, tmp_path_factory):
+    """A ComfyUI with this pack and nothing else: no model, hypernet, CLIP or image files."""
+    base = tmp_path_factory.mktemp("comfy_bare_base")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "HyperTransport").symlink_to(comfy.REPO, target_is_directory=True)
+    server = comfy.Server(base)
+    yield server
+    server.stop()
+
+
+def test_a_real_model_template_without_its_files_names_the_missing_hypernet(bare_server):
+    """Each real-model template queued as it ships, in a ComfyUI without the model's files: refused at validation,
+    before anything runs, the hypernet named with the fact that none is published and Fit Steering as what to use."""
+    for name in REAL_MODEL_TEMPLATES:
+        prompt = load_api(name)
+        hn_id = next(k for k, v in prompt.items() if v["class_type"] == "HyperTransportLoadHyperNet")
+        status, body = bare_server.post_prompt(prompt)
+        assert status == 400 and "prompt_id" not in body, (name, status)  # nothing queued: every output needs a file
+        msg = json.dumps(body.get("node_errors", {}).get(hn_id, {}))
+        for want in (prompt[hn_id]["inputs"]["hypernet_name"], "is published yet", "Fit Steering"):
+            assert want in msg, (name, want, json.dumps(body)[:3000])
+    assert bare_server.get("/system_stats")["system"]

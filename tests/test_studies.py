@@ -229,7 +229,7 @@ def test_protocol_overrides_and_report(tmp_path, monkeypatch):
         methods = {m: {"inducement": 0.5, "shape_kept": 0.97, "seconds_to_intervention": 0.01} for m in
                    ("none", "prompt", "lineas", "ht_text", "ht_image")}
         summary = {"n_concepts": 2, "image_over_text": 0.93, "spearman_mean": 0.96, "negative_moves_away": {"share": 1.0},
-                   "methods": methods}
+                   "methods": methods, "on_random": {"text_over_lineas": text + 0.1}}
         d = tmp_path / "reports" / "protocol" / "t" / f"seed{seed}-test"
         d.mkdir(parents=True)
         (d / "results.json").write_text(json.dumps({"summary": summary, "concepts": concepts, "config": {"lineas_steps": 240}}))
@@ -237,7 +237,9 @@ def test_protocol_overrides_and_report(tmp_path, monkeypatch):
     fake(0, 0.8, 0.8)
     fake(1, 0.6, 0.8)
     text = protocol.report()
-    row = next(ln for ln in text.splitlines() if ln.startswith("| HT text / converged LinEAS"))
+    row = next(ln for ln in text.splitlines() if ln.startswith("| HT text / converged LinEAS, all fitted"))
     # split 0: (0.8 + 0.4) / 1.6 = 0.75; split 1: (0.6 + 0.3) / 1.6 = 0.5625; mean 0.656: missed, and said so
     assert "0.750" in row and "0.562" in row and "0.656" in row and "**no**" in row
+    row = next(ln for ln in text.splitlines() if ln.startswith("| HT text / converged LinEAS, random concepts"))
+    assert "| 0.900 | 0.700 | 0.800 | **no** |" in row  # the evaluator's on_random ratio, per split and mean
     assert "| shape kept at λ = 1 | ≥ 0.95 | 0.970 | 0.970 | 0.970 | yes |" in text

@@ -100,7 +100,9 @@ def test_run_is_deterministic_and_differentiable(fam):
 def test_training_reduces_the_loss(fam, tmp_path):
     from trainer import train as T
 
-    cfg = cfg_for(tmp_path, fam, steps=30, lr=3e-2, n_target=8, prompts_per_concept=6, concepts_per_step=2)
+    # every sampler step's loss in every batch: 30 steps of the noisier one-step estimator (tests/test_trainer.py checks
+    # it is unbiased) reduce it too, by less than the 15 % asked here
+    cfg = cfg_for(tmp_path, fam, steps=30, lr=3e-2, n_target=8, prompts_per_concept=6, concepts_per_step=2, loss_steps="all")
     run = T.build(cfg, fam, progress=False)
     before = T.evaluate_loss(run, run.train, batches=2)
     for _ in range(cfg.steps):
