@@ -24,16 +24,31 @@ _LIBRARIES = ("hypertransport_core", "hypertransport_comfy", "hypertransport_wor
 
 
 class _LibraryFinder(importlib.abc.MetaPathFinder):
-    """Finds the pack's three libraries (top-level names only; their submodules follow their package's path)."""
+    """Finds the given top-level folders of the pack by name (their submodules follow their package's path)."""
+
+    def __init__(self, names):
+        self.names = frozenset(names)
 
     def find_spec(self, fullname, path=None, target=None):
-        return importlib.machinery.PathFinder.find_spec(fullname, [_HERE]) if fullname in _LIBRARIES else None
+        return importlib.machinery.PathFinder.find_spec(fullname, [_HERE]) if fullname in self.names else None
 
 
-if not any(type(f).__name__ == "_LibraryFinder" for f in sys.meta_path):  # one finder, even if the pack is loaded twice
-    sys.meta_path.append(_LibraryFinder())
+def use_libraries(*folders: str) -> None:
+    """Make the pack's libraries importable by name, and ``folders`` (top-level folders of the pack) too: the
+    training command (``python trainer/train.py``) asks for ``"trainer"``; ComfyUI gets the libraries only."""
+    names = set(_LIBRARIES) | set(folders)
+    for f in sys.meta_path:
+        if type(f).__name__ == "_LibraryFinder":  # one finder, even if the pack is loaded twice
+            names -= f.names
+    if names:
+        sys.meta_path.append(_LibraryFinder(names))
+
+
+use_libraries()
 
 try:
+    if not __package__:  # loaded by file path (the training command): only the finder is wanted
+        raise ImportError
     import comfy_api.latest  # noqa: F401
 except ImportError:
     comfy_entrypoint = None

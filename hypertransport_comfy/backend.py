@@ -11,7 +11,7 @@ family's site table), its concept encoder, its concept source (:mod:`hypertransp
   Euler on ComfyUI's simple schedule, 4 steps, guidance 2;
 * real checkpoints (:meth:`ComfyBackend.from_files`): ComfyUI's ``load_checkpoint_guess_config`` or a
   diffusion-model file plus ``load_clip`` text encoders, sampled with the schedule the model was distilled
-  for (:data:`FAMILY_DEFAULTS`).
+  for (the family's :class:`~hypertransport_core.sites.Sampling`, in its entry of ``SITE_TABLES``).
 
 Rows: ComfyUI runs the conditional and unconditional rows of a guided step as chunks of one batch, in an
 order it reports as ``transformer_options["cond_or_uncond"]``. While :meth:`run` samples, a forward
@@ -36,7 +36,6 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -45,7 +44,7 @@ from hypertransport_comfy import sampling
 from hypertransport_comfy.comfyui import import_comfyui
 from hypertransport_comfy.concepts import ConceptSource, ListedConcepts, WorldConcepts
 from hypertransport_comfy.gradients import enable_gradient_checkpointing, inplace_guard
-from hypertransport_core import ConceptEncoder, Rows, Site, detect_family, list_sites, weights_fingerprint
+from hypertransport_core import SITE_TABLES, ConceptEncoder, Rows, Site, detect_family, list_sites, weights_fingerprint
 from hypertransport_core.encoders import to_model_input
 from hypertransport_core.engine import hook_handles
 from hypertransport_core.errors import HyperTransportError
@@ -53,42 +52,6 @@ from hypertransport_core.tensorfile import read_layout, read_tensors, write_tens
 
 log = logging.getLogger("hypertransport.backend")
 
-
-@dataclass(frozen=True)
-class FamilyDefaults:
-    """How a family's (distilled) model is sampled.
-
-    Attributes:
-        steps: default number of sampler steps.
-        timesteps: fixed discrete timesteps per step count (the distillation's own), else the
-            ``scheduler`` spaces the sigmas.
-        sampler: ComfyUI sampler name: ``"lcm"`` (predict x0, re-noise to the next sigma: DMD2 /
-            consistency style) or ``"euler"``.
-        scheduler: ComfyUI scheduler used when no fixed timesteps are given.
-        resolution: image side in pixels.
-        extra: conditioning extras every prompt gets (Flux: the distilled guidance value).
-        note: where the numbers come from.
-    """
-
-    steps: int
-    timesteps: dict[int, tuple[int, ...]] = field(default_factory=dict)
-    sampler: str = "euler"
-    scheduler: str = "simple"
-    resolution: int = 1024
-    extra: dict = field(default_factory=dict)
-    note: str = ""
-
-
-FAMILY_DEFAULTS: dict[str, FamilyDefaults] = {
-    # DMD2 (tianweiy/DMD2): 4-step generator at timesteps 999, 749, 499, 249; 1-step at 399. cfg 1.
-    "sdxl": FamilyDefaults(4, {4: (999, 749, 499, 249), 1: (399,)}, "lcm", "sgm_uniform", 1024,
-                           note="DMD2 (SDXL distilled): 4 steps at its fixed timesteps, or 1 step at t=399, cfg 1"),
-    # Nitro-1-PixArt (AMD): one step from pure noise; cfg 1. [ours: t=999 as the single timestep]
-    "pixart": FamilyDefaults(1, {1: (999,)}, "lcm", "simple", 1024, note="Nitro-1-PixArt: 1 step, cfg 1"),
-    "sd15": FamilyDefaults(4, {}, "euler", "simple", 512, note="SD1.5: 4-step Euler on the simple schedule"),
-    "flux": FamilyDefaults(4, {}, "euler", "simple", 1024, {"guidance": 3.5},
-                           note="Flux: 4-step Euler on the simple schedule, distilled guidance 3.5"),
-}
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -155,14 +118,16 @@ class ComfyBackend:
         self.model = patcher.model  # comfy.model_base.BaseModel
         self.root = self.model.diffusion_model
         self.family = family or detect_family(self.root)
-        if self.family not in FAMILY_DEFAULTS:
+        table = SITE_TABLES.get(self.family)
+        if table is None or table.sampling is None:
             what = f"{type(self.model).__name__} ({type(self.root).__name__})"
+            known = sorted(f for f, t in SITE_TABLES.items() if t.sampling is not None)
             raise HyperTransportError(
                 f"the model is {what}, a family HyperTransport has no site table or sampling defaults for "
-                f"(detected: {self.family!r}); it steers {', '.join(sorted(FAMILY_DEFAULTS))}. Fix: load a model of one of "
+                f"(detected: {self.family!r}); it steers {', '.join(known)}. Fix: load a model of one of "
                 "those families (SD3, AuraFlow, Lumina, Wan or Qwen-Image models cannot be steered yet)."
             )
-        self.defaults = FAMILY_DEFAULTS[self.family]
+        self.defaults = table.sampling
         self.steps = int(steps or self.defaults.steps)
         self.guidance = float(guidance or 1.0)
         self.sampler = sampler or self.defaults.sampler

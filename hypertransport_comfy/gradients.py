@@ -1,5 +1,7 @@
 """Gradients through a ComfyUI model while training maps: block checkpointing and the in-place guard.
 
+Which blocks and norms these are is the family's entry of ``SITE_TABLES`` (``checkpoint_blocks``, ``inplace_norms``).
+
 * :func:`enable_gradient_checkpointing`: recompute each top-level block's activations in the backward pass
   (less memory), with the steering and capture hooks inside the block re-installed for the recomputation;
 * :func:`inplace_guard`: ComfyUI's Flux blocks change a norm's input in place after the norm ran, which
@@ -15,13 +17,7 @@ from collections import OrderedDict
 import torch
 
 from hypertransport_core.engine import hook_handles
-
-_CKPT_BLOCKS = {
-    "sdxl": r"(input_blocks\.\d+|middle_block|output_blocks\.\d+)",
-    "sd15": r"(input_blocks\.\d+|middle_block|output_blocks\.\d+)",
-    "pixart": r"blocks\.\d+",
-    "flux": r"(double_blocks|single_blocks)\.\d+",
-}
+from hypertransport_core.sites import SITE_TABLES
 
 
 def enable_gradient_checkpointing(root: torch.nn.Module, family: str) -> int:
@@ -33,7 +29,8 @@ def enable_gradient_checkpointing(root: torch.nn.Module, family: str) -> int:
     """
     from torch.utils.checkpoint import checkpoint
 
-    rx = re.compile(_CKPT_BLOCKS.get(family, r"$^"))
+    table = SITE_TABLES.get(family)
+    rx = re.compile(table.checkpoint_blocks if table is not None and table.checkpoint_blocks else r"$^")
     n = 0
     for name, m in root.named_modules():
         if not rx.fullmatch(name) or getattr(m, "_ht_ckpt", False):
@@ -64,11 +61,6 @@ def enable_gradient_checkpointing(root: torch.nn.Module, family: str) -> int:
     return n
 
 
-#: Norms whose input the model then changes in place (Flux blocks: ``x += ...`` after ``pre_norm(x)``):
-#: with gradients on, their input is cloned, or autograd finds the saved input modified.
-_INPLACE_GUARDED = {"flux": r"(double_blocks|single_blocks)\.\d+\..*norm.*"}
-
-
 def _clone_input(_module, args):
     if torch.is_grad_enabled() and args and torch.is_tensor(args[0]) and args[0].requires_grad:
         return (args[0].clone(), *args[1:])
@@ -77,9 +69,10 @@ def _clone_input(_module, args):
 
 @contextlib.contextmanager
 def inplace_guard(root: torch.nn.Module, family: str):
-    """While active, the norms listed in :data:`_INPLACE_GUARDED` see a copy of their input when
-    gradients flow (removed on exit: nothing stays on a shared model)."""
-    rx = _INPLACE_GUARDED.get(family)
+    """While active, the norms the family's table lists as changed in place (``inplace_norms``) see a copy of their
+    input when gradients flow (removed on exit: nothing stays on a shared model)."""
+    table = SITE_TABLES.get(family)
+    rx = table.inplace_norms if table is not None else ""
     with hook_handles() as handles:
         if rx:
             r = re.compile(rx)

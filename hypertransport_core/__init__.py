@@ -13,7 +13,17 @@ from .hypernet import HyperNet, HyperNetConfig
 from .interventions import Steering, combine_steerings, effective_affine
 from .lineas import LinEASConfig, fit_lineas, steered_loss
 from .ot import sliced_w2, transport_loss, w2_per_channel, w2_quantile
-from .sites import SITE_TABLES, Site, SiteRule, SiteTable, check_sites, detect_family, list_sites, register_table
+from .sites import (
+    SITE_TABLES,
+    Sampling,
+    Site,
+    SiteRule,
+    SiteTable,
+    check_sites,
+    detect_family,
+    list_sites,
+    register_table,
+)
 
 __version__ = "0.1.0"
 
@@ -28,6 +38,7 @@ __all__ = [
     "SITE_TABLES",
     "Site",
     "SiteRule",
+    "Sampling",
     "SiteTable",
     "Steering",
     "SteeringPlan",

@@ -35,7 +35,7 @@ from torch import nn
 
 from .errors import HyperTransportError
 from .interventions import Steering, StrengthSpec, effective_affine, strength_for
-from .sites import FORMS, Site
+from .sites import FORMS, Site, token_layout
 
 #: Largest |a| and |c| a composed map may have. Trained maps stay within ~10; these allow strength 10 on an
 #: inverse map of |w| = 0.01 and still refuse what would turn the model's activations into noise or Inf.
@@ -114,14 +114,16 @@ def _resolve(rows: RowsLike, batch: int) -> tuple[int, torch.Tensor | None]:
     raise HyperTransportError(f"rows must be None, a Rows, a bool tensor or a callable returning one, not {type(r).__name__}.")
 
 
-def region_for(region: torch.Tensor, z: torch.Tensor, channel_dim: int, chunks: int) -> torch.Tensor | None:
+def region_for(region: torch.Tensor, z: torch.Tensor, channel_dim: int, chunks: int, tokens: str = "image") -> torch.Tensor | None:
     """A latent-resolution region ``(1 or B, 1, H, W)`` as weights broadcasting against activation ``z``.
 
-    Spatial outputs ``(B, C, h, w)`` see it resized to ``h × w`` (area average). Token outputs ``(B, N, C)``
-    see it by token position: image tokens in raster order at a stride ``s`` (``N = (H/s)(W/s)``: UNet
-    transformer blocks, DiT patches), or the last ``(H/s)(W/s)`` tokens when text tokens come first (Flux's
-    single-stream blocks), those text tokens weighted 0; a token output of another length (Flux's text
-    stream) is not steered under a region (weights 0)."""
+    Spatial outputs ``(B, C, h, w)`` see it resized to ``h × w`` (area average). Token outputs ``(B, N, C)`` see
+    it by token position, as the site's family table lays its tokens out (``tokens``,
+    :data:`~hypertransport_core.sites.TOKEN_LAYOUTS`): ``"image"``: image tokens in raster order at the stride
+    ``s`` for which ``N = (H/s)(W/s)`` (UNet transformer blocks, DiT patches); ``"text_first"``: the image tokens
+    at the finest stride that fits are the last ones, the text tokens before them weighted 0 (Flux's single-stream
+    blocks); ``"text"``: no image tokens, so not steered under a region (weights 0), as is a token output whose
+    length fits no stride."""
     import torch.nn.functional as F
 
     H, W = region.shape[-2:]
@@ -140,18 +142,17 @@ def region_for(region: torch.Tensor, z: torch.Tensor, channel_dim: int, chunks: 
     if z.ndim != 3 or cd != 2:
         return None  # another layout: steer it where the region is nonzero on average
     N = z.shape[1]
+    zeros = torch.zeros(r.shape[0], N, 1, device=z.device, dtype=z.dtype)
+    if tokens == "text":
+        return zeros
     for s in (1, 2, 4, 8, 16, 32, 64):
         h, w = H // s, W // s
-        if h * w == 0 or h * w > N:
+        fits = h * w == N if tokens == "image" else 0 < h * w <= N
+        if h * w == 0 or not fits:
             continue
-        grid = F.interpolate(r, size=(h, w), mode="area") if s > 1 else r
-        flat = grid.reshape(grid.shape[0], h * w, 1)
-        if h * w == N:
-            return flat
-        if s == 2 or h * w < N:  # text tokens first, then the image tokens (Flux single blocks)
-            pad = torch.zeros(flat.shape[0], N - h * w, 1, device=z.device, dtype=z.dtype)
-            return torch.cat([pad, flat], dim=1)
-    return torch.zeros(r.shape[0], N, 1, device=z.device, dtype=z.dtype)
+        flat = (F.interpolate(r, size=(h, w), mode="area") if s > 1 else r).reshape(r.shape[0], h * w, 1)
+        return torch.cat([zeros[:, : N - h * w], flat], dim=1) if h * w < N else flat
+    return zeros
 
 
 def transform(
@@ -165,6 +166,7 @@ def transform(
     mask: torch.Tensor | None = None,
     a_minus_1: torch.Tensor | None = None,
     region: torch.Tensor | None = None,
+    tokens: str = "image",
 ) -> torch.Tensor:
     """The steered activation ``z'`` of one site (the arithmetic every path shares).
 
@@ -199,7 +201,7 @@ def transform(
     else:
         out = torch.addcmul(c_v, zz, a.reshape(shape))
     if region is not None:
-        r = region_for(region, z, channel_dim, chunks)
+        r = region_for(region, z, channel_dim, chunks, tokens)
         if r is not None:
             rr = r.reshape(1, 1, 1, *r.shape[1:]) if r.shape[0] == 1 else rearrange(r, "(c k n) ... -> c k n ...", c=chunks, k=K)
             out = zz + rr * (out - zz)
@@ -259,10 +261,10 @@ def _replace(output, site: Site, value):
 class SiteMap:
     """One site's composed map ``a ⊙ z + c`` (float32), with its casts per device and dtype."""
 
-    __slots__ = ("site", "a", "c", "_cast")
+    __slots__ = ("site", "a", "c", "tokens", "_cast")
 
-    def __init__(self, site: Site, a: torch.Tensor, c: torch.Tensor):
-        self.site, self.a, self.c = site, a, c
+    def __init__(self, site: Site, a: torch.Tensor, c: torch.Tensor, tokens: str = "image"):
+        self.site, self.a, self.c, self.tokens = site, a, c, tokens  # tokens: the site's token layout (a region needs it)
         self._cast: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def cast(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -278,7 +280,7 @@ class SiteMap:
                  region: torch.Tensor | None = None) -> torch.Tensor:
         a, c, am1 = self.cast(z.device, z.dtype)
         return transform(z, a, c, channel_dim=self.site.channel_dim, form=self.site.form, chunks=chunks, mask=mask,
-                         a_minus_1=am1, region=region)
+                         a_minus_1=am1, region=region, tokens=self.tokens)
 
 
 def modules_for(root: nn.Module, paths: Sequence[str]) -> dict[str, nn.Module]:
@@ -340,8 +342,10 @@ class SteeringPlan:
     def compile(interventions: Sequence[Intervention], what: str = "steering") -> SteeringPlan:
         """Compose ``[(steering, strength), ...]`` (strength: a float or per-block multipliers) site by site."""
         acc: dict[str, tuple[Site, torch.Tensor, torch.Tensor]] = {}
+        tokens: dict[str, str] = {}
         for steering, spec in interventions:
             parts = steering.split()
+            family = steering.meta.get("family", "generic")
             for site in steering.sites:
                 lam = strength_for(spec, site)  # a float, or one per image of the batch
                 lams = list(lam) if isinstance(lam, (tuple, list)) else [lam]
@@ -357,9 +361,10 @@ class SteeringPlan:
                     _, a0, c0 = acc[site.name]
                     a, c = a * a0, a * c0 + c
                 acc[site.name] = (site, a, c)
+                tokens.setdefault(site.name, token_layout(family, site))
         for name, (_, a, c) in acc.items():
             check_map(name, a, c, what)
-        return SteeringPlan({name: SiteMap(site, a, c) for name, (site, a, c) in acc.items()})
+        return SteeringPlan({name: SiteMap(site, a, c, tokens[name]) for name, (site, a, c) in acc.items()})
 
     @contextlib.contextmanager
     def hooks(self, root: nn.Module, rows: RowsLike = None) -> Iterator[None]:

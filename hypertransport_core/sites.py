@@ -1,10 +1,13 @@
-"""Which modules of a diffusion model are steered ("sites"), from per-architecture tables.
+"""Which modules of a diffusion model are steered ("sites"), and everything else the project knows of a model
+family, from one table entry per family.
 
-A *site* is one module whose output gets a per-channel affine map. Model families are described by
-:class:`SiteTable` entries (name patterns, accepted module types, how the output is laid out), so
-adding a family means adding a table, not touching hook code. Module names are those of the module
-tree handed in: for ComfyUI that is ``model.model.diffusion_model`` (ldm-style names such as
-``input_blocks.1.0.in_layers.0``).
+A *site* is one module whose output gets a per-channel affine map. Each model family is one
+:class:`SiteTable` entry in :data:`SITE_TABLES`: how to recognise it, its sites (name patterns, accepted
+module types, how each output is laid out, its token layout), its blocks (per-block strengths and their
+presets, gradient checkpointing), the norms it changes in place, and how its (distilled) model is sampled
+(:class:`Sampling`). Adding a family means adding an entry, not touching hook, trainer or node code. Module
+names are those of the module tree handed in: for ComfyUI that is ``model.model.diffusion_model``
+(ldm-style names such as ``input_blocks.1.0.in_layers.0``).
 
 Example::
 
@@ -33,6 +36,16 @@ NORM_TYPES = ("GroupNorm", "LayerNorm", "RMSNorm", "BatchNorm2d", "InstanceNorm2
 
 #: Class names whose channel axis is 1 (``(B, C, ...)``); every other site is channel-last.
 _CHANNEL_FIRST_TYPES = ("GroupNorm", "BatchNorm2d", "InstanceNorm2d", "Conv2d")
+
+#: How a token output ``(B, N, C)`` orders its tokens (what a region mask needs): ``"image"``: image tokens only,
+#: in raster order at some stride (UNet transformer blocks, DiT patches); ``"text_first"``: the text tokens, then
+#: the image tokens (Flux's single-stream blocks); ``"text"``: no image tokens (Flux's text stream).
+TOKEN_LAYOUTS = ("image", "text_first", "text")
+
+#: How a family's blocks are grouped into named presets for the per-block strengths (:func:`block_presets`):
+#: ``"unet"``: input / middle / output and, by resolution, fine / coarse; ``"sequence"``: early / middle / late
+#: thirds of the block sequence; ``""``: none.
+PRESET_KINDS = ("unet", "sequence", "")
 
 
 @dataclass(frozen=True)
@@ -127,6 +140,8 @@ class SiteRule:
         outputs: tuple elements to steer for modules returning tuples; ``(None,)`` for a tensor.
         width_attr: attribute holding the width for modules that are not norms/linears/convs.
         channel_dim: force the channel axis; ``None`` infers it from the module type.
+        tokens: the token layout of each output (:data:`TOKEN_LAYOUTS`), one per entry of ``outputs`` or one for
+            all; it only matters for token outputs under a region mask.
     """
 
     pattern: str
@@ -135,19 +150,56 @@ class SiteRule:
     outputs: tuple[int | None, ...] = (None,)
     width_attr: str | None = None
     channel_dim: int | None = None
+    tokens: tuple[str, ...] = ("image",)
+
+    def tokens_of(self, output_index: int | None) -> str:
+        """The token layout of one of this rule's outputs."""
+        if len(self.tokens) == 1:
+            return self.tokens[0]
+        return self.tokens[self.outputs.index(output_index)]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a family's (distilled) model is sampled when the trainer and Fit Steering run it.
+
+    Attributes:
+        steps: default number of sampler steps.
+        timesteps: fixed discrete timesteps per step count (the distillation's own), else the
+            ``scheduler`` spaces the sigmas.
+        sampler: ComfyUI sampler name: ``"lcm"`` (predict x0, re-noise to the next sigma: DMD2 /
+            consistency style) or ``"euler"``.
+        scheduler: ComfyUI scheduler used when no fixed timesteps are given.
+        resolution: image side in pixels.
+        extra: conditioning extras every prompt gets (Flux: the distilled guidance value).
+        note: where the numbers come from.
+    """
+
+    steps: int
+    timesteps: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    sampler: str = "euler"
+    scheduler: str = "simple"
+    resolution: int = 1024
+    extra: dict = field(default_factory=dict)
+    note: str = ""
 
 
 @dataclass(frozen=True)
 class SiteTable:
-    """The sites of one model family.
+    """Everything the project knows of one model family (one entry of :data:`SITE_TABLES`).
 
     Attributes:
         family: short id stored in files (``"sdxl"``, ``"sd15"``, ``"pixart"``, ``"flux"``, ...).
         description: one line for users.
+        rules: the sites: rules tried in order; a module is a site by its first matching rule.
         detect: module paths that must all exist for :func:`detect_family` to pick this table.
         detect_absent: module paths that must not exist (tells SD1.5 from SDXL).
-        rules: the rules, tried in order; a module is a site by its first matching rule.
         reference: counts for the full-size model, ``{"sites": n, "channels": c}``, for docs/tests.
+        presets: how its blocks group into presets (:data:`PRESET_KINDS`).
+        checkpoint_blocks: regex (full match) of the blocks whose activations gradient checkpointing recomputes.
+        inplace_norms: regex of norms whose input the model changes in place after the norm ran (Flux:
+            ``x += ...`` after ``pre_norm(x)``); while gradients flow they see a copy. ``""``: none.
+        sampling: how the trainer and Fit Steering sample the model; ``None``: they cannot run it.
     """
 
     family: str
@@ -156,9 +208,14 @@ class SiteTable:
     detect: tuple[str, ...] = ()
     detect_absent: tuple[str, ...] = ()
     reference: dict = field(default_factory=dict)
+    presets: str = ""
+    checkpoint_blocks: str = ""
+    inplace_norms: str = ""
+    sampling: Sampling | None = None
 
 
 _UNET_NORMS = SiteRule(r"(input_blocks|middle_block|output_blocks|out)(\..+)?", NORM_TYPES, "pooled")
+_UNET_BLOCKS = r"(input_blocks\.\d+|middle_block|output_blocks\.\d+)"
 
 SITE_TABLES: dict[str, SiteTable] = {}
 
@@ -178,6 +235,17 @@ def register_table(table: SiteTable, *, replace: bool = False) -> SiteTable:
             ) from None
         if r.form not in FORMS:
             raise HyperTransportError(f"rule {r.pattern!r}: form {r.form!r} is not one of {FORMS}.")
+        if not set(r.tokens) <= set(TOKEN_LAYOUTS) or len(r.tokens) not in (1, len(r.outputs)):
+            raise HyperTransportError(f"rule {r.pattern!r}: tokens {r.tokens!r} must be one of {TOKEN_LAYOUTS}, "
+                                      "once or once per output.")
+    if table.presets not in PRESET_KINDS:
+        raise HyperTransportError(f"site table {table.family!r}: presets {table.presets!r} is not one of {PRESET_KINDS}.")
+    for name in ("checkpoint_blocks", "inplace_norms"):
+        try:
+            re.compile(getattr(table, name))
+        except re.error as e:
+            raise HyperTransportError(f"site table {table.family!r}: {name} {getattr(table, name)!r} is not a valid regex "
+                                      f"({e}). Fix: correct the pattern.") from None
     SITE_TABLES[table.family] = table
     return table
 
@@ -189,6 +257,11 @@ register_table(
         (_UNET_NORMS,),
         detect=("input_blocks", "label_emb"),
         reference={"sites": 256, "channels": 294080},
+        presets="unet",
+        checkpoint_blocks=_UNET_BLOCKS,
+        # DMD2 (tianweiy/DMD2): 4-step generator at timesteps 999, 749, 499, 249; 1-step at 399. cfg 1.
+        sampling=Sampling(4, {4: (999, 749, 499, 249), 1: (399,)}, "lcm", "sgm_uniform", 1024,
+                          note="DMD2 (SDXL distilled): 4 steps at its fixed timesteps, or 1 step at t=399, cfg 1"),
     )
 )
 register_table(
@@ -199,6 +272,9 @@ register_table(
         detect=("input_blocks",),
         detect_absent=("label_emb",),
         reference={"sites": 109, "channels": 100160},
+        presets="unet",
+        checkpoint_blocks=_UNET_BLOCKS,
+        sampling=Sampling(4, {}, "euler", "simple", 512, note="SD1.5: 4-step Euler on the simple schedule"),
     )
 )
 register_table(
@@ -208,6 +284,10 @@ register_table(
         (SiteRule(r"blocks\.\d+\.norm[12]|final_layer\.norm_final", ("LayerNorm",)),),
         detect=("blocks", "t_block", "y_embedder"),
         reference={"sites": 57, "channels": 65664},
+        presets="sequence",
+        checkpoint_blocks=r"blocks\.\d+",
+        # Nitro-1-PixArt (AMD): one step from pure noise; cfg 1. [ours: t=999 as the single timestep]
+        sampling=Sampling(1, {1: (999,)}, "lcm", "simple", 1024, note="Nitro-1-PixArt: 1 step, cfg 1"),
     )
 )
 register_table(
@@ -215,11 +295,17 @@ register_table(
         "flux",
         "Flux DiT in ComfyUI naming: outputs of the double-stream blocks (img and txt streams) and single-stream blocks",
         (
-            SiteRule(r"double_blocks\.\d+", ("DoubleStreamBlock",), outputs=(0, 1), width_attr="hidden_size"),
-            SiteRule(r"single_blocks\.\d+", ("SingleStreamBlock",), width_attr="hidden_size"),
+            SiteRule(r"double_blocks\.\d+", ("DoubleStreamBlock",), outputs=(0, 1), width_attr="hidden_size",
+                     tokens=("image", "text")),
+            SiteRule(r"single_blocks\.\d+", ("SingleStreamBlock",), width_attr="hidden_size", tokens=("text_first",)),
         ),
         detect=("double_blocks", "single_blocks"),
         reference={"sites": 2 * 19 + 38, "channels": (2 * 19 + 38) * 3072},
+        presets="sequence",
+        checkpoint_blocks=r"(double_blocks|single_blocks)\.\d+",
+        inplace_norms=r"(double_blocks|single_blocks)\.\d+\..*norm.*",
+        sampling=Sampling(4, {}, "euler", "simple", 1024, {"guidance": 3.5},
+                          note="Flux: 4-step Euler on the simple schedule, distilled guidance 3.5"),
     )
 )
 register_table(
@@ -377,51 +463,70 @@ def _thirds(blocks: list[str]) -> dict[str, list[str]]:
     return {"early": blocks[:a], "middle": blocks[a:b], "late": blocks[b:]}
 
 
-def block_presets(sites: Sequence[Site]) -> dict[str, list[str]]:
-    """Named groups of blocks for the per-block strengths, from the site list itself.
+def block_presets(sites: Sequence[Site], family: str | SiteTable) -> dict[str, list[str]]:
+    """Named groups of blocks for the per-block strengths, by the family's :attr:`SiteTable.presets`.
 
-    UNets (SD1.5, SDXL and their distillations, the embedded world): ``input``, ``middle``, ``output``, and
+    ``"unet"`` (SD1.5, SDXL and their distillations, the embedded world): ``input``, ``middle``, ``output``, and
     by resolution ``fine`` (the first input level, the last output level and the final norm) and
     ``coarse`` (the deepest input and output levels and the middle block); the levels are read from the
-    input blocks' numbering (a downsampling block holds no norm, so it leaves a gap). DiTs (PixArt) and
-    Flux: ``early``, ``middle``, ``late`` thirds of their block sequence. Returns ``{preset: [block, ...]}``.
+    input blocks' numbering (a downsampling block holds no norm, so it leaves a gap). ``"sequence"`` (PixArt,
+    Flux): ``early``, ``middle``, ``late`` thirds of the numbered block sequence (a block outside it, such as
+    PixArt's final layer, goes to ``late``). An unknown family has none. Returns ``{preset: [block, ...]}``.
     """
+    kind = get_table(family).presets if isinstance(family, SiteTable) or family in SITE_TABLES else ""
     blocks = block_names(sites)
-    inputs = [b for b in blocks if b.startswith("input_blocks.")]
-    if inputs:
-        idx = sorted(int(b.split(".")[1]) for b in inputs)
-        levels: list[list[int]] = []
-        for i in idx:
-            if levels and i == levels[-1][-1] + 1:
-                levels[-1].append(i)
-            else:
-                levels.append([i])
-        per_out = len(levels[0]) + 1
-        outputs = [b for b in blocks if b.startswith("output_blocks.")]
-        L = len(levels)
-
-        def out_level(b: str) -> int:
-            return L - 1 - int(b.split(".")[1]) // per_out
-
-        presets = {
-            "input": inputs,
-            "middle": [b for b in blocks if b == "middle_block"],
-            "output": outputs + [b for b in blocks if b == "out"],
-            "fine": [f"input_blocks.{i}" for i in levels[0]] + [b for b in outputs if out_level(b) == 0]
-            + [b for b in blocks if b == "out"],
-            "coarse": [f"input_blocks.{i}" for i in levels[-1]] + [b for b in blocks if b == "middle_block"]
-            + [b for b in outputs if out_level(b) == L - 1],
-        }
-        return {k: v for k, v in presets.items() if v}
-    seq = [b for b in blocks if b.startswith(("blocks.", "double_blocks.", "single_blocks."))]
-    if seq:
+    if kind == "unet":
+        return _unet_presets(blocks)
+    seq = [b for b in blocks if b.split(".")[-1].isdigit()]
+    if kind == "sequence" and seq:
         out = _thirds(seq)
         out["late"] += [b for b in blocks if b not in seq]  # PixArt's final_layer
         return out
     return {}
 
 
-def describe_blocks(sites: Sequence[Site]) -> str:
+def _unet_presets(blocks: list[str]) -> dict[str, list[str]]:
+    inputs = [b for b in blocks if b.startswith("input_blocks.")]
+    if not inputs:
+        return {}
+    idx = sorted(int(b.split(".")[1]) for b in inputs)
+    levels: list[list[int]] = []
+    for i in idx:
+        if levels and i == levels[-1][-1] + 1:
+            levels[-1].append(i)
+        else:
+            levels.append([i])
+    per_out = len(levels[0]) + 1
+    outputs = [b for b in blocks if b.startswith("output_blocks.")]
+    L = len(levels)
+
+    def out_level(b: str) -> int:
+        return L - 1 - int(b.split(".")[1]) // per_out
+
+    presets = {
+        "input": inputs,
+        "middle": [b for b in blocks if b == "middle_block"],
+        "output": outputs + [b for b in blocks if b == "out"],
+        "fine": [f"input_blocks.{i}" for i in levels[0]] + [b for b in outputs if out_level(b) == 0]
+        + [b for b in blocks if b == "out"],
+        "coarse": [f"input_blocks.{i}" for i in levels[-1]] + [b for b in blocks if b == "middle_block"]
+        + [b for b in outputs if out_level(b) == L - 1],
+    }
+    return {k: v for k, v in presets.items() if v}
+
+
+def token_layout(family: str | SiteTable, site: Site) -> str:
+    """How ``site``'s token output orders its tokens (:data:`TOKEN_LAYOUTS`), from the rule of ``family``'s table
+    that made it; ``"image"`` when no rule of a known family matches."""
+    if not isinstance(family, SiteTable) and family not in SITE_TABLES:
+        return "image"
+    for rule in get_table(family).rules:
+        if re.fullmatch(rule.pattern, site.module) and site.output_index in rule.outputs:
+            return rule.tokens_of(site.output_index)
+    return "image"
+
+
+def describe_blocks(sites: Sequence[Site], family: str | SiteTable) -> str:
     """One line naming a site list's blocks (numbered runs shortened) and its presets."""
     runs: list[list[str]] = []
     for b in block_names(sites):
@@ -431,5 +536,5 @@ def describe_blocks(sites: Sequence[Site]) -> str:
         else:
             runs.append([b])
     parts = [r[0] if len(r) == 1 else f"{r[0]}…{r[-1].rsplit('.', 1)[-1]}" for r in runs]
-    presets = block_presets(sites)
+    presets = block_presets(sites, family)
     return f"blocks {', '.join(parts)}" + (f"; presets {', '.join(presets)}" if presets else "")

@@ -582,7 +582,7 @@ class ApplySteeringAdvanced(io.ComfyNode):
         st, what = _source_steering(node, hypernet, concept, steering)
         check_model(model, st.meta.get("family", "generic"), st.sites, what)
         if preset != "all":
-            groups = block_presets(st.sites)
+            groups = block_presets(st.sites, st.meta.get("family", "generic"))
             if preset not in groups:
                 raise HyperTransportError(f"{node}: preset {preset!r} does not apply to this steering's blocks; it has "
                                           f"{', '.join(groups) or 'none'}. Fix: pick one of those, or 'all'.")

@@ -156,7 +156,7 @@ class HyperNetHandle:
         return (
             f"{self.name}: model family {self.net.family}, encoder {enc.get('arch', '?')} "
             f"(fingerprint {str(enc.get('fingerprint', '?'))[:12]}, {enc.get('embed_dim', '?')}-d), "
-            f"{n} sites / {c:,} channels; {describe_blocks(self.net.sites)}"
+            f"{n} sites / {c:,} channels; {describe_blocks(self.net.sites, self.net.family)}"
         )
 
 

@@ -165,6 +165,61 @@ def test_flux_tuple_sites_are_steered_per_stream():
     assert patches == {} and rest == sites  # tuple outputs of blocks cannot be folded into weights
 
 
+def test_a_region_follows_each_flux_sites_token_layout_from_its_table():
+    """The family table says how a token output orders its tokens: the image stream is image tokens, the text
+    stream has none, a single-stream block holds the text tokens first. A region (left half of an 8x8 latent,
+    stride 2 -> 16 image tokens) steers exactly the image tokens it covers."""
+    from hypertransport_core import Steering
+    from hypertransport_core.engine import SteeringPlan, region_for
+    from hypertransport_core.sites import token_layout
+
+    net = _FakeFlux()
+    sites = {s.name: s for s in list_sites(net)}
+    assert [token_layout("flux", sites[n]) for n in ("double_blocks.0@0", "double_blocks.0@1", "single_blocks.0")] == [
+        "image", "text", "text_first"]
+    assert token_layout("generic", sites["single_blocks.0"]) == "image"  # no rule of that family made it
+    region = torch.zeros(1, 1, 8, 8)
+    region[..., :4] = 1.0
+    img_tokens = region_for(region, torch.zeros(1, 16, 6), -1, 1, "image").flatten()
+    assert img_tokens.tolist() == ([1.0, 1.0, 0.0, 0.0] * 4)  # 4x4 raster at stride 2
+    single = region_for(region, torch.zeros(1, 5 + 16, 6), -1, 1, "text_first").flatten()
+    assert single[:5].tolist() == [0.0] * 5 and torch.equal(single[5:], img_tokens)
+    assert not region_for(region, torch.zeros(1, 16, 6), -1, 1, "text").any()
+    assert not region_for(region, torch.zeros(1, 21, 6), -1, 1, "image").any()  # no stride gives 21 image tokens
+
+    st = Steering((sites["single_blocks.0"],), torch.ones(6), torch.ones(6), meta={"family": "flux"})
+    sm = SteeringPlan.compile([(st, 1.0)]).maps["single_blocks.0"]
+    assert sm.tokens == "text_first"
+    z = torch.zeros(1, 5 + 16, 6)
+    out = sm(z, region=region)
+    assert out[0, :5].abs().sum() == 0 and torch.equal(out[0, 5:, 0], img_tokens)
+
+
+def test_every_family_entry_holds_its_blocks_presets_and_sampling():
+    """One entry per family: the presets, the checkpointed blocks and the sampling the trainer uses come from it."""
+    from hypertransport_core.sites import block_presets
+
+    for fam in ("sd15", "sdxl", "pixart", "flux"):
+        t = SITE_TABLES[fam]
+        assert t.sampling is not None and t.sampling.steps >= 1 and t.checkpoint_blocks, fam
+    assert SITE_TABLES["generic"].sampling is None
+    flux = list_sites(_FakeFlux())
+    assert block_presets(flux, "flux") == {"early": ["double_blocks.0", "double_blocks.1"], "middle": ["single_blocks.0"],
+                                           "late": ["single_blocks.1", "single_blocks.2"]}
+    assert block_presets(flux, "generic") == {}  # a family without presets has none, whatever its names
+    unet = [Site(f"{b}.norm", f"{b}.norm", 4) for b in ("input_blocks.1", "input_blocks.2", "input_blocks.4",
+                                                       "middle_block", "output_blocks.0", "output_blocks.3", "out")]
+    assert block_presets(unet, "sd15")["coarse"] == ["input_blocks.4", "middle_block", "output_blocks.0"]
+    assert block_presets(unet, "sd15")["fine"] == ["input_blocks.1", "input_blocks.2", "output_blocks.3", "out"]
+    with pytest.raises(HyperTransportError, match="tokens"):
+        register_table(SiteTable("test_badtokens", "x", (SiteRule(".+", tokens=("diagonal",)),)))
+    with pytest.raises(HyperTransportError, match="presets"):
+        register_table(SiteTable("test_badpresets", "x", (SiteRule(".+"),), presets="thirds"))
+    with pytest.raises(HyperTransportError, match="checkpoint_blocks"):
+        register_table(SiteTable("test_badblocks", "x", (SiteRule(".+"),), checkpoint_blocks="(unclosed"))
+    assert not {"test_badtokens", "test_badpresets", "test_badblocks"} & set(SITE_TABLES)
+
+
 def test_register_table_and_unknown_family():
     with pytest.raises(HyperTransportError, match="unknown model family 'nope'"):
         list_sites(TinyNet(), "nope")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import re
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("hypertransport_core", "hypertransport_comfy", "hypertransport_world", "trainer", "studies", "nodes", "ht_devkit",
@@ -146,3 +147,40 @@ print("only the libraries")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "only the libraries" in out.stdout, out.stderr[-2000:]
+
+
+#: the product: what ComfyUI loads and what the training command runs (studies, benchmarks, scripts and tests are not)
+PRODUCT = ("hypertransport_core", "hypertransport_comfy", "hypertransport_world", "nodes", "trainer")
+_SYS_PATH_EDIT = re.compile(r"sys\.path\s*(\.\s*(insert|append|extend|remove|pop|clear)\b|\[[^\]]*\]\s*=(?!=)|\+=|=(?!=))")
+
+
+def test_at_most_one_place_in_the_product_edits_sys_path():
+    """Only the ComfyUI import (``import_comfyui``: ComfyUI is a folder, not a package) touches sys.path."""
+    files = [ROOT / "__init__.py"] + [p for pkg in PRODUCT for p in (ROOT / pkg).rglob("*.py")]
+    editing = sorted(str(p.relative_to(ROOT)) for p in files if any(
+        _SYS_PATH_EDIT.search(line) for line in p.read_text().splitlines() if not line.lstrip().startswith("#")))
+    assert editing == ["hypertransport_comfy/comfyui.py"], editing
+    assert _SYS_PATH_EDIT.search("sys.path.insert(0, root)") and _SYS_PATH_EDIT.search("sys.path[:0] = [r]")
+    assert not _SYS_PATH_EDIT.search("if root in sys.path:") and not _SYS_PATH_EDIT.search("first = sys.path[0]")
+
+
+def test_the_training_command_reaches_the_trainer_and_the_libraries_but_no_nodes(tmp_path):
+    """``python trainer/train.py`` resolves the libraries and trainer/ by name through the pack's finder; the pack's
+    folder is not on sys.path, so ``nodes`` stays ComfyUI's."""
+    import os
+    import subprocess
+    import sys
+
+    code = f"""
+import importlib.util, runpy, sys
+runpy.run_path({str(ROOT / "trainer" / "train.py")!r}, run_name="not_main")
+assert sys.modules["trainer"].__file__.startswith({str(ROOT)!r})
+assert sys.modules["hypertransport_comfy"].__file__.startswith({str(ROOT)!r})
+assert {str(ROOT)!r} not in sys.path
+assert importlib.util.find_spec("nodes") is None and importlib.util.find_spec("studies") is None
+print("trainer and libraries only")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "trainer and libraries only" in out.stdout, out.stderr[-2000:]

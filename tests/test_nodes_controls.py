@@ -198,7 +198,7 @@ def test_ramp_counts_only_the_steps_in_the_range(t, P):
 def test_presets_equal_their_block_lines(t, D):
     from hypertransport_core.sites import block_presets
 
-    presets = block_presets(t.steering.sites)
+    presets = block_presets(t.steering.sites, t.steering.meta["family"])
     assert {"input", "middle", "output", "fine", "coarse"} <= set(presets)
     for name in ("input", "output", "coarse"):
         lines = "*: 0\n" + "\n".join(f"{b}: 1" for b in presets[name])

@@ -60,12 +60,12 @@ def cfg_for(tmp_path, backend, **kw):
 
 
 def test_family_defaults_schedules(comfy, encoder):
-    from hypertransport_comfy.backend import FAMILY_DEFAULTS
+    from hypertransport_core.sites import SITE_TABLES
 
     b = make_backend(comfy, encoder, "sdxl", steps=4)  # DMD2: 4 steps at 999, 749, 499, 249
     ms = b.model.model_sampling
     assert b.sigmas.shape == (5,) and float(b.sigmas[-1]) == 0
-    for s, t in zip(b.sigmas[:-1], FAMILY_DEFAULTS["sdxl"].timesteps[4]):
+    for s, t in zip(b.sigmas[:-1], SITE_TABLES["sdxl"].sampling.timesteps[4]):
         assert float(ms.timestep(s)) == pytest.approx(t, abs=0.5)
     one = make_backend(comfy, encoder, "sdxl", steps=1)  # DMD2 1-step at t=399
     assert float(ms.timestep(one.sigmas[0])) == pytest.approx(399, abs=0.5)

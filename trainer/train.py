@@ -27,8 +27,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-if __package__ in (None, ""):  # `python trainer/train.py`: make the repo root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # `python trainer/train.py`: the pack's finder resolves its libraries and trainer/ by name
+    import importlib.util
+
+    _spec = importlib.util.spec_from_file_location("_hypertransport_pack", os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "__init__.py"), submodule_search_locations=None)  # a plain module: no nodes
+    _pack = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_pack)
+    _pack.use_libraries("trainer")
 
 import numpy as np
 import torch
