@@ -11,6 +11,9 @@ from hypertransport_comfy.comfyui import MISSING, REPO, find_comfyui
 
 from .tiny import build_from_file, write_hypernet, write_model_files, write_tiny_encoder
 
+#: the pack's folder name in custom_nodes, as the README's install (git clone, ComfyUI-Manager) makes it
+PACK_FOLDER = "comfyui-hypertransport"
+
 
 def prepare_server_base(base: str | os.PathLike) -> dict:
     """Everything a server needs under ``base``: model files, the tiny encoder, hypernets named as the
@@ -37,15 +40,21 @@ def prepare_server_base(base: str | os.PathLike) -> dict:
     Image.fromarray(rng.integers(0, 255, (1, 1, 4), dtype=np.uint8), "RGBA").save(inp / "odd_rgba.png")
     Image.fromarray(rng.integers(0, 255, (7, 300), dtype=np.uint8), "L").save(inp / "odd_gray.png")
     (inp / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
-    cn = base / "custom_nodes"
-    cn.mkdir(parents=True, exist_ok=True)
-    link = cn / "HyperTransport"
-    if not link.exists():
-        link.symlink_to(REPO, target_is_directory=True)
+    cn = link_pack(base)
     test_nodes = cn / "ht_e2e_test_nodes"
     if not test_nodes.exists():
         test_nodes.symlink_to(Path(__file__).resolve().parent / "test_nodes", target_is_directory=True)
     return {**names, "encoder": enc.identity}
+
+
+def link_pack(base: str | os.PathLike) -> Path:
+    """This pack in ``base/custom_nodes`` (a symlink, named as the README installs it); returns that folder."""
+    cn = Path(base) / "custom_nodes"
+    cn.mkdir(parents=True, exist_ok=True)
+    link = cn / PACK_FOLDER
+    if not link.exists():
+        link.symlink_to(REPO, target_is_directory=True)
+    return cn
 
 
 def with_metadata(src, dst, **changes) -> str:

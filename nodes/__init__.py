@@ -12,6 +12,7 @@ from . import model_files
 from .definitions import NODES, NODES_DEPRECATED
 
 model_files.register_folders()
+model_files.install_reference_image()
 
 
 class HyperTransportExtension(ComfyExtension):

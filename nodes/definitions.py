@@ -131,7 +131,7 @@ class LoadHyperNet(io.ComfyNode):
             except HyperTransportError as e:
                 raise HyperTransportError(
                     f"{str(e).split(' Fix:')[0]} No hypernet for a released model (SDXL/DMD2, PixArt/Nitro, SD1.5, Flux) "
-                    "is published yet. Fix: for your model use Fit Steering (the fit_steering template shows it), train a "
+                    "is published yet. Fix: for your model use Fit Steering (HyperTransport templates 3 to 7 show it), train a "
                     "hypernet (docs/train-your-own.md), or pick world_hypernet.safetensors for the embedded world."
                 ) from None
 

@@ -54,6 +54,37 @@ def register_folders() -> None:
     folder_paths.folder_names_and_paths[STEERING_FOLDER][1].update({".safetensors"})
 
 
+#: shipped with the pack for the reference-image template; copied into ComfyUI's input folder (LoadImage reads only there)
+REFERENCE_IMAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "hypertransport_reference.png")
+
+
+def install_reference_image() -> None:
+    """Copy the shipped reference image into ComfyUI's input folder unless a file of that name is there: never
+    overwritten, written whole or not at all; a folder that cannot be written is logged, not raised."""
+    import shutil
+    import tempfile
+
+    import folder_paths
+
+    folder = folder_paths.get_input_directory()
+    dst = os.path.join(folder, os.path.basename(REFERENCE_IMAGE))
+    if os.path.exists(dst):
+        return
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
+        os.close(fd)
+        try:
+            shutil.copyfile(REFERENCE_IMAGE, tmp)
+            os.replace(tmp, dst)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    except OSError as e:
+        log.warning("HyperTransport: could not copy the example reference image into %s (%s); the reference-image "
+                    "template then needs an image of yours in Load Image.", folder, e)
+
+
 def steering_output_dir() -> str:
     import folder_paths
 

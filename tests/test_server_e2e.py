@@ -1,11 +1,12 @@
 """End to end: a real ComfyUI server on loopback with this pack in its custom_nodes.
 
-Every workflow in ``workflows/api/`` is posted as the user would run it. The embedded-world template runs
-exactly as shipped (its model and hypernet come with the pack). The others get only what cannot exist on
+Every workflow in ``workflows/api/`` is posted as the user would run it. The embedded-world templates run
+exactly as shipped (their model and hypernet come with the pack). The others get only what cannot exist on
 a CPU test machine swapped (see :func:`stand_in`): the SDXL checkpoint becomes a tiny SD1.5 UNet (plus a
 tiny LoRA, TAESD, and random conditioning for CLIP-L/G), the Nitro/PixArt files a one-block PixArt-Sigma
-(random conditioning for T5-XXL, TAESDXL). The HyperTransport nodes, the graph and the hypernet file names
-stay as in the workflow; the hypernets are made for the stand-ins.
+(random conditioning for T5-XXL, TAESDXL), and Fit Steering fits 2 steps at the stand-in's size. The
+HyperTransport nodes, the graph and the hypernet file names stay as in the workflow; the hypernets are made
+for the stand-ins.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ht_devkit.server import error_text
+from ht_devkit.server import PACK_FOLDER, error_text, link_pack
+from workflows.build_workflows import TEMPLATES, overlaps, ui_path
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
@@ -35,6 +37,7 @@ HT_NODES = {
     "HyperTransportSaveSteering",
     "HyperTransportLoadSteering",
     "HyperTransportApplySteeringAdvanced",
+    "HyperTransportFitSteering",
 }
 
 
@@ -63,13 +66,19 @@ def stand_in(prompt: dict, names: dict) -> dict:
             inp["vae_name"] = "taesdxl"
         elif ct == "EmptyLatentImage":
             inp["width"] = inp["height"] = 320 if pixart else 64
+    clip_slot = {nid: (1 if nid in p else 0) for nid in clip_sources}  # a checkpoint's CLIP output, a CLIPLoader's
+    p["901"] = {"class_type": "HTTestCLIP", "inputs": {"dim": 4096 if pixart else 768, "tokens": 8}}
     for n in p.values():
+        if n["class_type"] == "HyperTransportFitSteering":  # a 2-step fit at the stand-in's size
+            n["inputs"].update(steps=2, sampler_steps=2, resolution=320 if pixart else 64)
         if n["class_type"] == "CLIPTextEncode":
             n["class_type"] = "HTTestConditioning"
             n["inputs"] = {"text": n["inputs"]["text"], "seed": 7, "dim": 4096 if pixart else 768, "tokens": 8}
         for k, v in n["inputs"].items():
             if isinstance(v, list) and v[0] in clip_sources and v[1] == 2:  # the checkpoint's VAE
                 n["inputs"][k] = ["900", 0]
+            elif isinstance(v, list) and v[0] in clip_sources and v[1] == clip_slot[v[0]]:  # its CLIP (Fit Steering)
+                n["inputs"][k] = ["901", 0]
     return p
 
 
@@ -104,18 +113,26 @@ def test_nodes_registered(comfy_server):
     assert "world_unet.safetensors" not in lh and "HT-World-CLIP.safetensors" not in lh  # not hypernets
     assert ".tmp-" not in lh
     templates = comfy_server.get("/workflow_templates")
-    assert sorted(templates["HyperTransport"]) == sorted(p.stem for p in API)
+    assert sorted(templates[PACK_FOLDER]) == sorted(t.title for t in TEMPLATES)
+    assert comfy_server.get("/i18n")["en"]["templateWorkflows"]["category"][PACK_FOLDER] == "HyperTransport"
 
 
 def test_workflow_files_are_current():
-    ui = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
-    assert ui == [p.stem for p in API] and len(API) >= 5
-    for p in WORKFLOWS.glob("*.json"):
-        wf = json.loads(p.read_text())
+    """One UI file per template, named by its title, one API file per slug; every Note names the model files (or says
+    none are needed), the real-model ones say what they need in their title; no node overlaps another."""
+    assert sorted(p.stem for p in WORKFLOWS.glob("*.json")) == sorted(t.title for t in TEMPLATES)
+    assert [p.stem for p in API] == sorted(t.slug for t in TEMPLATES)
+    titles = [t.title for t in TEMPLATES]
+    assert titles == sorted(titles) and [t.runs_here for t in TEMPLATES] == sorted((t.runs_here for t in TEMPLATES), reverse=True)
+    for t in TEMPLATES:
+        wf = json.loads(ui_path(t.slug).read_text())
         notes = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "Note"]
-        assert any("models/" in t or "nothing to download" in t for t in notes), (
-            f"{p.name} must name its model files (or say it needs none) in a Note"
+        assert any("models/" in x or "nothing to download" in x for x in notes), (
+            f"{t.title} must name its model files (or say it needs none) in a Note"
         )
+        assert ("(runs now)" in t.title) == t.runs_here and ("needs" in t.title) != t.runs_here, t.title
+        assert not overlaps(wf), (t.title, overlaps(wf))
+        assert wf["extra"]["ds"]["scale"] >= 0.6, t.title  # opens readable (the frontend drops text below ~0.57)
 
 
 @pytest.mark.parametrize("path", API, ids=[p.stem for p in API])
@@ -149,9 +166,10 @@ def test_workflow_runs(comfy_server, path):
         ref = images_of(comfy_server, comfy_server.run(plain))
         zero = WORLD_SWEEP.index(0.0)
         assert np.array_equal(imgs[zero], ref[zero]), "strength 0 must be the unsteered image, bit for bit"
-    if path.stem == "combine_concepts":
-        saved = list((comfy_server.base / "output" / "hypertransport_steerings").glob("watercolor_minus_autumn*"))
-        assert saved and saved[0].stat().st_size < 256 * 1024
+    if path.stem == "combine_concepts":  # two fits, each saved as a small file
+        for prefix in ("sdxl_watercolor", "sdxl_autumn"):
+            saved = list((comfy_server.base / "output" / "hypertransport_steerings").glob(prefix + "*"))
+            assert saved and saved[0].stat().st_size < 256 * 1024
 
 
 def test_saved_steering_loads_without_hypernet(comfy_server):
@@ -277,6 +295,8 @@ def test_world_template_runs_and_steers(comfy_server):
             continue
         imgs = [np.asarray(Image.open(comfy_server.base / i["type"] / i.get("subfolder", "") / i["filename"])) for i in out["images"]]
         rows[prompt[nid]["_meta"]["title"]] = [im[::8, ::8] for im in imgs]  # shown 8x upscaled (nearest)
+    reference = rows.pop("the reference image")
+    assert len(reference) == 1 and M.inducement(reference[0], WORLD_REFERENCE_CONCEPT) > 0.5
     assert len(rows) == 5 and all(len(v) == 4 and v[0].shape == (32, 32, 3) for v in rows.values()), rows.keys()
     ind = {k: float(np.mean([M.inducement(im, WORLD_CONCEPT) for im in v])) for k, v in rows.items()}
     none, full, half, neg = (ind["unsteered"], ind[f"{WORLD_CONCEPT}, strength +1"], ind[f"{WORLD_CONCEPT}, strength +0.5"],
@@ -335,30 +355,35 @@ def test_fit_steering_queued_twice_fits_once_unless_refit(comfy_server):
     print(f"fit_steering template: {seconds:.1f} s for its first run on the server")
 
 
-REAL_MODEL_TEMPLATES = ("text_steering_sdxl_dmd2", "strength_sweep", "pixart_nitro", "reference_image_steering",
-                        "combine_concepts")
-
-
 @pytest.fixture(scope="module")
 def bare_server(comfy, tmp_path_factory):
     """A ComfyUI with this pack and nothing else: no model, hypernet, CLIP or image files."""
     base = tmp_path_factory.mktemp("comfy_bare_base")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / "HyperTransport").symlink_to(comfy.REPO, target_is_directory=True)
+    link_pack(base)
     server = comfy.Server(base)
     yield server
     server.stop()
 
 
-def test_a_real_model_template_without_its_files_names_the_missing_hypernet(bare_server):
-    """Each real-model template queued as it ships, in a ComfyUI without the model's files: refused at validation,
-    before anything runs, the hypernet named with the fact that none is published and Fit Steering as what to use."""
-    for name in REAL_MODEL_TEMPLATES:
-        prompt = load_api(name)
-        hn_id = next(k for k, v in prompt.items() if v["class_type"] == "HyperTransportLoadHyperNet")
+def test_a_real_model_template_without_its_files_names_what_is_missing(bare_server):
+    """Each real-model template queued as it ships, in a ComfyUI with this pack and nothing else: refused at validation,
+    before anything runs. A hypernet template names the hypernet, that none is published and Fit Steering as what
+    to use; a Fit Steering template names the model file it needs. The shipped reference image was copied into the
+    input folder, so the reference-image template is refused for its hypernet only."""
+    assert (bare_server.base / "input" / "hypertransport_reference.png").is_file()
+    for t in [t for t in TEMPLATES if not t.runs_here]:
+        prompt = load_api(t.slug)
         status, body = bare_server.post_prompt(prompt)
-        assert status == 400 and "prompt_id" not in body, (name, status)  # nothing queued: every output needs a file
-        msg = json.dumps(body.get("node_errors", {}).get(hn_id, {}))
-        for want in (prompt[hn_id]["inputs"]["hypernet_name"], "is published yet", "Fit Steering"):
-            assert want in msg, (name, want, json.dumps(body)[:3000])
+        assert status == 400 and "prompt_id" not in body, (t.slug, status)  # nothing queued: every output needs a file
+        errors = body.get("node_errors", {})
+        hn = [k for k, v in prompt.items() if v["class_type"] == "HyperTransportLoadHyperNet"]
+        if hn:
+            msg = json.dumps(errors.get(hn[0], {}))
+            for want in (prompt[hn[0]]["inputs"]["hypernet_name"], "is published yet", "Fit Steering"):
+                assert want in msg, (t.slug, want, json.dumps(body)[:3000])
+            assert not any(v["class_type"] == "LoadImage" for k, v in prompt.items() if k in errors), errors
+        else:
+            loader = next(k for k, v in prompt.items() if v["class_type"] in ("CheckpointLoaderSimple", "UNETLoader"))
+            file = next(v for k, v in prompt[loader]["inputs"].items() if k in ("ckpt_name", "unet_name"))
+            assert file in json.dumps(errors.get(loader, {})), (t.slug, json.dumps(body)[:3000])
     assert bare_server.get("/system_stats")["system"]

@@ -1,266 +1,132 @@
-"""The web UI in a headless Chromium: it lists the nodes, loads every workflow with none missing, and runs the
-embedded-world template from the browser with its images shown in the graph.
+"""The web UI in a headless Chromium (Playwright driving the system's Chromium, :mod:`ht_devkit.browser`): the
+template browser lists the pack's templates under "HyperTransport", every template loads with no node missing and
+nothing overlapping, and each template that needs no download runs from the browser with its images shown inside
+the window, framed as the template opens.
 
-Needs Debian's ``chromium`` (``apt-get update && apt-get install -y chromium``); skipped with the
-reason otherwise. Chromium is driven over the DevTools protocol (aiohttp's websocket client, already a
-ComfyUI dependency), on loopback only. A screenshot per workflow is written to the test's temp folder;
-with ``HT_UPDATE_SCREENSHOT=1`` the world template's (after it ran) replaces ``docs/world_steering.png``,
-the text-steering one ``docs/screenshot.png``, and each workflow's screenshot becomes its template-browser
-thumbnail ``workflows/<name>.jpg``.
+Needs Debian's ``chromium`` and Playwright (``requirements-dev.txt``); skipped with the reason otherwise. With
+``HT_UPDATE_SCREENSHOT=1`` the runnable templates' screenshots (after they ran) replace ``docs/<slug>.png`` and their
+template-browser thumbnails ``workflows/<title>.jpg`` (cropped to the results); ``docs/screenshot.png`` becomes the
+phrase-steering SDXL template as it opens.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import json
 import os
 import shutil
-import subprocess
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
+from ht_devkit import browser
+from workflows.build_workflows import BY_SLUG, HERE, TEMPLATES, WORLD_SWEEP, overlaps
+
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
-
-REPO = Path(__file__).resolve().parents[1]
-WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-dev-shm-usage",
-    "--window-size=1920,1080",
-]
-
-
-def find_chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
-        p = shutil.which(name)
-        if p:
-            return p
-    return None
-
-
-class CDP:
-    """A minimal DevTools-protocol client for one page."""
-
-    def __init__(self, ws):
-        self.ws, self.n = ws, 0
-
-    async def call(self, method: str, **params):
-        self.n += 1
-        my = self.n
-        await self.ws.send_json({"id": my, "method": method, "params": params})
-        while True:
-            msg = await self.ws.receive_json(timeout=120)
-            if msg.get("id") == my:
-                if "error" in msg:
-                    raise RuntimeError(f"{method}: {msg['error']}")
-                return msg.get("result", {})
-
-    async def js(self, expr: str):
-        r = await self.call("Runtime.evaluate", expression=expr, awaitPromise=True, returnByValue=True)
-        if "exceptionDetails" in r:
-            raise RuntimeError(f"JS error in {expr[:80]!r}: {r['exceptionDetails']}")
-        return r["result"].get("value")
-
-    async def wait_for(self, expr: str, timeout: float = 90):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                if await self.js(expr):
-                    return
-            except RuntimeError:
-                pass
-            await asyncio.sleep(0.5)
-        raise TimeoutError(f"timed out waiting for {expr}")
+REPO = HERE.parent
+RAN = [t.slug for t in TEMPLATES if t.runs_here]
 
 
 @pytest.fixture(scope="module")
-def chromium(comfy_server, tmp_path_factory):
-    exe = find_chromium()
-    if exe is None:
-        pytest.skip("no Chromium found; install it with `apt-get update && apt-get install -y chromium`")
-    import ht_devkit
+def page(comfy_server):
+    why = browser.missing()
+    if why:
+        pytest.skip(why)
+    with browser.comfy_page(comfy_server.url) as p:
+        yield p
 
-    port = ht_devkit.free_port()
-    profile = tmp_path_factory.mktemp("chromium_profile")
-    proc = subprocess.Popen(
-        [
-            exe,
-            *FLAGS,
-            f"--remote-debugging-port={port}",
-            "--remote-debugging-address=127.0.0.1",
-            f"--user-data-dir={profile}",
-            "about:blank",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 60
-    while True:
+
+def _workflow(slug: str) -> dict:
+    return json.loads((HERE / f"{BY_SLUG[slug].title}.json").read_text())
+
+
+def test_template_browser_lists_the_templates_under_hypertransport(page, comfy_server):
+    """As a user finds them: Templates → HyperTransport (not the folder name), every template with its thumbnail."""
+    page.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    page.get_by_text("HyperTransport", exact=True).first.click()
+    page.wait_for_timeout(1500)
+    titles = [t.title for t in TEMPLATES]
+    find = """t => Array.from(document.querySelectorAll('[role="dialog"] *')).find(e => e.children.length === 0
+                                                                                 && e.textContent.trim() === t)"""
+    shown = []
+    for t in titles:  # the dialog loads a card's image when the card scrolls into view
+        if not page.evaluate(f"t => {{ const el = ({find})(t); if (el) el.scrollIntoView(); return !!el; }}", t):
+            shown.append(None)
+            continue
+        ours = f"""t => {{
+            let card = ({find})(t);
+            for (let i = 0; i < 6 && card && !card.querySelector('img'); i++) card = card.parentElement;
+            const img = card && card.querySelector('img');
+            // ours: 512x512 (ht_devkit.browser.write_thumbnail), not the dialog's placeholder (512 wide too)
+            return !!(img && img.complete && img.naturalWidth === 512 && img.naturalHeight === 512);
+        }}"""
         try:
-            targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2).read())
-            page = next(t for t in targets if t.get("type") == "page")
-            break
+            page.wait_for_function(ours, arg=t, timeout=10_000)
+            shown.append({"thumbnail": True})
         except Exception:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail("Chromium did not start its DevTools endpoint")
-            time.sleep(0.3)
-    yield page["webSocketDebuggerUrl"]
-    proc.terminate()  # our own browser, by its handle
+            shown.append({"thumbnail": False})
+    missing = [t for t, s in zip(titles, shown) if s is None]
+    assert not missing, f"not listed under HyperTransport: {missing}"
+    no_thumb = [t for t, s in zip(titles, shown) if not s["thumbnail"]]
+    assert not no_thumb, f"no thumbnail shown: {no_thumb}"
+    assert "comfyui-hypertransport" not in page.evaluate("() => document.querySelector('[role=\"dialog\"]').innerText")
+    page.reload()  # a fresh page, the dialog gone, for the tests that look at the canvas
+    page.wait_for_function(browser.READY)
+
+
+@pytest.mark.parametrize("slug", [t.slug for t in TEMPLATES])
+def test_every_template_loads_with_nothing_missing_or_overlapping(page, tmp_path, slug):
+    wf = _workflow(slug)
+    assert not overlaps(wf), overlaps(wf)
+    browser.load_workflow(page, wf, BY_SLUG[slug].title)
+    nodes = browser.graph_nodes(page)
+    assert len(nodes) == len(wf["nodes"]), (len(nodes), len(wf["nodes"]))
+    assert not [n["type"] for n in nodes if n["missing"] or n["errors"]]
+    assert not page.evaluate("() => document.body.innerText.includes('Invalid workflow')")  # the frontend's own schema
+    page.screenshot(path=str(tmp_path / f"{slug}.png"))
+    if slug == "text_steering_sdxl_dmd2" and os.environ.get("HT_UPDATE_SCREENSHOT") == "1":
+        shutil.copy(tmp_path / f"{slug}.png", REPO / "docs" / "screenshot.png")
+
+
+def _visible(page, box: dict) -> bool:
+    """Inside the window, and the canvas (not a dialog, menu or toolbar) is what shows at its centre and corners."""
+    w, h = browser.VIEWPORT["width"], browser.VIEWPORT["height"]
+    if not (box["x"] >= 0 and box["y"] >= 0 and box["x"] + box["width"] <= w and box["y"] + box["height"] <= h):
+        return False
+    pts = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in ((0.5, 0.5), (0.1, 0.2), (0.9, 0.9))]
+    return page.evaluate("pts => pts.every(([x, y]) => document.elementFromPoint(x, y) === app.canvas.canvas)", pts)
+
+
+@pytest.mark.parametrize("slug", RAN)
+def test_template_runs_from_the_browser_and_shows_its_images_framed(page, comfy_server, tmp_path, slug):
+    """Queued as a user would (the UI's own queue call) with the view the template opens with: every result preview
+    shows its images, each preview lies inside the window."""
+    wf = _workflow(slug)
+    results = [n["id"] for n in wf["nodes"] if n["type"] == "PreviewImage"]
+    browser.load_workflow(page, wf, BY_SLUG[slug].title)
+    t0 = time.time()
+    page.evaluate("() => app.queuePrompt(0, 1).then(() => true)")
+    shown = ("ids => ids.every(id => { const n = app.graph.getNodeById(id);"
+             " return n && n.imgs && n.imgs.length > 0 && n.imgs.every(i => i.complete && i.naturalWidth > 0); })")
     try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
-def no_first_run_dialog(server) -> None:
-    """Mark the tutorial done, so the first-run template dialog does not cover the canvas."""
-    req = urllib.request.Request(server.url + "/settings/Comfy.TutorialCompleted", data=b"true",
-                                 headers={"Content-Type": "application/json"}, method="POST")
-    urllib.request.urlopen(req, timeout=10).read()
-
-
-def test_web_ui_lists_nodes_and_loads_workflows(comfy_server, chromium, tmp_path):
-    import aiohttp
-
-    no_first_run_dialog(comfy_server)
-
-    async def session():
-        async with aiohttp.ClientSession() as s, s.ws_connect(chromium, max_msg_size=0) as ws:
-            cdp = CDP(ws)
-            await cdp.call("Page.enable")
-            await cdp.call("Runtime.enable")
-            await cdp.call("Page.navigate", url=comfy_server.url + "/")
-            await cdp.wait_for(
-                "!!(window.app && window.app.graph && window.LiteGraph "
-                "&& Object.keys(window.LiteGraph.registered_node_types).length > 100)"
-            )
-            registered = await cdp.js(
-                "Object.keys(LiteGraph.registered_node_types).filter(k => k.startsWith('HyperTransport'))"
-            )
-            results = {}
-            for wf in WORKFLOWS:
-                data = json.loads(wf.read_text())
-                await cdp.js(
-                    f"app.loadGraphData({json.dumps(data)}, true, true, {json.dumps(wf.stem)}).then(() => true)"
-                )
-                await asyncio.sleep(1.0)
-                results[wf.stem] = await cdp.js(
-                    "(() => { const nodes = app.graph._nodes || app.graph.nodes;"
-                    " return {count: nodes.length,"
-                    " missing: nodes.filter(n => !LiteGraph.registered_node_types[n.type]).map(n => n.type),"
-                    " errors: nodes.filter(n => n.has_errors).map(n => n.type)}; })()"
-                )
-                shot = await cdp.call("Page.captureScreenshot", format="png")
-                (tmp_path / f"{wf.stem}.png").write_bytes(base64.b64decode(shot["data"]))
-            return registered, results
-
-    registered, results = asyncio.run(session())
-    assert {
-        "HyperTransportLoadHyperNet",
-        "HyperTransportEncodeConcept",
-        "HyperTransportEncodeReferenceImage",
-        "HyperTransportApplySteering",
-    } <= set(registered), registered
-    for name, r in results.items():
-        wf = json.loads((REPO / "workflows" / f"{name}.json").read_text())
-        assert r["count"] == len(wf["nodes"]), (name, r)
-        assert not r["missing"] and not r["errors"], (name, r)
-    shot = tmp_path / "text_steering_sdxl_dmd2.png"
-    assert shot.stat().st_size > 10_000
-    if os.environ.get("HT_UPDATE_SCREENSHOT") == "1":
-        (REPO / "docs").mkdir(exist_ok=True)
-        shutil.copy(shot, REPO / "docs" / "screenshot.png")
-        for wf in WORKFLOWS:
-            if wf.stem not in RAN:  # those that run in the browser get a thumbnail of their results instead
-                write_thumbnail(tmp_path / f"{wf.stem}.png", REPO / "workflows" / f"{wf.stem}.jpg")
-
-
-RAN = ("world_steering", "world_strength_sweep", "fit_steering")
-
-
-def write_thumbnail(png: Path, jpg: Path, box=None) -> None:
-    """A 512x288 JPEG of a screenshot (or of ``box`` of it), as ComfyUI's template browser shows beside a workflow."""
-    from PIL import Image
-
-    im = Image.open(png).convert("RGB")
-    if box:
-        im = im.crop(box)
-    im.thumbnail((1024, 576))
-    canvas = Image.new("RGB", (1024, 576), (32, 32, 32))
-    canvas.paste(im, ((1024 - im.width) // 2, (576 - im.height) // 2))
-    canvas.resize((512, 288), Image.LANCZOS).save(jpg, quality=85)
-
-
-@pytest.mark.parametrize("name", RAN)
-def test_template_runs_from_the_browser_and_shows_its_images(comfy_server, chromium, tmp_path, name):
-    """Queue the template as a user would (the UI's own queue call), then look at the graph: every preview
-    node shows its images, and the screenshot holds them."""
-    import aiohttp
-
-    from workflows.build_workflows import WORLD_SWEEP
-
-    wf = json.loads((REPO / "workflows" / f"{name}.json").read_text())
-    previews = [n["id"] for n in wf["nodes"] if n["type"] == "PreviewImage"]
-    no_first_run_dialog(comfy_server)
-
-    async def session():
-        async with aiohttp.ClientSession() as s, s.ws_connect(chromium, max_msg_size=0) as ws:
-            cdp = CDP(ws)
-            await cdp.call("Page.enable")
-            await cdp.call("Runtime.enable")
-            await cdp.call("Page.navigate", url=comfy_server.url + "/")
-            await cdp.wait_for("!!(window.app && window.app.graph && window.LiteGraph)")
-            await cdp.js(f"app.loadGraphData({json.dumps(wf)}, true, true, {json.dumps(name)}).then(() => true)")
-            await asyncio.sleep(1.0)
-            # frame the preview nodes (the right part of the graph) first: the frontend loads a node's images
-            # when it draws the node, so one off-screen never shows them
-            pv = [n for n in wf["nodes"] if n["type"] == "PreviewImage"]
-            x0, y0 = min(n["pos"][0] for n in pv), min(n["pos"][1] for n in pv)
-            x1 = max(n["pos"][0] + n.get("size", [400, 300])[0] for n in pv)
-            y1 = max(n["pos"][1] + n.get("size", [400, 300])[1] for n in pv)
-            scale = min(1.0, 680 / (y1 - y0), 860 / (x1 - x0))  # below the top bar, in the right half
-            await cdp.js(f"(() => {{ app.canvas.ds.scale = {scale}; app.canvas.ds.offset = [{1000 / scale - x0}, {150 / scale - y0}];"
-                         " app.canvas.setDirty(true, true); return true; })()")
-            await asyncio.sleep(1.0)
-            t0 = time.time()
-            await cdp.js("app.queuePrompt(0, 1).then(() => true)")
-            shown = (
-                "(() => { const ids = " + json.dumps(previews) + ";"
-                " return ids.every(id => { const n = app.graph.getNodeById(id);"
-                " return n && n.imgs && n.imgs.length > 0 && n.imgs.every(i => i.complete && i.naturalWidth > 0); }); })()"
-            )
-            try:
-                await cdp.wait_for(shown, timeout=240)
-            except TimeoutError:  # say what the graph shows and what the server ran, not only "timed out"
-                state = await cdp.js("JSON.stringify(" + json.dumps(previews) + ".map(id => { const n = app.graph.getNodeById(id);"
-                                     " return [id, n ? n.type : null, n && n.imgs ? n.imgs.length : null]; }))")
-                async with s.get(comfy_server.url + "/history") as r:
-                    hist = await r.text()
-                raise AssertionError(f"previews not shown after 240 s: {state}\nhistory: {hist[-3000:]}\n"
-                                     f"server log: {comfy_server.log()[-3000:]}") from None
-            seconds = time.time() - t0
-            await asyncio.sleep(1.0)
-            counts = await cdp.js("(() => " + json.dumps(previews) + ".map(id => app.graph.getNodeById(id).imgs.length))()")
-            shot = await cdp.call("Page.captureScreenshot", format="png")
-            return counts, seconds, base64.b64decode(shot["data"])
-
-    counts, seconds, png = asyncio.run(session())
-    want = [len(WORLD_SWEEP)] if name == "world_strength_sweep" else [4] * len(previews)
-    assert counts == want, counts  # every row shown: four seeds per row, or one image per strength
-    out = tmp_path / f"{name}.png"
-    out.write_bytes(png)
+        page.wait_for_function(shown, arg=results, timeout=240_000)
+    except Exception:  # say what the graph shows and what the server ran, not only "timed out"
+        raise AssertionError(f"previews not shown after 240 s: {browser.graph_nodes(page)}\n"
+                             f"server log: {comfy_server.log()[-3000:]}") from None
+    seconds = time.time() - t0
+    page.wait_for_timeout(1000)
+    nodes = {n["id"]: n for n in browser.graph_nodes(page)}
+    counts = [nodes[i]["images"] for i in results]
+    main = [n.id for n in BY_SLUG[slug].build() if n.type == "PreviewImage" and not n.aside]  # not the reference image
+    want = [len(WORLD_SWEEP)] if slug == "world_strength_sweep" else [4] * len(main)
+    assert [nodes[i]["images"] for i in main] == want, counts
+    framed = [i for i in main if _visible(page, browser.screen_box(page, [nodes[i]]))]
+    assert framed == main, f"result previews outside the window as the template opens: {set(main) - set(framed)}"
+    out = tmp_path / f"{slug}.png"
+    page.screenshot(path=str(out))
     assert out.stat().st_size > 50_000
-    print(f"{name} from the browser: {seconds:.1f} s until every image was shown")
+    print(f"{slug} from the browser: {seconds:.1f} s until every image was shown")
     if os.environ.get("HT_UPDATE_SCREENSHOT") == "1":
-        shutil.copy(out, REPO / "docs" / f"{name}.png")
-        write_thumbnail(out, REPO / "workflows" / f"{name}.jpg", box=(960, 110, 1920, 880))
+        shutil.copy(out, REPO / "docs" / f"{slug}.png")
+        crop = tmp_path / "crop.png"
+        page.screenshot(path=str(crop), clip=browser.screen_box(page, [nodes[i] for i in main]))
+        browser.write_thumbnail(crop, HERE / f"{BY_SLUG[slug].title}.jpg")
