@@ -354,7 +354,27 @@ def attach(model, interventions: Sequence[Intervention], *, start_percent=0.0, e
             return m
         wrapper = SteeringWrapper(interventions, start, end, rows, label, plan=rest)  # constant ramp: only this plan
     m.add_wrapper_with_key(_wrappers_mp(), WRAPPER_KEY, wrapper)
+    if per_image is not None:
+        import comfy.patcher_extension as pe
+
+        m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, BatchCheck(per_image, label))
     return m
+
+
+class BatchCheck:
+    """``OUTER_SAMPLE`` wrapper: one strength per image needs as many images as strengths, checked on the latent batch
+    before sampling starts (before the model is even loaded), not at the first steered step."""
+
+    def __init__(self, per_image: int, label: str):
+        self.per_image, self.label = per_image, label
+
+    def __call__(self, executor, noise, latent_image, *args, **kwargs):
+        if latent_image.shape[0] != self.per_image:
+            raise HyperTransportError(
+                f"{self.label}: {self.per_image} strengths for a batch of {latent_image.shape[0]} images. "
+                "Fix: give one strength per image (the Empty Latent Image's batch_size), or a single strength."
+            )
+        return executor(noise, latent_image, *args, **kwargs)
 
 
 def wrappers_of(model) -> list[SteeringWrapper]:

@@ -103,9 +103,15 @@ def test_one_strength_per_image_equals_separate_runs(t, P):
 def test_batch_strengths_errors(t):
     with pytest.raises(ValueError, match="needs hooks|acts on every step, row and image alike"):
         t.advanced(1.0, mode="folded", batch_strengths="0, 1")
-    m = t.advanced(1.0, batch_strengths="0, 0.5, 1")
-    with pytest.raises(ValueError, match="3 strengths for a batch of 2 images. Fix: give one strength per image"):
-        t.sample(m, batch=2)
+    m = t.advanced(1.0, batch_strengths="0, 0.5, 1", start_percent=0.5)  # the first steps are not steered
+    calls = []
+    handle = m.get_model_object("diffusion_model").register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match="3 strengths for a batch of 2 images. Fix: give one strength per image"):
+            t.sample(m, batch=2)
+    finally:
+        handle.remove()
+    assert not calls  # refused before sampling, not at the first steered step
     for bad in ("1, x", "1, nan", "11"):
         with pytest.raises(ValueError, match="batch_strengths"):
             t.advanced(1.0, batch_strengths=bad)
