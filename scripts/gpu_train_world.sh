@@ -3,6 +3,8 @@
 # machine (each: `python trainer/train.py --device cuda ...` then `python studies/evaluate.py --device cuda`).
 #
 #   bash scripts/gpu_train_world.sh "A:" "B:--form elementwise" "C:--steps 600"
+#   LIMIT=600 EVAL=0 bash scripts/gpu_train_world.sh "shipped:--val-frac 0 --steps 2500 --eval-every 0 --max-minutes 0"
+#                                                  # the shipped hypernet's recipe (30 min on 2 CPU cores)
 #
 # Each argument is NAME:TRAINER-FLAGS. Results go to ${OUT:-runs/gpu_sweep}/NAME/ (hypernet, train log,
 # results.json, report.md) and a summary line is printed as each run ends. A GPU-trained hypernet matched the
@@ -19,14 +21,15 @@ DEVICE=${DEVICE:-cuda}
 EVAL_FLAGS=${EVAL_FLAGS:-}  # extra evaluator flags (e.g. --lineas-concepts 0)
 EVAL=${EVAL:-1}  # 0: train only (evaluate the hypernets elsewhere, e.g. on the CPU with studies/evaluate.py)
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  "${PYTHON:-python3}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}  # the Python with torch, open_clip and ComfyUI's requirements
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 summarize() {  # one line per run: the issue's targets (LinEAS ratio only where the evaluator fitted LinEAS)
-  python3 - "$OUT/$1" "$2" <<'EOF'
+  "$PY" - "$OUT/$1" "$2" <<'EOF'
 import json, os, sys
 d, spec = sys.argv[1:]
 p = os.path.join(d, "report", "results.json")
@@ -48,8 +51,8 @@ for spec in "$@"; do
   mkdir -p "$OUT/$name"
   {
     # shellcheck disable=SC2086  # the flags are meant to split
-    ( timeout "$LIMIT" python3 trainer/train.py --device "$DEVICE" --threads 2 --out "$OUT/$name" $flags \
-        && { [ "$EVAL" = 0 ] || timeout "$LIMIT" python3 studies/evaluate.py --device "$DEVICE" $EVAL_FLAGS --threads 2 \
+    ( timeout "$LIMIT" "$PY" trainer/train.py --device "$DEVICE" --threads 2 --out "$OUT/$name" $flags \
+        && { [ "$EVAL" = 0 ] || timeout "$LIMIT" "$PY" studies/evaluate.py --device "$DEVICE" $EVAL_FLAGS --threads 2 \
              --hypernet "$OUT/$name/hypernet.safetensors" --out "$OUT/$name/report"; } ) >"$OUT/$name/log.txt" 2>&1
     rm -f "$OUT/$name/targets.safetensors" "$OUT/$name/checkpoint.safetensors"
     grep -h "held-out OT loss\|max-minutes .* reached" "$OUT/$name/log.txt" | sed "s|^|$name: |"

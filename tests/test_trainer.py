@@ -391,3 +391,24 @@ def test_one_step_loss_is_an_unbiased_estimate_of_the_all_steps_loss(backend, tm
     assert any(drawn == pytest.approx(p[0], rel=1e-4) for p in per_step)
     with pytest.raises(HyperTransportError, match="loss-steps"):
         T.TrainConfig(loss_steps="some").check()
+
+
+@pytest.mark.slow
+def test_gpu_train_world_script_trains_the_shipped_recipe_for_two_steps_on_the_cpu(tmp_path):
+    """scripts/gpu_train_world.sh, the one-GPU route to the shipped recipe, run as written on the CPU for 2 steps (on 8
+    of the world's concepts, so the targets take seconds): it writes a hypernet and logs the held-out loss line."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    concepts = tmp_path / "concepts.txt"
+    concepts.write_text("tomato\ngold\nnavy\nplum\nteal\nsalmon\norchid\nkhaki\n")
+    flags = (f"--val-frac 0 --steps 2 --eval-every 0 --max-minutes 0 --concepts {concepts} --concepts-per-step 2 "
+             "--n-target 2 --n-refs 1 --threads 1")
+    env = {**os.environ, "DEVICE": "cpu", "EVAL": "0", "OUT": str(tmp_path / "out"), "LIMIT": "600",
+           "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["bash", "scripts/gpu_train_world.sh", f"shipped:{flags}"], cwd=repo, env=env,
+                       capture_output=True, text=True, timeout=900)
+    log = (tmp_path / "out" / "shipped" / "log.txt").read_text() if (tmp_path / "out" / "shipped" / "log.txt").exists() else ""
+    assert r.returncode == 0 and (tmp_path / "out" / "shipped" / "hypernet.safetensors").is_file(), r.stdout + r.stderr + log[-3000:]
+    assert load_hypernet(str(tmp_path / "out" / "shipped" / "hypernet.safetensors")).family == "sd15"
