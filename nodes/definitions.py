@@ -187,8 +187,14 @@ class EncodeConcept(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, text=None) -> bool | str:
-        return True if text is None else _check_widgets(lambda: parse_concepts(text))
+    def validate_inputs(cls, text=None, clip_weights=None) -> bool | str:
+        def check():
+            if text is not None:
+                parse_concepts(text)
+            if isinstance(clip_weights, str):
+                mf.check_clip_weights(clip_weights, "Encode Concept")
+
+        return _check_widgets(check)
 
     @classmethod
     def execute(cls, hypernet, text, clip_weights=mf.AUTO, clip=None) -> io.NodeOutput:
@@ -231,6 +237,11 @@ class EncodeReferenceImage(io.ComfyNode):
             ],
             outputs=[ConceptType.Output(display_name="CONCEPT", tooltip="The image concept embedding (unit norm).")],
         )
+
+    @classmethod
+    def validate_inputs(cls, clip_weights=None) -> bool | str:
+        return True if not isinstance(clip_weights, str) else _check_widgets(
+            lambda: mf.check_clip_weights(clip_weights, "Encode Reference Image"))
 
     @classmethod
     def execute(cls, hypernet, image, clip_weights=mf.AUTO, clip_vision=None) -> io.NodeOutput:

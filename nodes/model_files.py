@@ -149,13 +149,37 @@ def full_path(folder: str, name: str, node: str) -> str:
     return path
 
 
+#: formats a file in the CLIP folders may record that say it is not CLIP weights (the pack's own files)
+NOT_CLIP_FORMATS = ("hypertransport.hypernet", "hypertransport.steering", "ht-world-unet/2")
+
+
 def clip_weight_choices() -> list[str]:
+    """``auto`` and the weight files of the CLIP folders, leaving out the pack's hypernets, steerings and the world's
+    UNet (they share the hypertransport folder with CLIP weights)."""
+    import folder_paths
+
     seen: list[str] = []
     for folder in CLIP_FOLDERS:
         for n in list_files(folder, WEIGHT_EXTS):
-            if n not in seen:
-                seen.append(n)
+            if n in seen or (folder == HYPERNET_FOLDER and n.endswith(".safetensors")
+                             and _kind_of(folder_paths.get_full_path(folder, n)) in NOT_CLIP_FORMATS):
+                continue
+            seen.append(n)
     return [AUTO, *seen]
+
+
+def check_clip_weights(clip_weights: str | None, node: str) -> str | None:
+    """The path of a CLIP weights file picked by name (``None`` for ``auto``); an error naming the folders and the fix
+    when it is not there."""
+    if not clip_weights or clip_weights == AUTO:
+        return None
+    path = _clip_path(clip_weights)
+    if path is None:
+        raise HyperTransportError(
+            f"{node}: CLIP weights {clip_weights!r} not found in models/clip, models/clip_vision or "
+            "models/hypertransport. Fix: put the file there and refresh, or pick 'auto'."
+        )
+    return path
 
 
 def _clip_path(name: str) -> str | None:
@@ -257,13 +281,8 @@ def encoder_for(handle: HyperNetHandle, clip_weights: str, node: str) -> Concept
         mean, std = normalization_of(want)  # the image normalization the encoder was trained with
     except HyperTransportError as e:
         raise HyperTransportError(f"{node}: hypernet {handle.name}: {e}") from None
-    if clip_weights and clip_weights != AUTO:
-        path = _clip_path(clip_weights)
-        if path is None:
-            raise HyperTransportError(
-                f"{node}: CLIP weights {clip_weights!r} not found in models/clip, models/clip_vision or "
-                "models/hypertransport. Fix: put the file there and refresh, or pick 'auto'."
-            )
+    path = check_clip_weights(clip_weights, node)
+    if path is not None:
         candidates = [path]
     else:
         candidates = []

@@ -112,6 +112,9 @@ def test_nodes_registered(comfy_server):
     assert "world_hypernet.safetensors" in lh  # the pack's world folder, registered: no copying
     assert "world_unet.safetensors" not in lh and "HT-World-CLIP.safetensors" not in lh  # not hypernets
     assert ".tmp-" not in lh
+    cw = json.dumps(info["HyperTransportEncodeConcept"]["input"]["required"]["clip_weights"])
+    assert "HT-World-CLIP.safetensors" in cw  # the world's CLIP shares the pack's folder with files that are not CLIPs
+    assert "world_unet.safetensors" not in cw and "world_hypernet.safetensors" not in cw, cw
     templates = comfy_server.get("/workflow_templates")
     assert sorted(templates[PACK_FOLDER]) == sorted(t.title for t in TEMPLATES)
     assert comfy_server.get("/i18n")["en"]["templateWorkflows"]["category"][PACK_FOLDER] == "HyperTransport"
@@ -317,6 +320,9 @@ def test_a_missing_hypernet_or_steering_is_named_at_validation(comfy_server):
     msg = json.dumps(entry["response"]["node_errors"]["4"])
     for want in ("hypertransport_not_published.safetensors", "not found", "is published yet", "Fit Steering"):
         assert want in msg, (want, msg)
+    p = _apply(comfy_server, {("5", "clip_weights"): "gone_clip.safetensors"})
+    entry = comfy_server.run(p)
+    assert "response" in entry and "gone_clip.safetensors" in json.dumps(entry["response"]["node_errors"]["5"])
     p = {k: v for k, v in load_api("world_steering").items() if k in ("2", "6", "7", "8", "20", "31", "41", "51", "71")}
     p["960"] = {"class_type": "HyperTransportLoadSteering", "inputs": {"steering_name": "gone.safetensors"}}
     p["20"]["inputs"] = {"model": ["2", 0], "steering": ["960", 0], "strength": 1.0, "start_percent": 0.0,
