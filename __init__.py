@@ -7,7 +7,8 @@ for the V3 node API (before 0.3.75's ``comfy_api.latest``), a warning says so an
 
 The pack's libraries, ``hypertransport_core``, ``hypertransport_comfy`` and ``hypertransport_world``, are imported by
 their own names (the trainer, the tests and the nodes then share one copy of each class in a process): a finder on
-``sys.meta_path`` resolves exactly those three names in the pack's folder. The folder itself is not put on
+``sys.meta_path`` resolves exactly those three names in the pack's folder (and ``trainer`` for the training command,
+:func:`use_libraries`). The folder itself is not put on
 ``sys.path``, so its other folders (``nodes``, ``trainer``, ``tests`` ...) never shadow or collide with ComfyUI's
 modules or another pack's; ComfyUI reaches ``nodes/`` as ``<pack>.nodes``. A copy of the libraries installed in the
 environment comes first.
@@ -36,12 +37,15 @@ class _LibraryFinder(importlib.abc.MetaPathFinder):
 def use_libraries(*folders: str) -> None:
     """Make the pack's libraries importable by name, and ``folders`` (top-level folders of the pack) too: the
     training command (``python trainer/train.py``) asks for ``"trainer"``; ComfyUI gets the libraries only."""
-    names = set(_LIBRARIES) | set(folders)
+    have = set()
     for f in sys.meta_path:
-        if type(f).__name__ == "_LibraryFinder":  # one finder, even if the pack is loaded twice
-            names -= f.names
-    if names:
-        sys.meta_path.append(_LibraryFinder(names))
+        if type(f).__name__ == "_LibraryFinder":  # one finder per name, even if the pack is loaded twice
+            have |= set(getattr(f, "names", _LIBRARIES))
+    libraries, mine = set(_LIBRARIES) - have, set(folders) - have
+    if libraries:  # after the path finders: a copy of the libraries installed in the environment comes first
+        sys.meta_path.append(_LibraryFinder(libraries))
+    if mine:  # first: the pack's own trainer/, not a package of that name installed in the environment
+        sys.meta_path.insert(0, _LibraryFinder(mine))
 
 
 use_libraries()
@@ -52,7 +56,7 @@ try:
     import comfy_api.latest  # noqa: F401
 except ImportError:
     comfy_entrypoint = None
-    if "comfy" in sys.modules or "folder_paths" in sys.modules:  # inside a ComfyUI without the V3 node API
+    if __package__ and ("comfy" in sys.modules or "folder_paths" in sys.modules):  # a ComfyUI without the V3 node API
         logging.getLogger("HyperTransport").warning(
             "HyperTransport: this ComfyUI has no V3 node API (comfy_api.latest), so the HyperTransport nodes are not "
             "loaded. Update ComfyUI to 0.3.75 or newer (the pack's pyproject.toml says requires-comfyui >=0.3.75)."

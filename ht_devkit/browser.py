@@ -77,15 +77,17 @@ def load_workflow(page, workflow: dict, name: str) -> None:
 
 
 def graph_nodes(page) -> list[dict]:
-    """The loaded graph's nodes as the frontend holds them: id, type, position, size, missing/errors."""
+    """The loaded graph's nodes as the frontend holds them: id, type, position, size, whether the type is missing, and
+    how many images it shows."""
     return page.evaluate(
         "() => (app.graph._nodes || app.graph.nodes).map(n => ({id: n.id, type: n.type, pos: [...n.pos], size: [...n.size],"
-        " missing: !LiteGraph.registered_node_types[n.type], errors: !!n.has_errors,"
+        " missing: !LiteGraph.registered_node_types[n.type],"
         " images: n.imgs ? n.imgs.filter(i => i.complete && i.naturalWidth > 0).length : 0}))")
 
 
 def screen_box(page, nodes: list[dict]) -> dict:
-    """The screen rectangle (Playwright ``clip``) the given graph nodes cover, title bars included."""
+    """The screen rectangle the given graph nodes cover, title bars included (it may reach outside the window: give
+    :func:`clamped` of it to a screenshot's ``clip``)."""
     ds = page.evaluate("() => ({scale: app.canvas.ds.scale, offset: [...app.canvas.ds.offset]})")
     s, (ox, oy) = ds["scale"], ds["offset"]
     rect = page.evaluate("() => { const r = app.canvas.canvas.getBoundingClientRect(); return [r.left, r.top]; }")
@@ -94,7 +96,15 @@ def screen_box(page, nodes: list[dict]) -> dict:
     x1 = max(n["pos"][0] + n["size"][0] for n in nodes)
     y1 = max(n["pos"][1] + n["size"][1] for n in nodes)
     left, top = rect[0] + (x0 + ox) * s, rect[1] + (y0 + oy) * s
-    return {"x": max(0.0, left), "y": max(0.0, top), "width": (x1 - x0) * s, "height": (y1 - y0) * s}
+    return {"x": left, "y": top, "width": (x1 - x0) * s, "height": (y1 - y0) * s}
+
+
+def clamped(box: dict) -> dict:
+    """``box`` cut to the window."""
+    x0, y0 = max(0.0, box["x"]), max(0.0, box["y"])
+    x1 = min(float(VIEWPORT["width"]), box["x"] + box["width"])
+    y1 = min(float(VIEWPORT["height"]), box["y"] + box["height"])
+    return {"x": x0, "y": y0, "width": max(1.0, x1 - x0), "height": max(1.0, y1 - y0)}
 
 
 def dumps(obj) -> str:

@@ -114,16 +114,18 @@ def _resolve(rows: RowsLike, batch: int) -> tuple[int, torch.Tensor | None]:
     raise HyperTransportError(f"rows must be None, a Rows, a bool tensor or a callable returning one, not {type(r).__name__}.")
 
 
-def region_for(region: torch.Tensor, z: torch.Tensor, channel_dim: int, chunks: int, tokens: str = "image") -> torch.Tensor | None:
+def region_for(region: torch.Tensor, z: torch.Tensor, channel_dim: int, chunks: int,
+               tokens: tuple[str, int] = ("image", 0)) -> torch.Tensor | None:
     """A latent-resolution region ``(1 or B, 1, H, W)`` as weights broadcasting against activation ``z``.
 
     Spatial outputs ``(B, C, h, w)`` see it resized to ``h × w`` (area average). Token outputs ``(B, N, C)`` see
-    it by token position, as the site's family table lays its tokens out (``tokens``,
-    :data:`~hypertransport_core.sites.TOKEN_LAYOUTS`): ``"image"``: image tokens in raster order at the stride
-    ``s`` for which ``N = (H/s)(W/s)`` (UNet transformer blocks, DiT patches); ``"text_first"``: the image tokens
-    at the finest stride that fits are the last ones, the text tokens before them weighted 0 (Flux's single-stream
-    blocks); ``"text"``: no image tokens, so not steered under a region (weights 0), as is a token output whose
-    length fits no stride."""
+    it by token position, as the site's family table lays its tokens out (``tokens``: a layout of
+    :data:`~hypertransport_core.sites.TOKEN_LAYOUTS` and the token stride, :func:`~hypertransport_core.sites.token_layout`).
+    The image tokens are in raster order, ``⌈H/s⌉ × ⌈W/s⌉`` of them at the table's stride ``s`` (a DiT's patch size:
+    the latent is padded up to it), else at the stride for which they fit: ``"image"``: all ``N`` tokens (UNet
+    transformer blocks, DiT patches); ``"text_first"``: the last ones, the text tokens before them weighted 0 (Flux's
+    single-stream blocks; reference-image tokens after them, as Flux Kontext adds, are not laid out); ``"text"``: none,
+    so not steered under a region (weights 0), as is a token output whose length fits no stride."""
     import torch.nn.functional as F
 
     H, W = region.shape[-2:]
@@ -142,15 +144,16 @@ def region_for(region: torch.Tensor, z: torch.Tensor, channel_dim: int, chunks: 
     if z.ndim != 3 or cd != 2:
         return None  # another layout: steer it where the region is nonzero on average
     N = z.shape[1]
+    kind, stride = tokens
     zeros = torch.zeros(r.shape[0], N, 1, device=z.device, dtype=z.dtype)
-    if tokens == "text":
+    if kind == "text":
         return zeros
-    for s in (1, 2, 4, 8, 16, 32, 64):
-        h, w = H // s, W // s
-        fits = h * w == N if tokens == "image" else 0 < h * w <= N
+    for s in (stride,) if stride else (1, 2, 4, 8, 16, 32, 64):
+        h, w = (-(-H // s), -(-W // s)) if stride else (H // s, W // s)
+        fits = h * w == N if kind == "image" else 0 < h * w <= N
         if h * w == 0 or not fits:
             continue
-        flat = (F.interpolate(r, size=(h, w), mode="area") if s > 1 else r).reshape(r.shape[0], h * w, 1)
+        flat = (F.interpolate(r, size=(h, w), mode="area") if (h, w) != (H, W) else r).reshape(r.shape[0], h * w, 1)
         return torch.cat([zeros[:, : N - h * w], flat], dim=1) if h * w < N else flat
     return zeros
 
@@ -166,7 +169,7 @@ def transform(
     mask: torch.Tensor | None = None,
     a_minus_1: torch.Tensor | None = None,
     region: torch.Tensor | None = None,
-    tokens: str = "image",
+    tokens: tuple[str, int] = ("image", 0),
 ) -> torch.Tensor:
     """The steered activation ``z'`` of one site (the arithmetic every path shares).
 
@@ -263,8 +266,8 @@ class SiteMap:
 
     __slots__ = ("site", "a", "c", "tokens", "_cast")
 
-    def __init__(self, site: Site, a: torch.Tensor, c: torch.Tensor, tokens: str = "image"):
-        self.site, self.a, self.c, self.tokens = site, a, c, tokens  # tokens: the site's token layout (a region needs it)
+    def __init__(self, site: Site, a: torch.Tensor, c: torch.Tensor, tokens: tuple[str, int] = ("image", 0)):
+        self.site, self.a, self.c, self.tokens = site, a, c, tokens  # the site's token layout and stride (for a region)
         self._cast: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def cast(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -342,7 +345,7 @@ class SteeringPlan:
     def compile(interventions: Sequence[Intervention], what: str = "steering") -> SteeringPlan:
         """Compose ``[(steering, strength), ...]`` (strength: a float or per-block multipliers) site by site."""
         acc: dict[str, tuple[Site, torch.Tensor, torch.Tensor]] = {}
-        tokens: dict[str, str] = {}
+        tokens: dict[str, tuple[str, int]] = {}
         for steering, spec in interventions:
             parts = steering.split()
             family = steering.meta.get("family", "generic")

@@ -142,6 +142,8 @@ class SiteRule:
         channel_dim: force the channel axis; ``None`` infers it from the module type.
         tokens: the token layout of each output (:data:`TOKEN_LAYOUTS`), one per entry of ``outputs`` or one for
             all; it only matters for token outputs under a region mask.
+        token_stride: latent pixels per image token (a DiT's patch size: Flux and PixArt 2; the latent is padded up
+            to a multiple of it); 0 when it varies by block (a UNet's levels): found from the token count.
     """
 
     pattern: str
@@ -151,12 +153,12 @@ class SiteRule:
     width_attr: str | None = None
     channel_dim: int | None = None
     tokens: tuple[str, ...] = ("image",)
+    token_stride: int = 0
 
-    def tokens_of(self, output_index: int | None) -> str:
-        """The token layout of one of this rule's outputs."""
-        if len(self.tokens) == 1:
-            return self.tokens[0]
-        return self.tokens[self.outputs.index(output_index)]
+    def tokens_of(self, output_index: int | None) -> tuple[str, int]:
+        """The token layout of one of this rule's outputs and the rule's token stride."""
+        kind = self.tokens[0] if len(self.tokens) == 1 else self.tokens[self.outputs.index(output_index)]
+        return kind, self.token_stride
 
 
 @dataclass(frozen=True)
@@ -237,9 +239,13 @@ def register_table(table: SiteTable, *, replace: bool = False) -> SiteTable:
             raise HyperTransportError(f"rule {r.pattern!r}: form {r.form!r} is not one of {FORMS}.")
         if not set(r.tokens) <= set(TOKEN_LAYOUTS) or len(r.tokens) not in (1, len(r.outputs)):
             raise HyperTransportError(f"rule {r.pattern!r}: tokens {r.tokens!r} must be one of {TOKEN_LAYOUTS}, "
-                                      "once or once per output.")
+                                      "once or once per output. Fix: give one layout, or one per entry of outputs.")
+        if type(r.token_stride) is not int or not 0 <= r.token_stride <= 64:
+            raise HyperTransportError(f"rule {r.pattern!r}: token_stride {r.token_stride!r} must be an integer from 0 "
+                                      "to 64. Fix: the patch size of a DiT, or 0 to find it from the token count.")
     if table.presets not in PRESET_KINDS:
-        raise HyperTransportError(f"site table {table.family!r}: presets {table.presets!r} is not one of {PRESET_KINDS}.")
+        raise HyperTransportError(f"site table {table.family!r}: presets {table.presets!r} is not one of {PRESET_KINDS}. "
+                                  "Fix: 'unet', 'sequence' or '' (none).")
     for name in ("checkpoint_blocks", "inplace_norms"):
         try:
             re.compile(getattr(table, name))
@@ -281,7 +287,7 @@ register_table(
     SiteTable(
         "pixart",
         "PixArt-Alpha/Sigma and Nitro-1-PixArt DiT in ComfyUI naming: the blocks' norm1/norm2 and the final norm",
-        (SiteRule(r"blocks\.\d+\.norm[12]|final_layer\.norm_final", ("LayerNorm",)),),
+        (SiteRule(r"blocks\.\d+\.norm[12]|final_layer\.norm_final", ("LayerNorm",), token_stride=2),),
         detect=("blocks", "t_block", "y_embedder"),
         reference={"sites": 57, "channels": 65664},
         presets="sequence",
@@ -296,8 +302,9 @@ register_table(
         "Flux DiT in ComfyUI naming: outputs of the double-stream blocks (img and txt streams) and single-stream blocks",
         (
             SiteRule(r"double_blocks\.\d+", ("DoubleStreamBlock",), outputs=(0, 1), width_attr="hidden_size",
-                     tokens=("image", "text")),
-            SiteRule(r"single_blocks\.\d+", ("SingleStreamBlock",), width_attr="hidden_size", tokens=("text_first",)),
+                     tokens=("image", "text"), token_stride=2),
+            SiteRule(r"single_blocks\.\d+", ("SingleStreamBlock",), width_attr="hidden_size", tokens=("text_first",),
+                     token_stride=2),
         ),
         detect=("double_blocks", "single_blocks"),
         reference={"sites": 2 * 19 + 38, "channels": (2 * 19 + 38) * 3072},
@@ -515,15 +522,19 @@ def _unet_presets(blocks: list[str]) -> dict[str, list[str]]:
     return {k: v for k, v in presets.items() if v}
 
 
-def token_layout(family: str | SiteTable, site: Site) -> str:
-    """How ``site``'s token output orders its tokens (:data:`TOKEN_LAYOUTS`), from the rule of ``family``'s table
-    that made it; ``"image"`` when no rule of a known family matches."""
-    if not isinstance(family, SiteTable) and family not in SITE_TABLES:
-        return "image"
-    for rule in get_table(family).rules:
-        if re.fullmatch(rule.pattern, site.module) and site.output_index in rule.outputs:
-            return rule.tokens_of(site.output_index)
-    return "image"
+def token_layout(family: str | SiteTable, site: Site) -> tuple[str, int]:
+    """How ``site``'s token output orders its tokens (:data:`TOKEN_LAYOUTS`) and its token stride, from the rule that
+    made it: ``family``'s, or, for a steering that records no known family, the first rule of any table that
+    matches the site; ``("image", 0)`` when none does."""
+    if isinstance(family, SiteTable) or (family in SITE_TABLES and family != "generic"):
+        tables = [get_table(family)]
+    else:
+        tables = [t for t in SITE_TABLES.values() if t.family != "generic"]
+    for table in tables:
+        for rule in table.rules:
+            if re.fullmatch(rule.pattern, site.module) and site.output_index in rule.outputs:
+                return rule.tokens_of(site.output_index)
+    return "image", 0
 
 
 def describe_blocks(sites: Sequence[Site], family: str | SiteTable) -> str:

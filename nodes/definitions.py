@@ -187,14 +187,8 @@ class EncodeConcept(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, text=None, clip_weights=None) -> bool | str:
-        def check():
-            if text is not None:
-                parse_concepts(text)
-            if isinstance(clip_weights, str):
-                mf.check_clip_weights(clip_weights, "Encode Concept")
-
-        return _check_widgets(check)
+    def validate_inputs(cls, text=None) -> bool | str:  # one input: ComfyUI pins the message on each input named here
+        return True if text is None else _check_widgets(lambda: parse_concepts(text))
 
     @classmethod
     def execute(cls, hypernet, text, clip_weights=mf.AUTO, clip=None) -> io.NodeOutput:
@@ -595,8 +589,10 @@ class ApplySteeringAdvanced(io.ComfyNode):
         if preset != "all":
             groups = block_presets(st.sites, st.meta.get("family", "generic"))
             if preset not in groups:
-                raise HyperTransportError(f"{node}: preset {preset!r} does not apply to this steering's blocks; it has "
-                                          f"{', '.join(groups) or 'none'}. Fix: pick one of those, or 'all'.")
+                fix = (f"it has {', '.join(groups)}. Fix: pick one of those, or 'all'." if groups else
+                       f"its model family ({st.meta.get('family', 'not recorded')}) has no presets. Fix: set preset to "
+                       "'all' and name the blocks in block_strengths (Load HyperNet's info lists them).")
+                raise HyperTransportError(f"{node}: preset {preset!r} does not apply to this steering's blocks; {fix}")
             mult = {"*": 0.0, **{b: 1.0 for b in groups[preset]}, **mult}
         check_blocks(mult, st.sites)
         base = lam if per_image is None else tuple(lam * v for v in per_image)

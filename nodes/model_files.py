@@ -28,6 +28,7 @@ from hypertransport_core.errors import HyperTransportError
 from hypertransport_core.hypernet import HyperNet
 from hypertransport_core.lru import LRU
 from hypertransport_core.tensorfile import is_temporary, loads_bounded, read_layout
+from hypertransport_world.model import UNET_FORMAT
 
 HYPERNET_FOLDER = "hypertransport"
 STEERING_FOLDER = "hypertransport_steerings"
@@ -76,6 +77,7 @@ def install_reference_image() -> None:
         os.close(fd)
         try:
             shutil.copyfile(REFERENCE_IMAGE, tmp)
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep it from other users of the folder
             os.replace(tmp, dst)
         finally:
             if os.path.exists(tmp):
@@ -150,7 +152,7 @@ def full_path(folder: str, name: str, node: str) -> str:
 
 
 #: formats a file in the CLIP folders may record that say it is not CLIP weights (the pack's own files)
-NOT_CLIP_FORMATS = ("hypertransport.hypernet", "hypertransport.steering", "ht-world-unet/2")
+NOT_CLIP_FORMATS = ("hypertransport.hypernet", "hypertransport.steering", UNET_FORMAT)
 
 
 def clip_weight_choices() -> list[str]:
@@ -179,6 +181,9 @@ def check_clip_weights(clip_weights: str | None, node: str) -> str | None:
             f"{node}: CLIP weights {clip_weights!r} not found in models/clip, models/clip_vision or "
             "models/hypertransport. Fix: put the file there and refresh, or pick 'auto'."
         )
+    if path.endswith(".safetensors") and _kind_of(path) in NOT_CLIP_FORMATS:
+        raise HyperTransportError(f"{node}: {clip_weights!r} is a {_kind_of(path)} file, not CLIP weights. Fix: pick the "
+                                  "open_clip weights the hypernet was trained with, or 'auto'.")
     return path
 
 

@@ -166,9 +166,10 @@ def test_flux_tuple_sites_are_steered_per_stream():
 
 
 def test_a_region_follows_each_flux_sites_token_layout_from_its_table():
-    """The family table says how a token output orders its tokens: the image stream is image tokens, the text
-    stream has none, a single-stream block holds the text tokens first. A region (left half of an 8x8 latent,
-    stride 2 -> 16 image tokens) steers exactly the image tokens it covers."""
+    """The family table says how a token output orders its tokens and at what stride (Flux: patches of 2 latent
+    pixels): the image stream is image tokens, the text stream has none, a single-stream block holds the text tokens
+    first. A region (left half of an 8x8 latent -> 4x4 = 16 image tokens) steers exactly the image tokens it covers,
+    also when the text tokens outnumber them (a stride found from the count alone would then be 1)."""
     from hypertransport_core import Steering
     from hypertransport_core.engine import SteeringPlan, region_for
     from hypertransport_core.sites import token_layout
@@ -176,23 +177,27 @@ def test_a_region_follows_each_flux_sites_token_layout_from_its_table():
     net = _FakeFlux()
     sites = {s.name: s for s in list_sites(net)}
     assert [token_layout("flux", sites[n]) for n in ("double_blocks.0@0", "double_blocks.0@1", "single_blocks.0")] == [
-        "image", "text", "text_first"]
-    assert token_layout("generic", sites["single_blocks.0"]) == "image"  # no rule of that family made it
+        ("image", 2), ("text", 2), ("text_first", 2)]
+    assert token_layout("generic", sites["single_blocks.0"]) == ("text_first", 2)  # no family: found in the tables
+    assert token_layout("generic", Site("ln9", "ln9", 4)) == ("image", 0)
     region = torch.zeros(1, 1, 8, 8)
     region[..., :4] = 1.0
-    img_tokens = region_for(region, torch.zeros(1, 16, 6), -1, 1, "image").flatten()
+    img_tokens = region_for(region, torch.zeros(1, 16, 6), -1, 1, ("image", 2)).flatten()
     assert img_tokens.tolist() == ([1.0, 1.0, 0.0, 0.0] * 4)  # 4x4 raster at stride 2
-    single = region_for(region, torch.zeros(1, 5 + 16, 6), -1, 1, "text_first").flatten()
-    assert single[:5].tolist() == [0.0] * 5 and torch.equal(single[5:], img_tokens)
-    assert not region_for(region, torch.zeros(1, 16, 6), -1, 1, "text").any()
-    assert not region_for(region, torch.zeros(1, 21, 6), -1, 1, "image").any()  # no stride gives 21 image tokens
+    for text in (5, 512):  # few text tokens, and more than 3x the image tokens (stride 1 would also fit: 64 <= 528)
+        single = region_for(region, torch.zeros(1, text + 16, 6), -1, 1, ("text_first", 2)).flatten()
+        assert not single[:text].any() and torch.equal(single[text:], img_tokens), text
+    odd = torch.ones(1, 1, 7, 9)  # padded up to 8x10 by the patchifier: 4x5 tokens
+    assert region_for(odd, torch.zeros(1, 20, 6), -1, 1, ("image", 2)).shape == (1, 20, 1)
+    assert not region_for(region, torch.zeros(1, 16, 6), -1, 1, ("text", 2)).any()
+    assert not region_for(region, torch.zeros(1, 21, 6), -1, 1, ("image", 0)).any()  # no stride gives 21 image tokens
 
-    st = Steering((sites["single_blocks.0"],), torch.ones(6), torch.ones(6), meta={"family": "flux"})
-    sm = SteeringPlan.compile([(st, 1.0)]).maps["single_blocks.0"]
-    assert sm.tokens == "text_first"
-    z = torch.zeros(1, 5 + 16, 6)
-    out = sm(z, region=region)
-    assert out[0, :5].abs().sum() == 0 and torch.equal(out[0, 5:, 0], img_tokens)
+    for meta in ({"family": "flux"}, {}):  # a steering made in code records no family: the tables still know
+        st = Steering((sites["single_blocks.0"],), torch.ones(6), torch.ones(6), meta=meta)
+        sm = SteeringPlan.compile([(st, 1.0)]).maps["single_blocks.0"]
+        assert sm.tokens == ("text_first", 2)
+        out = sm(torch.zeros(1, 512 + 16, 6), region=region)
+        assert out[0, :512].abs().sum() == 0 and torch.equal(out[0, 512:, 0], img_tokens)
 
 
 def test_every_family_entry_holds_its_blocks_presets_and_sampling():
@@ -213,6 +218,8 @@ def test_every_family_entry_holds_its_blocks_presets_and_sampling():
     assert block_presets(unet, "sd15")["fine"] == ["input_blocks.1", "input_blocks.2", "output_blocks.3", "out"]
     with pytest.raises(HyperTransportError, match="tokens"):
         register_table(SiteTable("test_badtokens", "x", (SiteRule(".+", tokens=("diagonal",)),)))
+    with pytest.raises(HyperTransportError, match="token_stride"):
+        register_table(SiteTable("test_badstride", "x", (SiteRule(".+", token_stride=-1),)))
     with pytest.raises(HyperTransportError, match="presets"):
         register_table(SiteTable("test_badpresets", "x", (SiteRule(".+"),), presets="thirds"))
     with pytest.raises(HyperTransportError, match="checkpoint_blocks"):

@@ -320,7 +320,8 @@ def test_a_missing_hypernet_or_steering_is_named_at_validation(comfy_server):
     msg = json.dumps(entry["response"]["node_errors"]["4"])
     for want in ("hypertransport_not_published.safetensors", "not found", "is published yet", "Fit Steering"):
         assert want in msg, (want, msg)
-    p = _apply(comfy_server, {("5", "clip_weights"): "gone_clip.safetensors"})
+    p = stand_in(load_api("reference_image_steering"), comfy_server.names)
+    p["5"]["inputs"]["clip_weights"] = "gone_clip.safetensors"
     entry = comfy_server.run(p)
     assert "response" in entry and "gone_clip.safetensors" in json.dumps(entry["response"]["node_errors"]["5"])
     p = {k: v for k, v in load_api("world_steering").items() if k in ("2", "6", "7", "8", "20", "31", "41", "51", "71")}

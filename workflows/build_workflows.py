@@ -293,7 +293,7 @@ def world_steering() -> list[Node]:
         Node(60, "CLIPTextEncode", {"text": WORLD_REFERENCE_PROMPT, "clip": L(2, 1)}, (1, 5), "Reference prompt"),
         Node(61, "EmptyLatentImage", {"width": 256, "height": 256, "batch_size": 1}, (1, 5)),
         ksampler(62, L(2, 0), (3, 5), **{**WORLD, "seed": 3}, positive=L(60), negative=L(7), latent=L(61),
-                 title="Reference image: the world draws it"),
+                 title="draws the reference"),
         Node(63, "VAEDecode", {"samples": L(62), "vae": L(2, 2)}, (3, 5), collapsed=True),
         Node(65, "ImageScaleBy", {"image": L(63), "upscale_method": "nearest-exact", "scale_by": 8.0}, (3, 5),
              collapsed=True),
@@ -416,8 +416,9 @@ async ([spec, frame]) => {
     if (n.collapsed) node.collapse(true);
     made[n.id] = node;
   }
-  const T = LiteGraph.NODE_TITLE_HEIGHT, GAP_X = 50, GAP_Y = 30, COLLAPSED_W = 180;
-  const sizeOf = node => node.flags.collapsed ? [COLLAPSED_W, 0] : node.size;
+  // a collapsed node is drawn min(its width, its title's + 60) wide: 240 holds the short titles used collapsed
+  const T = LiteGraph.NODE_TITLE_HEIGHT, GAP_X = 50, GAP_Y = 30, COLLAPSED_W = 240;
+  const sizeOf = node => node.flags.collapsed ? [Math.min(node.size[0], COLLAPSED_W), 0] : node.size;
   for (const n of spec) {
     const node = made[n.id];
     for (const [k, v] of Object.entries(n.widgets)) {
@@ -491,8 +492,8 @@ def overlaps(workflow: dict) -> list[tuple]:
     """Pairs of nodes whose rectangles (title bar included) intersect."""
     T = 30
 
-    def size(n):
-        return (180, 0) if n.get("flags", {}).get("collapsed") else n["size"]
+    def size(n):  # as the layout counts a collapsed node (its titles are short enough for 240)
+        return (min(n["size"][0], 240), 0) if n.get("flags", {}).get("collapsed") else n["size"]
 
     r = [(n["id"], n["pos"][0], n["pos"][1] - T, n["pos"][0] + size(n)[0], n["pos"][1] + size(n)[1])
          for n in workflow["nodes"]]
@@ -568,14 +569,14 @@ def render(url: str) -> dict[Path, str]:
 
 def thumbnails(url: str, slugs) -> None:
     """``workflows/<title>.jpg`` for ``slugs``: the template as it opens (framed), cropped to its graph."""
-    from ht_devkit.browser import comfy_page, graph_nodes, load_workflow, screen_box, write_thumbnail
+    from ht_devkit.browser import clamped, comfy_page, graph_nodes, load_workflow, screen_box, write_thumbnail
 
     with comfy_page(url) as page:
         for slug in slugs:
             t = BY_SLUG[slug]
             load_workflow(page, json.loads((HERE / f"{t.title}.json").read_text()), t.title)
             png = Path(tempfile.mkdtemp()) / "shot.png"
-            page.screenshot(path=str(png), clip=screen_box(page, graph_nodes(page)))
+            page.screenshot(path=str(png), clip=clamped(screen_box(page, graph_nodes(page))))
             write_thumbnail(png, HERE / f"{t.title}.jpg")
 
 
