@@ -228,13 +228,16 @@ def register_table(table: SiteTable, *, replace: bool = False) -> SiteTable:
         raise HyperTransportError(
             f"site table {table.family!r} is already registered. Fix: pass replace=True or pick another family id."
         )
-    for r in table.rules:
+    regexes = [(f"rule pattern {r.pattern!r}", r.pattern) for r in table.rules]
+    regexes += [(f"{name} {getattr(table, name)!r}", getattr(table, name)) for name in ("checkpoint_blocks", "inplace_norms")]
+    for what, pattern in regexes:
         try:
-            re.compile(r.pattern)
+            re.compile(pattern)
         except re.error as e:
             raise HyperTransportError(
-                f"site table {table.family!r}: rule pattern {r.pattern!r} is not a valid regex ({e}). Fix: correct the pattern."
+                f"site table {table.family!r}: {what} is not a valid regex ({e}). Fix: correct the pattern."
             ) from None
+    for r in table.rules:
         if r.form not in FORMS:
             raise HyperTransportError(f"rule {r.pattern!r}: form {r.form!r} is not one of {FORMS}.")
         if not set(r.tokens) <= set(TOKEN_LAYOUTS) or len(r.tokens) not in (1, len(r.outputs)):
@@ -246,12 +249,6 @@ def register_table(table: SiteTable, *, replace: bool = False) -> SiteTable:
     if table.presets not in PRESET_KINDS:
         raise HyperTransportError(f"site table {table.family!r}: presets {table.presets!r} is not one of {PRESET_KINDS}. "
                                   "Fix: 'unet', 'sequence' or '' (none).")
-    for name in ("checkpoint_blocks", "inplace_norms"):
-        try:
-            re.compile(getattr(table, name))
-        except re.error as e:
-            raise HyperTransportError(f"site table {table.family!r}: {name} {getattr(table, name)!r} is not a valid regex "
-                                      f"({e}). Fix: correct the pattern.") from None
     SITE_TABLES[table.family] = table
     return table
 

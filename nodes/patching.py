@@ -219,11 +219,8 @@ class SteeringWrapper:
             return executor(x, t, *args, **kwargs)
         topts = (args[3] if len(args) > 3 else kwargs.get("transformer_options", {})) or {}
         rows = rows_for(topts, self.rows)
-        if self.per_image is not None and x.shape[0] != rows.chunks * self.per_image:
-            raise HyperTransportError(
-                f"{self.label}: {self.per_image} strengths for a batch of {x.shape[0] // rows.chunks} images. "
-                "Fix: give one strength per image (the Empty Latent Image's batch_size), or a single strength."
-            )
+        if self.per_image is not None:
+            check_batch(self.label, self.per_image, x.shape[0] // rows.chunks if x.shape[0] % rows.chunks == 0 else -1)
         if self.region is not None:
             region = self.region.to(x.device, torch.float32)[:, None]
             rows = Rows(rows.chunks, rows.keep, torch.nn.functional.interpolate(region, size=x.shape[-2:], mode="area"))
@@ -369,12 +366,17 @@ class BatchCheck:
         self.per_image, self.label = per_image, label
 
     def __call__(self, executor, noise, latent_image, *args, **kwargs):
-        if latent_image.shape[0] != self.per_image:
-            raise HyperTransportError(
-                f"{self.label}: {self.per_image} strengths for a batch of {latent_image.shape[0]} images. "
-                "Fix: give one strength per image (the Empty Latent Image's batch_size), or a single strength."
-            )
+        check_batch(self.label, self.per_image, latent_image.shape[0])
         return executor(noise, latent_image, *args, **kwargs)
+
+
+def check_batch(label: str, per_image: int, images: int) -> None:
+    """One strength per image needs as many images as strengths (``images`` -1: the rows do not split into images)."""
+    if images != per_image:
+        raise HyperTransportError(
+            f"{label}: {per_image} strengths for a batch of {images if images >= 0 else 'an uneven number of'} images. "
+            "Fix: give one strength per image (the Empty Latent Image's batch_size), or a single strength."
+        )
 
 
 def wrappers_of(model) -> list[SteeringWrapper]:
