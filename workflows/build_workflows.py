@@ -547,37 +547,36 @@ def reference_image():
     return im.filter(ImageFilter.GaussianBlur(1.2))
 
 
-def render(url: str) -> dict[Path, str]:
-    """Every generated text file, built in the frontend of the server at ``url``."""
+def render(page, url: str) -> dict[Path, str]:
+    """Every generated text file, built in ``page``, the frontend of the server at ``url``."""
     import urllib.request
 
-    from ht_devkit.browser import comfy_page, dumps
+    from ht_devkit.browser import dumps
 
     with urllib.request.urlopen(url + "/object_info", timeout=60) as r:
         info = json.loads(r.read())
     files = {REPO / "docs" / "NODES.md": nodes_doc(info)}
-    with comfy_page(url) as page:
-        for t in TEMPLATES:
-            out = page.evaluate(JS_BUILD, [spec_of(t.build()), FRAME])
-            bad = overlaps(out["workflow"])
-            if bad:
-                raise RuntimeError(f"{t.slug}: nodes overlap: {bad}")
-            files[HERE / f"{t.title}.json"] = dumps(out["workflow"])
-            files[HERE / "api" / f"{t.slug}.json"] = dumps(out["output"])
+    for t in TEMPLATES:
+        out = page.evaluate(JS_BUILD, [spec_of(t.build()), FRAME])
+        bad = overlaps(out["workflow"])
+        if bad:
+            raise RuntimeError(f"{t.slug}: nodes overlap: {bad}")
+        files[HERE / f"{t.title}.json"] = dumps(out["workflow"])
+        files[HERE / "api" / f"{t.slug}.json"] = dumps(out["output"])
     return files
 
 
-def thumbnails(url: str, slugs) -> None:
-    """``workflows/<title>.jpg`` for ``slugs``: the template as it opens (framed), cropped to its graph."""
-    from ht_devkit.browser import clamped, comfy_page, graph_nodes, load_workflow, screen_box, write_thumbnail
+def thumbnails(page, files: dict[Path, str], slugs) -> None:
+    """``workflows/<title>.jpg`` for ``slugs``: the template just built (``files``) as it opens (framed), cropped to its
+    graph."""
+    from ht_devkit.browser import clamped, graph_nodes, load_workflow, screen_box, write_thumbnail
 
-    with comfy_page(url) as page:
-        for slug in slugs:
-            t = BY_SLUG[slug]
-            load_workflow(page, json.loads((HERE / f"{t.title}.json").read_text()), t.title)
-            png = Path(tempfile.mkdtemp()) / "shot.png"
-            page.screenshot(path=str(png), clip=clamped(screen_box(page, graph_nodes(page))))
-            write_thumbnail(png, HERE / f"{t.title}.jpg")
+    png = Path(tempfile.mkdtemp(prefix="ht_thumbnail_")) / "shot.png"
+    for slug in slugs:
+        t = BY_SLUG[slug]
+        load_workflow(page, json.loads(files[HERE / f"{t.title}.json"]), t.title)
+        page.screenshot(path=str(png), clip=clamped(screen_box(page, graph_nodes(page))))
+        write_thumbnail(png, HERE / f"{t.title}.jpg")
 
 
 def main(argv=None) -> int:
@@ -592,9 +591,12 @@ def main(argv=None) -> int:
     link_pack(base)  # the pack alone: the graphs name model files that need not exist
     server = Server(base)
     try:
-        files = render(server.url)
-        if a.thumbnails and not a.check:
-            thumbnails(server.url, [t.slug for t in TEMPLATES if not t.runs_here])
+        from ht_devkit.browser import comfy_page
+
+        with comfy_page(server.url) as page:  # one browser for the files and the thumbnails
+            files = render(page, server.url)
+            if a.thumbnails and not a.check:
+                thumbnails(page, files, [t.slug for t in TEMPLATES if not t.runs_here])
     finally:
         server.stop()
     image = reference_image()
