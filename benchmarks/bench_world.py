@@ -50,7 +50,7 @@ def main(argv=None) -> int:
         reps = []
         for _ in range(20):
             t = time.perf_counter()
-            hn.steering(backend.encoder.concept(c))
+            hn.steering(hn.text_concept(backend.encoder, c))
             reps.append(time.perf_counter() - t)
         ht.append(statistics.median(reps))
         t = time.perf_counter()

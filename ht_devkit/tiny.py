@@ -365,6 +365,7 @@ def random_hypernet(
     seed: int = 0,
     scale: float = 0.2,
     text_projection=None,
+    text_templates: tuple[str, ...] = (),
 ):
     """A :class:`HyperNet` for ``diffusion_model``'s sites with random, non-zero heads (not the identity);
     ``text_projection`` ``(width, d)``: the encoder's, kept in the file."""
@@ -378,7 +379,8 @@ def random_hypernet(
     torch.manual_seed(seed)
     hn = HyperNet(
         HyperNetConfig(embed_dim=int(encoder_identity["embed_dim"]), hidden=16, depth=1, rank=2,
-                       text_width=0 if text_projection is None else int(text_projection.shape[0])),
+                       text_width=0 if text_projection is None else int(text_projection.shape[0]),
+                       text_templates=tuple(text_templates)),
         sites,
         family=family,
         encoder=dict(encoder_identity),

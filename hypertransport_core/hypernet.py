@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .concepts import Concept
+from .encoders import concept_texts
 from .errors import HyperTransportError
 from .interventions import Steering
 from .sites import Site
@@ -46,9 +47,15 @@ class HyperNetConfig:
     rank: int = 16  # rank r of each site's head
     dropout: float = 0.0  # dropout in the trunk while training
     text_width: int = 0  # width of the concept encoder's text tower when the file keeps its text projection (0: none)
+    text_templates: tuple[str, ...] = ()  # a text concept is the mean embedding of these phrases ("{}" = the concept); () = the bare text
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.text_templates:  # files without templates stay as they were
+            del d["text_templates"]
+        else:
+            d["text_templates"] = list(self.text_templates)
+        return d
 
     @staticmethod
     def from_dict(d: dict) -> HyperNetConfig:
@@ -58,6 +65,7 @@ class HyperNetConfig:
         if "embed_dim" not in d:
             raise HyperTransportError("hypernet config lacks 'embed_dim'. Fix: re-save the hypernet with its config.")
         known = {k: d[k] for k in ("embed_dim", "hidden", "depth", "rank", "dropout", "text_width") if k in d}
+        templates = check_templates(d.get("text_templates", []), "hypernet config 'text_templates'")
         for k, v in known.items():
             lo, hi = CONFIG_LIMITS[k]
             ok = (type(v) is int) if k != "dropout" else (isinstance(v, (int, float)) and not isinstance(v, bool))
@@ -66,7 +74,7 @@ class HyperNetConfig:
                     f"hypernet config {k!r} is {v!r}; a valid file has {'an integer' if k != 'dropout' else 'a number'} "
                     f"from {lo} to {hi}. Fix: the file is corrupt or from an incompatible tool; re-save the hypernet."
                 )
-        return HyperNetConfig(**known)
+        return HyperNetConfig(**known, text_templates=templates)
 
     def num_parameters(self, sites: Sequence[Site]) -> int:
         """Parameters of a hypernet of this config for ``sites``, computed without building it."""
@@ -74,6 +82,33 @@ class HyperNetConfig:
         C = sum(s.channels for s in sites)
         trunk = (d * H + H) + (self.depth - 1) * (H * H + H) + 2 * H
         return trunk + S * H * 2 * r + 2 * C * r + 2 * C + self.text_width * d
+
+
+MAX_TEMPLATES, MAX_TEMPLATE_CHARS = 64, 200
+
+
+def check_templates(templates: object, where: str) -> tuple[str, ...]:
+    """Text templates as recorded or given: a list of at most :data:`MAX_TEMPLATES` phrases, each holding ``{}``
+    once and no other brace, at most :data:`MAX_TEMPLATE_CHARS` characters."""
+    if isinstance(templates, str) or not isinstance(templates, (list, tuple)) or len(templates) > MAX_TEMPLATES:
+        raise HyperTransportError(f"{where}: expected a list of at most {MAX_TEMPLATES} phrases, found {str(templates)[:80]!r}. "
+                                  "Fix: give phrases like 'a photo of {}' (or none), or re-save the hypernet.")
+    for t in templates:
+        if (not isinstance(t, str) or len(t) > MAX_TEMPLATE_CHARS or t.count("{}") != 1
+                or t.count("{") != 1 or t.count("}") != 1):
+            raise HyperTransportError(f"{where}: {str(t)[:80]!r} is not a template. Fix: each phrase holds '{{}}' once "
+                                      f"(where the concept goes), no other brace, at most {MAX_TEMPLATE_CHARS} characters.")
+    return tuple(templates)
+
+
+def templated_text_embeddings(encode_text, texts: Sequence[str], templates: Sequence[str] = ()) -> torch.Tensor:
+    """``(n, d)``: each phrase's unit-norm embedding averaged over ``templates`` and re-normalized (prompt
+    ensembling, as in CLIP's zero-shot classifiers); the bare phrases when ``templates`` is empty."""
+    texts = concept_texts(texts)
+    if not templates:
+        return encode_text(texts)
+    e = encode_text([tpl.replace("{}", t) for t in texts for tpl in templates])
+    return F.normalize(e.view(len(texts), len(templates), -1).mean(1), dim=-1)
 
 
 #: Bounds on a recorded config (inclusive), and on the parameters it implies (checked before building).
@@ -200,6 +235,16 @@ class HyperNet(nn.Module):
         dw = (per_channel[..., :r] * self.channel_w).sum(-1)
         db = (per_channel[..., r:] * self.channel_b).sum(-1)
         return 1 + self.offset_w + dw, self.offset_b + db
+
+    def encode_text(self, encoder, texts: Sequence[str]) -> torch.Tensor:
+        """``(n, d)`` unit-norm embeddings of concept phrases as this hypernet was trained on them: each the mean over
+        its :attr:`HyperNetConfig.text_templates` (the bare phrase when it records none). ``encoder``: anything with
+        ``encode_text`` (a :class:`~hypertransport_core.encoders.ConceptEncoder`, or the nodes' ComfyUI CLIP)."""
+        return templated_text_embeddings(encoder.encode_text, texts, self.config.text_templates)
+
+    def text_concept(self, encoder, text: str) -> Concept:
+        """One phrase as a text :class:`Concept`, encoded as :meth:`encode_text` does."""
+        return Concept(self.encode_text(encoder, [text])[0].cpu(), "text", encoder.identity, text.strip())
 
     def check_concept(self, concept: Concept) -> None:
         """Raise if ``concept`` came from another encoder than the one this hypernet was trained with."""

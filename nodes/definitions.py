@@ -194,7 +194,7 @@ class EncodeConcept(io.ComfyNode):
     def execute(cls, hypernet, text, clip_weights=mf.AUTO, clip=None) -> io.NodeOutput:
         parts = parse_concepts(text)
         enc = comfy_clip.text_encoder_for(hypernet, clip, clip_weights, "Encode Concept")
-        e = enc.encode_text([t for t, _ in parts]).cpu()
+        e = hypernet.net.encode_text(enc, [t for t, _ in parts]).cpu()
         concepts = [(Concept(e[i], "text", enc.identity, t), w) for i, (t, w) in enumerate(parts)]
         if len(concepts) == 1 and concepts[0][1] == 1.0:
             return io.NodeOutput(concepts[0][0])

@@ -217,6 +217,8 @@ class HyperNetHandle:
             f"{self.name}: model family {self.net.family}, encoder {enc.get('arch', '?')} "
             f"(fingerprint {str(enc.get('fingerprint', '?'))[:12]}, {enc.get('embed_dim', '?')}-d), "
             f"{n} sites / {c:,} channels; {describe_blocks(self.net.sites, self.net.family)}"
+            + (f"; a text concept is encoded as the mean over {len(t)} phrases ({', '.join(map(repr, t[:4]))}"
+               f"{', ...' if len(t) > 4 else ''})" if (t := self.net.config.text_templates) else "")
         )
 
 

@@ -94,14 +94,14 @@ def compose(cfg: ComposeConfig, backend=None) -> dict:
     ht, lin, single = {}, {}, {}
     base = steered_images(backend, es, [])
     for c in {x for p in cp + cc for x in p}:
-        ht[c] = hn.steering(enc.concept(c))
+        ht[c] = hn.steering(hn.text_concept(enc, c))
         lin[c] = lineas_for(backend, tcfg, c, cfg.lineas_steps, cfg.lineas_lr, cfg.lineas_cache)[0]
         single[c] = {"none": _score(base, c), "ht": _score(steered_images(backend, es, [(ht[c], 1.0)]), c),
                      "lineas": _score(steered_images(backend, es, [(lin[c], 1.0)]), c)}
     rows = []
     for kind, pairs in (("colour+pattern", cp), ("colour+colour", cc)):
         for a, b in pairs:
-            both = hn.steering(combine_concepts([(enc.concept(a), 1.0), (enc.concept(b), 1.0)]))
+            both = hn.steering(combine_concepts([(hn.text_concept(enc, a), 1.0), (hn.text_concept(enc, b), 1.0)]))
             ims = {
                 "ht_combine": steered_images(backend, es, [(both, 1.0)]),
                 "ht_stacked": steered_images(backend, es, [(ht[a], 1.0), (ht[b], 1.0)]),

@@ -104,8 +104,8 @@ def run(cfg: RemovalConfig, backend=None) -> dict:
     grid = []
     t0 = time.perf_counter()
     for ci, concept in enumerate(concepts):
-        emb = backend.encoder.encode_text([concept])[0]
-        st = hn.steering(backend.encoder.concept(concept))
+        emb = hn.encode_text(backend.encoder, [concept])[0]
+        st = hn.steering(hn.text_concept(backend.encoder, concept))
         ind0 = mean_inducement(base, concept)
         ind_pos = [mean_inducement(steered_images(backend, es, [(st, lam)]), concept) for lam in pos]
         entry = {"kind": backend.concept_info(concept).kind, "inducement_0": ind0, "inducement_pos": ind_pos, "rules": {}}

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         tcfg = train_config_of(hn)
         import_comfyui()
         backend = ComfyBackend.world(a.world_weights, form=tcfg.form, steps=tcfg.sampler_steps, guidance=tcfg.guidance)
-        concept = backend.encoder.concept(a.concept) if a.concept else backend.encoder.image_concept(load_image(a.image), os.path.basename(a.image))
+        concept = hn.text_concept(backend.encoder, a.concept) if a.concept else backend.encoder.image_concept(load_image(a.image), os.path.basename(a.image))
         steering = hn.steering(concept)
     except HyperTransportError as e:
         raise HyperTransportError(str(e)) from None

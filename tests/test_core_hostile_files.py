@@ -78,6 +78,12 @@ def st_file(tmp_path):
     ({"hidden": 12, "depth": True, "rank": 3}, "'depth' is True"),
     ({"hidden": -4, "depth": 1, "rank": 3}, "'hidden' is -4"),
     ([1, 2], "'arch' must be a JSON object"),
+    ({"hidden": 12, "depth": 1, "rank": 3, "text_templates": "a {}"}, "'text_templates': expected a list"),
+    ({"hidden": 12, "depth": 1, "rank": 3, "text_templates": ["a {}"] * 65}, "'text_templates': expected a list of at most 64"),
+    ({"hidden": 12, "depth": 1, "rank": 3, "text_templates": ["{0.__class__}"]}, "is not a template"),
+    ({"hidden": 12, "depth": 1, "rank": 3, "text_templates": ["a {} {}"]}, "is not a template"),
+    ({"hidden": 12, "depth": 1, "rank": 3, "text_templates": ["x" * 300 + "{}"]}, "is not a template"),
+    ({"hidden": 12, "depth": 1, "rank": 3, "text_templates": [7]}, "is not a template"),
 ])
 def test_config_checked_before_anything_is_built(hn_file, tmp_path, arch, message):
     p = with_metadata(hn_file, tmp_path / "big.safetensors", arch=arch)

@@ -141,6 +141,39 @@ def test_bad_config_and_empty_sites():
         HyperNetConfig.from_dict({"hidden": 3})
 
 
+def test_text_templates_average_the_phrases_and_round_trip(tmp_path):
+    from hypertransport_core import load_hypernet, save_hypernet
+
+    seen = []
+
+    class Enc:  # a toy encoder: each phrase its own direction, so the mean is known
+        identity = ENC
+
+        @staticmethod
+        def encode_text(texts):
+            seen.append(list(texts))
+            return F.normalize(torch.stack([torch.randn(16, generator=torch.Generator().manual_seed(hash(t) % 2**31))
+                                            for t in texts]), dim=-1)
+
+    plain = _hn()
+    torch.testing.assert_close(plain.encode_text(Enc, [" red "]), Enc.encode_text(["red"]))  # no templates: the bare text
+    hn = _hn(text_templates=("{}", "a {} circle", "a {} square"))
+    got = hn.encode_text(Enc, ["red", "dotted"])
+    assert seen[-1] == ["red", "a red circle", "a red square", "dotted", "a dotted circle", "a dotted square"]
+    want = F.normalize(Enc.encode_text(["red", "a red circle", "a red square"]).mean(0), dim=-1)
+    torch.testing.assert_close(got[0], want)
+    assert got.shape == (2, 16) and not torch.allclose(got[0], Enc.encode_text(["red"])[0])
+    c = hn.text_concept(Enc, "red")
+    assert c.modality == "text" and c.label == "red" and torch.equal(c.embedding, got[0])
+    with pytest.raises(HyperTransportError, match="empty"):
+        hn.encode_text(Enc, ["  "])
+    p = str(tmp_path / "t.safetensors")
+    save_hypernet(p, hn)
+    assert load_hypernet(p).config.text_templates == hn.config.text_templates
+    save_hypernet(p, plain)  # a file without templates records none (and reads as before)
+    assert load_hypernet(p).config.text_templates == () and "text_templates" not in plain.config.to_dict()
+
+
 def test_steering_is_deterministic_with_dropout_and_keeps_train_mode():
     hn = _hn(dropout=0.5)
     _randomize(hn)

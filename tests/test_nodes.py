@@ -388,6 +388,16 @@ def test_encode_concepts_and_combine(sd15, D):
         enc(sd15.hn, "  \n ")
 
 
+def test_a_hypernet_trained_on_templates_encodes_text_through_them(sd15, D, make_hypernet):
+    name = make_hypernet(sd15.model, "sd15_templates.safetensors", text_templates=("{}", "a {} painting"))
+    hn = D.LoadHyperNet.execute(name)
+    assert "mean over 2 phrases ('{}', 'a {} painting')" in hn.args[1]
+    got = D.EncodeConcept.execute(hn.args[0], "watercolor").args[0]
+    plain = [D.EncodeConcept.execute(sd15.hn, t).args[0].embedding for t in ("watercolor", "a watercolor painting")]
+    torch.testing.assert_close(got.embedding, torch.nn.functional.normalize(torch.stack(plain).mean(0), dim=0))
+    assert got.label == "watercolor" and not torch.allclose(got.embedding, plain[0])
+
+
 @pytest.mark.parametrize("shape", [(1, 64, 48, 3), (3, 17, 300, 3), (2, 40, 40, 4), (1, 33, 31, 1), (1, 2, 2, 3)])
 def test_encode_reference_image_any_shape(sd15, D, shape):
     g = torch.Generator().manual_seed(0)

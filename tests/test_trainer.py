@@ -42,6 +42,21 @@ def test_training_reduces_the_transport_loss(backend, tmp_path):
     assert after < 0.7 * before, (before, after)
 
 
+def test_text_templates_are_trained_on_and_recorded(backend, tmp_path):
+    from hypertransport_core import load_hypernet
+
+    cfg = _cfg(tmp_path, steps=1, text_templates="{}|a {} circle|a {} square")
+    run = T.build(cfg, backend, progress=False)
+    enc = backend.encoder
+    c = run.train[0]
+    want = torch.nn.functional.normalize(enc.encode_text([c, f"a {c} circle", f"a {c} square"]).mean(0), dim=-1)
+    torch.testing.assert_close(run.text_emb[c], want.cpu())  # what the hypernet is trained on
+    T.train(cfg, backend, progress=False)
+    hn = load_hypernet(os.path.join(cfg.out, "hypernet.safetensors"))
+    assert hn.config.text_templates == ("{}", "a {} circle", "a {} square")  # what the nodes then encode with
+    torch.testing.assert_close(hn.encode_text(enc, [c])[0], want.cpu())
+
+
 def test_batches_balance_concept_kinds(backend, tmp_path):
     # tiny config: 7 colours and 3 patterns; train on all of them (a --holdout file naming one colour)
     held = tmp_path / "held.txt"
@@ -141,6 +156,8 @@ def test_bad_flags_name_the_fix(tmp_path):
         T.TrainConfig(holdout=str(tmp_path / "nope.txt")).check()
     with pytest.raises(HyperTransportError, match="dropout"):
         T.TrainConfig(dropout=1.0).check()
+    with pytest.raises(HyperTransportError, match=r"--text-templates=.*'a \{\} \{\}' is not a template.*Fix"):
+        T.TrainConfig(text_templates="{}|a {} {}").check()
     with pytest.raises(HyperTransportError, match="Fix: cpu, cuda or cuda:N"):
         T.TrainConfig(device="gpu0").check()
     if not torch.cuda.is_available():

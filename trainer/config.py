@@ -20,6 +20,7 @@ import tomllib
 
 from hypertransport_comfy.comfyui import check_device
 from hypertransport_core.errors import HyperTransportError
+from hypertransport_core.hypernet import check_templates
 from hypertransport_core.ot import LOSS_ALIASES, LOSSES
 
 #: the embedded world's files (HT-World-CLIP, the UNet and the shipped hypernet)
@@ -133,6 +134,7 @@ class TrainConfig:
     depth: int = 1  # hypernet trunk layers (1 generalizes to held-out pattern compositions better than 2 on the embedded world)
     rank: int = 16  # rank of each site's head
     dropout: float = 0.0  # dropout in the hypernet trunk while training
+    text_templates: str = ""  # a text concept is its mean embedding over these '|'-separated phrases, "{}" = the concept (e.g. "{}|a {} circle"); recorded in the hypernet, which the nodes then encode with. "" = the bare text
     image_frac: float = 0.25  # share of training concepts given as a reference-image embedding
     n_refs: int = 8  # reference images rendered per concept (image-embedding inputs)
     loss: str = "w2_quantile"  # "w2_quantile" (per-channel W2, quantile-interpolated), "w2_exact" (POT) or "sliced"
@@ -190,6 +192,11 @@ class TrainConfig:
             bad("dropout", "must be in [0, 1) (e.g. 0.1).")
         if not 0 <= self.balance_kinds <= 1:
             bad("balance_kinds", "must be in [0, 1] (1: batches proportional to each kind's size, 0: equal shares).")
+        if self.text_templates:
+            try:
+                check_templates(self.template_list(), "--text-templates")
+            except HyperTransportError as e:
+                bad("text_templates", str(e).split(": ", 1)[1])
         if LOSS_ALIASES.get(self.loss, self.loss) not in LOSSES:
             bad("loss", f"must be one of {LOSSES}.")
         if self.loss_steps not in ("all", "one"):
@@ -205,8 +212,12 @@ class TrainConfig:
                 bad(name, "file does not exist. Fix: give a text file with one concept name per line.")
 
 
+    def template_list(self) -> tuple[str, ...]:
+        return tuple(t for t in self.text_templates.split("|") if t) if self.text_templates else ()
+
+
 RESUME_KEYS = ("backend", "seed", "holdout_frac", "holdout", "val_frac", "concepts", "n_target", "concepts_per_step",
-                "prompts_per_concept", "balance_kinds", "lr", "weight_decay", "hidden", "depth", "rank", "dropout", "image_frac", "n_refs",
+                "prompts_per_concept", "balance_kinds", "lr", "weight_decay", "hidden", "depth", "rank", "dropout", "image_frac", "n_refs", "text_templates",
                 "loss", "loss_steps", "sampler_steps", "guidance", "form", "model", "concept_list", "neutral_prompts", "resolution",
                 "timesteps")
 

@@ -47,6 +47,7 @@ from hypertransport_core import HyperNet, HyperNetConfig, Steering, save_hyperne
 from hypertransport_core.encoders import text_projection
 from hypertransport_core.engine import MapOutOfRange
 from hypertransport_core.errors import HyperTransportError
+from hypertransport_core.hypernet import templated_text_embeddings
 from hypertransport_core.lineas import steered_loss
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.cli import command
@@ -141,9 +142,10 @@ def split_concepts(concepts: list, cfg: TrainConfig) -> tuple[list[str], list[st
 
 
 def encode_concepts(backend, concepts: list[str], cfg: TrainConfig) -> tuple[dict, dict]:
-    """Text embedding of each concept name and ``n_refs`` single-image embeddings of its renders."""
+    """Text embedding of each concept name (over ``--text-templates``) and ``n_refs`` single-image embeddings of its
+    renders."""
     enc = backend.encoder
-    text = enc.encode_text(concepts).cpu()  # beside the hypernet, which stays on the CPU
+    text = templated_text_embeddings(enc.encode_text, concepts, cfg.template_list()).cpu()  # beside the hypernet, which stays on the CPU
     text_emb = {c: text[i] for i, c in enumerate(concepts)}
     image_emb = {}
     for c in concepts:
@@ -197,7 +199,7 @@ def build(cfg: TrainConfig, backend=None, progress: bool = True) -> Run:
     proj = text_projection(backend.encoder.model)
     hn = HyperNet(
         HyperNetConfig(embed_dim=backend.encoder.identity["embed_dim"], hidden=cfg.hidden, depth=cfg.depth, rank=cfg.rank,
-                       dropout=cfg.dropout, text_width=0 if proj is None else int(proj.shape[0])),
+                       dropout=cfg.dropout, text_width=0 if proj is None else int(proj.shape[0]), text_templates=cfg.template_list()),
         backend.sites,
         family=backend.family,
         encoder=backend.encoder.identity,
