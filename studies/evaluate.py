@@ -74,7 +74,7 @@ class EvalConfig:
     lineas_concepts: int = 6  # concepts that also get a LinEAS fit (patterns and saturated colours first; 0 = all, -1 = none)
     lineas_random: int = 0  # and this many drawn at random (seeded by the split seed): the ratio for an ordinary concept
     held_batches: int = 2  # fixed source batches of 8 prompts for the held OT loss of HT and LinEAS (one estimator for both; 0 = skip)
-    lineas_steps: int = 60  # LinEAS optimizer steps per concept
+    lineas_steps: int = 120  # LinEAS optimizer steps per concept (120: converged, docs/results.md#baseline-lineas-to-convergence; fits shipped in hypertransport_world/weights/lineas are used as they are)
     lineas_lr: float = 1e-2  # LinEAS learning rate
     lineas_cache: str = ""  # folder keeping LinEAS fits for reuse (named by all they depend on; "" = fit every time)
     max_concepts: int = 0  # evaluate only the first N concepts (0 = all)
@@ -150,6 +150,12 @@ def _mean(xs) -> float:
     return float(np.mean(xs)) if xs else float("nan")
 
 
+def evaluation_order(listed: list[str]) -> list[str]:
+    """A split's list in a seeded random order, so that "the first N" (LinEAS, grid) mixes kinds and names."""
+    listed = list(listed)
+    return [listed[i] for i in np.random.default_rng(0).permutation(len(listed))]
+
+
 def lineas_samples(concepts: list[str], n_hardest: int, n_random: int, split_seed: int) -> dict[str, set[str]]:
     """The concepts LinEAS is fitted on: ``{"hardest": the n_hardest of hard_first, "random": n_random drawn at random}``
     (the random draw is seeded by the split seed alone, so it is the same whatever the hardest are)."""
@@ -176,9 +182,8 @@ def evaluate(cfg: EvalConfig, backend: ComfyBackend | None = None, progress: boo
     hn.check_concept(backend.encoder.concept("red"))  # refuses a hypernet trained with another encoder
     if cfg.concepts:
         concepts = read_list(cfg.concepts)
-    else:  # the split's list in a seeded random order, so "the first N" (LinEAS, grid) mixes kinds and names
-        listed = list(hn.training_summary.get(SPLITS[cfg.split], []))
-        concepts = [listed[i] for i in np.random.default_rng(0).permutation(len(listed))]
+    else:
+        concepts = evaluation_order(hn.training_summary.get(SPLITS[cfg.split], []))
     if not concepts:
         raise HyperTransportError(f"no concepts to evaluate: the hypernet records no {cfg.split} list. Fix: pass --concepts FILE "
                          "(or --split test).")
@@ -208,13 +213,13 @@ def evaluate(cfg: EvalConfig, backend: ComfyBackend | None = None, progress: boo
     t_start = time.perf_counter()
     for ci, concept in enumerate(concepts):
         c0 = time.perf_counter()
-        emb = backend.encoder.encode_text([concept])[0]
+        emb = hn.encode_text(backend.encoder, [concept])[0]
         entry: dict = {"kind": backend.concept_info(concept).kind, "seen_in_training": concept in seen,
                        "from": origin.get(concept, "not in the hypernet's split"), "methods": {}}
         steerings: dict[str, tuple[Steering, float]] = {}
         # ht_text: time from the concept's words to its intervention (encode + one hypernet pass)
         t = time.perf_counter()
-        steerings["ht_text"] = (hn.steering(backend.encoder.concept(concept)), time.perf_counter() - t)
+        steerings["ht_text"] = (hn.steering(hn.text_concept(backend.encoder, concept)), time.perf_counter() - t)
         ref_img = backend.reference_images(concept, 1, np.random.default_rng(concept_seed(tcfg, concept, "eval-ref")))
         t = time.perf_counter()
         steerings["ht_image"] = (hn.steering(backend.encoder.image_concept(ref_img, concept)), time.perf_counter() - t)

@@ -7,6 +7,7 @@ neutral prompt ``"a {shape}"`` and score them with the world's pixel metrics, so
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -127,12 +128,20 @@ def lineas_cache_path(backend, tcfg, concept: str, steps: int, lr: float, cache_
     return os.path.join(cache_dir, f"{concept.replace(' ', '_')}-{steps}-{key}.safetensors")
 
 
-def lineas_for(backend, tcfg, concept: str, steps: int, lr: float, cache_dir: str = "") -> tuple[Steering, float, float]:
+#: converged LinEAS fits shipped with the world: split 0's hardest test concepts under the trainer's defaults, so that
+#: the main job measures against a converged fit within its time budget (read only; rebuilt by
+#: ``python studies/evaluate.py --hypernet hypertransport_world/weights/world_hypernet.safetensors --lineas-steps 120
+#: --lineas-cache hypertransport_world/weights/lineas``)
+SHIPPED_FITS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hypertransport_world", "weights", "lineas")
+
+
+def lineas_for(backend, tcfg, concept: str, steps: int, lr: float, cache_dir: str = "",
+               shipped: str = SHIPPED_FITS) -> tuple[Steering, float, float]:
     """One concept's LinEAS maps fitted as the evaluator fits them: ``(steering, fit seconds, target seconds)``.
 
     With ``cache_dir`` a fit is kept (see :func:`lineas_cache_path`) and reused with the times measured when it
-    was fitted, so the evaluator, composition, the protocol and the convergence curve share fits."""
-    import os
+    was fitted, so the evaluator, composition, the protocol and the convergence curve share fits. A fit of the same
+    name in ``shipped`` (:data:`SHIPPED_FITS`) is used as it is: the name carries the hash of all it depends on."""
     import time
 
     from hypertransport_comfy.targets import compute_targets
@@ -140,8 +149,10 @@ def lineas_for(backend, tcfg, concept: str, steps: int, lr: float, cache_dir: st
     from trainer.train import fit_concept_lineas
 
     path = lineas_cache_path(backend, tcfg, concept, steps, lr, cache_dir) if cache_dir else ""
-    if path and os.path.isfile(path):
-        st = load_steering(path)
+    name = os.path.basename(lineas_cache_path(backend, tcfg, concept, steps, lr, "."))
+    found = [p for p in (path, os.path.join(shipped, name) if shipped else "") if p and os.path.isfile(p)]
+    if found:
+        st = load_steering(found[0])
         fit = st.meta.get("fit", {})
         return st, float(fit.get("seconds", float("nan"))), float(st.meta.get("target_seconds", float("nan")))
     t = time.perf_counter()

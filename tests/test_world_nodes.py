@@ -134,3 +134,25 @@ def test_the_worlds_clip_and_clip_vision_are_the_shipped_hypernets_encoder(pack,
     assert isinstance(CC.image_encoder_for(handle, clip_vision, MF.AUTO), CC.ComfyImageEncoder)
     assert isinstance(CC.text_encoder_for(handle, clip, MF.AUTO), CC.ComfyTextEncoder)
     assert handle.net.encoder["image_mean"] == [0.5, 0.5, 0.5] == list(clip_vision.image_mean)
+
+
+def test_the_shipped_converged_fits_are_the_main_jobs_own(world_backend):
+    """The main job's evaluator finds a converged LinEAS fit for each of split 0's hardest test concepts among the
+    shipped fits: named by the hash of all a fit depends on, so a change to the world, the sampler or the trainer's
+    defaults makes this fail (rebuild: the command in studies/measure.SHIPPED_FITS)."""
+    from hypertransport_core import load_steering
+    from studies.evaluate import EvalConfig, evaluation_order
+    from studies.measure import SHIPPED_FITS, hard_first, lineas_cache_path
+    from trainer.config import TrainConfig
+    from trainer.train import split_concepts
+
+    tcfg, ecfg = TrainConfig(), EvalConfig()
+    _, _, test = split_concepts(world_backend.concepts, tcfg)
+    hardest = hard_first(evaluation_order(test), ecfg.lineas_concepts)
+    assert len(hardest) == 6 and any(c in ("diagonal-banded", "vertical-pinstriped") for c in hardest)
+    for c in hardest:
+        path = os.path.join(SHIPPED_FITS, os.path.basename(lineas_cache_path(world_backend, tcfg, c, ecfg.lineas_steps,
+                                                                             ecfg.lineas_lr, ".")))
+        assert os.path.isfile(path), f"{c}: no shipped fit {path}; rebuild them (studies/measure.py, SHIPPED_FITS)"
+        st = load_steering(path)
+        assert st.meta["fit"]["steps"] == ecfg.lineas_steps == 120 and st.meta["label"].startswith(c)
