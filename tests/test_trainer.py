@@ -57,6 +57,24 @@ def test_text_templates_are_trained_on_and_recorded(backend, tmp_path):
     torch.testing.assert_close(hn.encode_text(enc, [c])[0], want.cpu())
 
 
+def test_embedding_noise_perturbs_training_batches_only(backend, tmp_path):
+    import copy
+
+    runs = [T.build(_cfg(tmp_path / f"n{x}", steps=1, embed_noise=x), backend, progress=False) for x in (0.0, 0.5)]
+    for r in runs:  # heads away from zero, so that the embedding matters to the loss
+        torch.manual_seed(0)
+        with torch.no_grad():
+            r.hypernet.channel_w.normal_(0, 0.3)
+        r.hypernet.load_state_dict(runs[0].hypernet.state_dict())
+    concepts, modalities, rng = T._batch_for(runs[0], 3)
+    loss = {(x, grad): float(T.steered_batch_loss(r, concepts, modalities, copy.deepcopy(rng), grad=grad))
+            for x, r in zip((0.0, 0.5), runs) for grad in (False, True)}
+    assert loss[(0.0, False)] == loss[(0.5, False)]  # evaluation sees the embeddings as they are
+    assert loss[(0.5, True)] != pytest.approx(loss[(0.0, True)], rel=1e-5)  # training sees them perturbed
+    with pytest.raises(HyperTransportError, match="embed-noise"):
+        T.TrainConfig(embed_noise=-1).check()
+
+
 def test_batches_balance_concept_kinds(backend, tmp_path):
     # tiny config: 7 colours and 3 patterns; train on all of them (a --holdout file naming one colour)
     held = tmp_path / "held.txt"

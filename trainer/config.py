@@ -135,6 +135,7 @@ class TrainConfig:
     rank: int = 16  # rank of each site's head
     dropout: float = 0.0  # dropout in the hypernet trunk while training
     text_templates: str = ""  # a text concept is its mean embedding over these '|'-separated phrases, "{}" = the concept (e.g. "{}|a {} circle"); recorded in the hypernet, which the nodes then encode with. "" = the bare text
+    embed_noise: float = 0.0  # training only: Gaussian noise of this expected norm added to each concept embedding (unit norm) before the hypernet, then re-normalized; 0 = none
     image_frac: float = 0.25  # share of training concepts given as a reference-image embedding
     n_refs: int = 8  # reference images rendered per concept (image-embedding inputs)
     loss: str = "w2_quantile"  # "w2_quantile" (per-channel W2, quantile-interpolated), "w2_exact" (POT) or "sliced"
@@ -188,6 +189,8 @@ class TrainConfig:
             bad("lr", "must be in (0, 1]: AdamW steps of that size already throw the maps out of range (e.g. 3e-3).")
         if not 0 <= self.image_frac <= 1:
             bad("image_frac", "must be in [0, 1].")
+        if not 0 <= self.embed_noise <= 2:
+            bad("embed_noise", "must be in [0, 2] (the noise's norm beside unit-norm embeddings; e.g. 0.1).")
         if not 0 <= self.dropout < 1:
             bad("dropout", "must be in [0, 1) (e.g. 0.1).")
         if not 0 <= self.balance_kinds <= 1:
@@ -217,7 +220,7 @@ class TrainConfig:
 
 
 RESUME_KEYS = ("backend", "seed", "holdout_frac", "holdout", "val_frac", "concepts", "n_target", "concepts_per_step",
-                "prompts_per_concept", "balance_kinds", "lr", "weight_decay", "hidden", "depth", "rank", "dropout", "image_frac", "n_refs", "text_templates",
+                "prompts_per_concept", "balance_kinds", "lr", "weight_decay", "hidden", "depth", "rank", "dropout", "image_frac", "n_refs", "text_templates", "embed_noise",
                 "loss", "loss_steps", "sampler_steps", "guidance", "form", "model", "concept_list", "neutral_prompts", "resolution",
                 "timesteps")
 
