@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hypernet", default="", help="default: runs/world/hypernet.safetensors, else the shipped one")
     p.add_argument("--concepts", type=int, default=3, help="held-out concepts to time LinEAS on")
-    p.add_argument("--lineas-steps", type=int, default=60, help="LinEAS steps (the evaluator's default)")
+    p.add_argument("--lineas-steps", type=int, default=60, help="LinEAS steps (60: the Fit Steering template's; the evaluator's converged baseline uses 120)")
     p.add_argument("--fit-steps", type=int, default=20, help="Fit Steering steps to time (0: skip)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     a = p.parse_args(argv)
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     tcfg = train_config_of(hn)
     backend = make_backend(tcfg)
     concepts = hn.training_summary["holdout_concepts"][: a.concepts]
-    hn.steering(backend.encoder.concept("warm up"))
+    hn.steering(hn.text_concept(backend.encoder, "warm up"))
     ht, lin = [], []
     for c in concepts:
         reps = []

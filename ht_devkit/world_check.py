@@ -71,7 +71,7 @@ def evaluator_images(backend, hypernet, items: list[Item]) -> list[np.ndarray]:
 
     out = []
     for it in items:
-        steering = hypernet.steering(backend.encoder.concept(it.concept))
+        steering = hypernet.steering(hypernet.text_concept(backend.encoder, it.concept))
         with steer(backend.root, [(steering, it.strength)]):
             img = backend.images([it.prompt], [it.seed])[0]
         out.append(np.clip(255.0 * img.numpy(), 0, 255).astype(np.uint8))

@@ -85,6 +85,7 @@ class HyperNetConfig:
 
 
 MAX_TEMPLATES, MAX_TEMPLATE_CHARS = 64, 200
+MAX_TEMPLATED_PHRASES = 2048  # phrases encoded for one call (concepts × templates), in chunks of 256
 
 
 def check_templates(templates: object, where: str) -> tuple[str, ...]:
@@ -107,8 +108,12 @@ def templated_text_embeddings(encode_text, texts: Sequence[str], templates: Sequ
     texts = concept_texts(texts)
     if not templates:
         return encode_text(texts)
-    e = encode_text([tpl.replace("{}", t) for t in texts for tpl in templates])
-    return F.normalize(e.view(len(texts), len(templates), -1).mean(1), dim=-1)
+    if len(texts) * len(templates) > MAX_TEMPLATED_PHRASES:
+        raise HyperTransportError(f"{len(texts)} concepts × {len(templates)} templates = {len(texts) * len(templates)} phrases "
+                                  f"to encode, more than {MAX_TEMPLATED_PHRASES}. Fix: encode fewer concepts at once.")
+    phrases = [tpl.replace("{}", t) for t in texts for tpl in templates]
+    e = torch.cat([encode_text(phrases[i : i + 256]) for i in range(0, len(phrases), 256)])
+    return F.normalize(e.reshape(len(texts), len(templates), -1).mean(1), dim=-1)
 
 
 #: Bounds on a recorded config (inclusive), and on the parameters it implies (checked before building).

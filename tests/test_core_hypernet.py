@@ -167,6 +167,12 @@ def test_text_templates_average_the_phrases_and_round_trip(tmp_path):
     assert c.modality == "text" and c.label == "red" and torch.equal(c.embedding, got[0])
     with pytest.raises(HyperTransportError, match="empty"):
         hn.encode_text(Enc, ["  "])
+    many = _hn(text_templates=tuple(f"{i} {{}}" for i in range(64)))  # as many as a file may hold
+    seen.clear()
+    assert many.encode_text(Enc, [f"c{i}" for i in range(5)]).shape == (5, 16)
+    assert [len(s) for s in seen] == [256, 64]  # encoded in bounded chunks
+    with pytest.raises(HyperTransportError, match="33 concepts × 64 templates = 2112 phrases.*Fix: encode fewer"):
+        many.encode_text(Enc, [f"c{i}" for i in range(33)])
     p = str(tmp_path / "t.safetensors")
     save_hypernet(p, hn)
     assert load_hypernet(p).config.text_templates == hn.config.text_templates

@@ -176,6 +176,11 @@ def test_bad_flags_name_the_fix(tmp_path):
         T.TrainConfig(dropout=1.0).check()
     with pytest.raises(HyperTransportError, match=r"--text-templates=.*'a \{\} \{\}' is not a template.*Fix"):
         T.TrainConfig(text_templates="{}|a {} {}").check()
+    listed = T.TrainConfig(text_templates=["{}", "a photo of {}"])  # as a TOML or JSON config file gives it
+    listed.check()
+    assert listed.template_list() == ("{}", "a photo of {}") == T.TrainConfig(text_templates="{}|a photo of {}").template_list()
+    with pytest.raises(HyperTransportError, match="--text-templates=5.*Fix|give '\\|'-separated"):
+        T.TrainConfig(text_templates=5).check()
     with pytest.raises(HyperTransportError, match="Fix: cpu, cuda or cuda:N"):
         T.TrainConfig(device="gpu0").check()
     if not torch.cuda.is_available():

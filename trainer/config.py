@@ -216,7 +216,14 @@ class TrainConfig:
 
 
     def template_list(self) -> tuple[str, ...]:
-        return tuple(t for t in self.text_templates.split("|") if t) if self.text_templates else ()
+        """``--text-templates`` as phrases: a '|'-separated string, or a list (as a config file may give it)."""
+        t = self.text_templates
+        if isinstance(t, (list, tuple)):
+            return tuple(t)
+        if not isinstance(t, str):
+            raise HyperTransportError(f"--text-templates={str(t)[:60]!r}: give '|'-separated phrases, or a list of phrases in "
+                                      "a config file, e.g. \"{}|a photo of {}\".")
+        return tuple(x for x in t.split("|") if x)
 
 
 RESUME_KEYS = ("backend", "seed", "holdout_frac", "holdout", "val_frac", "concepts", "n_target", "concepts_per_step",

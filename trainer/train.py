@@ -248,7 +248,7 @@ def steered_batch_loss(run: Run, concepts: list[str], modalities: list[str], rng
     P, K = cfg.prompts_per_concept, len(concepts)
     prompts = backend.source_prompts(P * K, rng)
     seeds = [int(s) for s in rng.integers(0, 2**31 - 1, P * K)]
-    share = 1.0
+    share, K_all, lo = 1.0, K, 0
     if shard is not None:
         from trainer.distributed import concept_slice
 
@@ -261,9 +261,9 @@ def steered_batch_loss(run: Run, concepts: list[str], modalities: list[str], rng
     only = only_step
     if only is None and grad and cfg.loss_steps == "one":
         only = int(rng.integers(len(backend.sigmas) - 1))
-    if grad and cfg.embed_noise:  # drawn last, so the batch is that of a run without noise
-        noise = torch.from_numpy(rng.standard_normal(emb.shape)).to(emb.dtype) * (cfg.embed_noise / emb.shape[-1] ** 0.5)
-        emb = torch.nn.functional.normalize(emb + noise, dim=-1)
+    if grad and cfg.embed_noise:  # drawn last (the batch is that of a run without noise), for the whole batch
+        noise = torch.from_numpy(rng.standard_normal((K_all, emb.shape[-1]))[lo : lo + K]).to(emb.dtype)
+        emb = torch.nn.functional.normalize(emb + noise * (cfg.embed_noise / emb.shape[-1] ** 0.5), dim=-1)
     with torch.set_grad_enabled(grad):
         w, b = hn(emb, modalities)  # (K, C): concept k steers rows k*P..(k+1)*P-1 of every chunk
         idx = torch.tensor([run.index[c] for c in concepts])
