@@ -227,6 +227,7 @@ def evaluate(cfg: EvalConfig, backend: ComfyBackend | None = None, progress: boo
             st, t_fit, t_targets = lineas_for(backend, tcfg, concept, cfg.lineas_steps, cfg.lineas_lr, cfg.lineas_cache)
             steerings["lineas"] = (st, t_fit + t_targets)
             entry["lineas_target_seconds"] = t_targets
+            entry["lineas_fit"] = st.meta.get("loaded_from", "fitted in this run")
             entry["lineas_sets"] = [k for k, v in lineas_sets.items() if concept in v]
             if cfg.held_batches:  # one estimator for both methods: the same prompts, seeds, counts and precision
                 tgt = {k: v[0] for k, v in compute_targets(backend, [concept], tcfg, progress=False).items()}
@@ -460,7 +461,10 @@ def write_report(results: dict, cfg: EvalConfig) -> None:
         f"({'--concepts ' + cfg.concepts if cfg.concepts else 'the hypernet' + chr(39) + 's list'}). "
         f"Concepts: {s['n_concepts']} ({len(results['held_out'])} never seen by the hypernet); "
         f"LinEAS ({cfg.lineas_steps} steps) fitted on {s['n_lineas']} of them, patterns and saturated colours first. Images per concept and method: {3 * cfg.seeds_per_shape}. "
-        f"Evaluation took {results['seconds']:.0f} s.",
+        f"Evaluation took {results['seconds']:.0f} s."
+        + (f" {n_loaded} of the LinEAS fits were loaded from earlier runs (shipped or cached): their time to intervention is"
+           " the one measured when they were fitted." if (n_loaded := sum(1 for e in results["concepts"].values()
+                                                                        if e.get("lineas_fit", "fitted in this run") != "fitted in this run")) else ""),
         "",
         "| method | inducement (pixels) | CLIP score | shape kept (pixels) | shape kept (CLIP) | prompted shape drawn | position shift (px) | time to intervention (s) |",
         "|---|---|---|---|---|---|---|---|",

@@ -153,6 +153,7 @@ def lineas_for(backend, tcfg, concept: str, steps: int, lr: float, cache_dir: st
     found = [p for p in (path, os.path.join(shipped, name) if shipped else "") if p and os.path.isfile(p)]
     if found:
         st = load_steering(found[0])
+        st.meta["loaded_from"] = found[0]  # its times are those measured when it was fitted
         fit = st.meta.get("fit", {})
         return st, float(fit.get("seconds", float("nan"))), float(st.meta.get("target_seconds", float("nan")))
     t = time.perf_counter()

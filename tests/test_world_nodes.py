@@ -156,3 +156,18 @@ def test_the_shipped_converged_fits_are_the_main_jobs_own(world_backend):
         assert os.path.isfile(path), f"{c}: no shipped fit {path}; rebuild them (studies/measure.py, SHIPPED_FITS)"
         st = load_steering(path)
         assert st.meta["fit"]["steps"] == ecfg.lineas_steps == 120 and st.meta["label"].startswith(c)
+
+
+def test_the_evaluator_uses_a_shipped_fit_instead_of_fitting(world_backend, monkeypatch):
+    from studies.measure import SHIPPED_FITS, lineas_for
+    from trainer import train as T
+    from trainer.config import TrainConfig
+
+    def no_fit(*a, **k):
+        raise AssertionError("fitted although a shipped fit exists")
+
+    monkeypatch.setattr(T, "fit_concept_lineas", no_fit)
+    st, secs, _ = lineas_for(world_backend, TrainConfig(), "blue", 120, 1e-2)
+    assert st.meta["loaded_from"].startswith(SHIPPED_FITS) and secs > 10  # the time measured when it was fitted
+    with pytest.raises(AssertionError, match="fitted although"):
+        lineas_for(world_backend, TrainConfig(), "blue", 120, 1e-2, shipped="")  # without it: a fit (refused here)
