@@ -141,6 +141,25 @@ def test_bad_config_and_empty_sites():
         HyperNetConfig.from_dict({"hidden": 3})
 
 
+def test_zero_heads_start_the_trunk_one_step_late_not_dead():
+    """U = 0 at init (the identity): the first step reaches the heads and offsets only (the trunk's gradient passes
+    through U), the second every parameter. The zero start costs one step, not a dead start."""
+    hn = _hn()
+    opt = torch.optim.Adam(hn.parameters(), lr=1e-2)
+    e = F.normalize(torch.randn(4, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    target = torch.randn(4, hn.total_channels, generator=torch.Generator().manual_seed(1))
+    before = {n: p.detach().clone() for n, p in hn.named_parameters()}
+    moved = []
+    for _ in range(2):
+        opt.zero_grad()
+        w, b = hn(e)
+        ((w - target) ** 2 + (b - target) ** 2).mean().backward()
+        opt.step()
+        moved.append({n for n, p in hn.named_parameters() if not torch.equal(p, before[n])})
+    assert moved[0] == {"channel_w", "channel_b", "offset_w", "offset_b"}
+    assert moved[1] == set(before)
+
+
 def test_text_templates_average_the_phrases_and_round_trip(tmp_path):
     from hypertransport_core import load_hypernet, save_hypernet
 

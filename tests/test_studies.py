@@ -243,3 +243,39 @@ def test_protocol_overrides_and_report(tmp_path, monkeypatch):
     row = next(ln for ln in text.splitlines() if ln.startswith("| HT text / converged LinEAS, random concepts"))
     assert "| 0.900 | 0.700 | 0.800 | **no** |" in row  # the evaluator's on_random ratio, per split and mean
     assert "| shape kept at λ = 1 | ≥ 0.95 | 0.970 | 0.970 | 0.970 | yes |" in text
+
+
+def test_transfer_diagnostic_pairs_each_concept_with_its_nearest_training_concept():
+    import torch.nn.functional as F
+
+    from hypertransport_core import HyperNet, HyperNetConfig, Site
+    from studies import transfer
+
+    vec = {"red": [1, 0, 0], "crimson": [0.9, 0.1, 0], "blue": [0, 0, 1], "navy": [0, 0.2, 0.9], "teal": [0, 1, 0]}
+
+    class Enc:
+        identity = {"arch": "t", "fingerprint": "f", "embed_dim": 3}
+
+        @staticmethod
+        def encode_text(texts):
+            return F.normalize(torch.tensor([vec[t] for t in texts], dtype=torch.float32), dim=-1)
+
+    hn = HyperNet(HyperNetConfig(embed_dim=3, hidden=4, rank=1), [Site("s", "s", 2, 1)], encoder=Enc.identity)
+    sim = transfer.nearest_training_similarity(hn, Enc, ["crimson", "navy", "teal"], ["red", "blue"])
+    want = [float(F.normalize(torch.tensor(vec[a], dtype=torch.float32), dim=0) @ F.normalize(torch.tensor(vec[b], dtype=torch.float32), dim=0))
+            for a, b in (("crimson", "red"), ("navy", "blue"))]
+    assert sim[:2] == pytest.approx(want, abs=1e-6) and sim[2] == pytest.approx(0.0, abs=1e-6)  # teal: near neither
+
+    def entry(none, ht, prompt, lin=None):
+        m = {"none": {"inducement": none}, "ht_text": {"inducement": ht}, "prompt": {"inducement": prompt}}
+        if lin is not None:
+            m["lineas"] = {"inducement": lin}
+        return {"kind": "colour", "methods": m}
+
+    results = {"concepts": {"crimson": entry(0.2, 0.6, 1.0, 0.8), "navy": entry(0.2, 0.4, 1.0), "teal": entry(0.2, 0.3, 0.22)}}
+    rows = transfer.rows_of(results, sim)
+    assert [r["concept"] for r in rows] == ["crimson", "navy", "teal"]
+    assert rows[0]["gain_share"] == pytest.approx(0.5) and rows[0]["over_lineas"] == pytest.approx(0.75)
+    assert np.isnan(rows[1]["over_lineas"]) and np.isnan(rows[2]["gain_share"])  # no LinEAS; prompting gains too little
+    s = transfer.summarize(rows)
+    assert s["gain_share"]["n"] == 2 and s["over_lineas"]["n"] == 1 and len(s["thirds"]) == 3

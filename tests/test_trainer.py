@@ -67,7 +67,7 @@ def test_embedding_noise_perturbs_training_batches_only(backend, tmp_path):
             r.hypernet.channel_w.normal_(0, 0.3)
         r.hypernet.load_state_dict(runs[0].hypernet.state_dict())
     concepts, modalities, rng = T._batch_for(runs[0], 3)
-    loss = {(x, grad): float(T.steered_batch_loss(r, concepts, modalities, copy.deepcopy(rng), grad=grad))
+    loss = {(x, grad): float(T.steered_batch_loss(r, concepts, modalities, copy.deepcopy(rng), grad=grad).detach())
             for x, r in zip((0.0, 0.5), runs) for grad in (False, True)}
     assert loss[(0.0, False)] == loss[(0.5, False)]  # evaluation sees the embeddings as they are
     assert loss[(0.5, True)] != pytest.approx(loss[(0.0, True)], rel=1e-5)  # training sees them perturbed
