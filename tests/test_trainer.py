@@ -427,7 +427,7 @@ def test_one_step_loss_is_an_unbiased_estimate_of_the_all_steps_loss(backend, tm
     # step 0 stops the sampler before step 1 (a guided step with gradients is 2 model calls, one without 1)
     assert calls[0] == full_calls // n_steps and calls[0] < calls[1] <= full_calls
     run.cfg.loss_steps = "one"  # a drawn step: one of the terms above
-    drawn = float(T.steered_batch_loss(run, concepts, ["text", "text"], np.random.default_rng(7)))
+    drawn = float(T.steered_batch_loss(run, concepts, ["text", "text"], np.random.default_rng(7)).detach())
     assert any(drawn == pytest.approx(p[0], rel=1e-4) for p in per_step)
     with pytest.raises(HyperTransportError, match="loss-steps"):
         T.TrainConfig(loss_steps="some").check()
