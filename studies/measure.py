@@ -148,8 +148,8 @@ def lineas_for(backend, tcfg, concept: str, steps: int, lr: float, cache_dir: st
     from hypertransport_core import LinEASConfig, load_steering, save_steering
     from trainer.train import fit_concept_lineas
 
-    path = lineas_cache_path(backend, tcfg, concept, steps, lr, cache_dir) if cache_dir else ""
     name = os.path.basename(lineas_cache_path(backend, tcfg, concept, steps, lr, "."))
+    path = os.path.join(cache_dir, name) if cache_dir else ""
     found = [p for p in (path, os.path.join(shipped, name) if shipped else "") if p and os.path.isfile(p)]
     if found:
         st = load_steering(found[0])

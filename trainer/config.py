@@ -214,7 +214,6 @@ class TrainConfig:
             if getattr(self, name) and not os.path.isfile(getattr(self, name)):
                 bad(name, "file does not exist. Fix: give a text file with one concept name per line.")
 
-
     def template_list(self) -> tuple[str, ...]:
         """``--text-templates`` as phrases: a '|'-separated string, or a list (as a config file may give it)."""
         t = self.text_templates
